@@ -1,0 +1,3 @@
+from cri_shim.cli import main
+
+raise SystemExit(main())

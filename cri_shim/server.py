@@ -1,0 +1,195 @@
+"""Assembles the shim: containerd connection, watchers, CRI services, socket.
+
+`Shim` is used the same way by `cri-shim serve` and by the in-process tests:
+`await shim.start()`, then `await shim.stop()` (graceful: stop accepting,
+let calls in flight finish, remove the socket, leave containers running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import grpclib.const
+from grpclib import GRPCError
+from grpclib.const import Status
+from grpclib.server import Server, Stream
+
+from cri_shim.containerd.client import ContainerdClient
+from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.containerd.health import ContainerdHealth
+from cri_shim.cri.image_service import ImageService
+from cri_shim.cri.runtime_service import RuntimeService
+from cri_shim.cri.status import StatusHandlers
+from cri_shim.gen.google.protobuf import Empty
+from cri_shim.host import detect_cgroup_driver
+from cri_shim.instrument import Instrumentation
+from cri_shim.logs import log_event
+from cri_shim.network.pod_cidr import PodCidrStore
+from cri_shim.network.readiness import NetworkReadiness
+from cri_shim.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+async def _unknown_method(stream: Stream[Any, Any]) -> None:
+    raise GRPCError(Status.UNIMPLEMENTED, "method not implemented by cri-shim")
+
+
+_UNKNOWN = grpclib.const.Handler(
+    _unknown_method, grpclib.const.Cardinality.UNARY_UNARY, Empty, Empty
+)
+
+
+class _FallbackMapping(dict[str, grpclib.const.Handler]):
+    """grpclib answers an unknown method without a content-type, which Go
+    clients read as UNKNOWN; kubelet needs a real UNIMPLEMENTED to detect an
+    RPC a runtime lacks, so every unknown path gets a proper gRPC handler."""
+
+    def get(self, key: str, default: Any = None) -> grpclib.const.Handler:
+        return super().get(key, _UNKNOWN)
+
+
+class CriServer(Server):
+    def __init__(self, handlers: list[Any]) -> None:
+        super().__init__(handlers)
+        self._mapping = _FallbackMapping(self._mapping)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket but keep established connections serving."""
+        listener: asyncio.AbstractServer | None = self._server
+        if listener is not None:
+            listener.close()
+
+
+async def claim_socket(path: Path) -> None:
+    """Make the socket path usable: refuse a live server, remove a stale socket."""
+    parent = path.parent
+    try:
+        await asyncio.to_thread(parent.mkdir, parents=True, exist_ok=True)
+    except OSError as err:
+        raise SettingsError(f"cannot create socket dir {parent}: {err.strerror or err}") from err
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SettingsError(f"socket dir {parent} is not writable")
+    try:
+        mode = (await asyncio.to_thread(os.lstat, path)).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SettingsError(f"{path} exists and is not a socket; refusing to replace it")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+    except (ConnectionRefusedError, FileNotFoundError):
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        log_event(log, "removed stale socket", socket=path)
+        return
+    except (OSError, TimeoutError) as err:
+        raise SettingsError(f"cannot probe existing socket {path}: {err}") from err
+    writer.close()
+    raise SettingsError(f"another server is already listening on {path}")
+
+
+class Shim:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.socket_path = Path(settings.server.socket)
+        self.instrument = Instrumentation()
+        self.embedded: EmbeddedContainerd | None = None
+        self.client: ContainerdClient | None = None
+        self.health: ContainerdHealth | None = None
+        self.network = NetworkReadiness(Path(settings.cni.conf_dir), settings.cni.bin_dirs)
+        self.pod_cidrs = PodCidrStore(settings.state_path)
+        self._server: CriServer | None = None
+
+    async def _connect_containerd(self) -> ContainerdClient:
+        config = self.settings.containerd
+        client = ContainerdClient(config.address, config.namespace)
+        if await client.is_serving(timeout=config.connect_timeout):
+            return client
+        if config.embedded and EmbeddedContainerd.find_binary(config.binary):
+            client.close()
+            log_event(
+                log,
+                "containerd not reachable; starting a private one",
+                address=config.address,
+                state_dir=self.settings.state_path / "containerd",
+            )
+            self.embedded = EmbeddedContainerd(
+                self.settings.state_path / "containerd", binary=config.binary
+            )
+            await self.embedded.start()
+            return ContainerdClient(self.embedded.address, config.namespace)
+        log_event(
+            log,
+            "containerd not reachable; serving with RuntimeReady=false until it is",
+            level=logging.WARNING,
+            address=config.address,
+        )
+        return client
+
+    async def start(self) -> None:
+        settings = self.settings
+        try:
+            await asyncio.to_thread(settings.state_path.mkdir, parents=True, exist_ok=True)
+        except OSError as err:
+            raise SettingsError(
+                f"cannot create state dir {settings.state_path}: {err.strerror or err}"
+            ) from err
+        await claim_socket(self.socket_path)
+        self.client = await self._connect_containerd()
+        self.health = ContainerdHealth(self.client, settings.containerd.health_interval)
+        await self.health.start()
+        await self.network.start()
+        await self.pod_cidrs.load()
+        status = StatusHandlers(
+            settings,
+            self.health,
+            self.network,
+            self.pod_cidrs,
+            detect_cgroup_driver(settings.runtime.cgroup_driver),
+        )
+        self._server = CriServer(
+            [RuntimeService(self.instrument, status), ImageService(self.instrument)]
+        )
+        await self._server.start(path=str(self.socket_path))
+        await asyncio.to_thread(os.chmod, self.socket_path, settings.server.socket_mode)
+        log_event(
+            log,
+            "cri-shim serving",
+            socket=self.socket_path,
+            containerd=self.client.address,
+            namespace=self.client.namespace,
+        )
+
+    async def stop(self) -> None:
+        """Idempotent; also cleans up after a start that failed half-way."""
+        served = self._server is not None
+        if self._server is not None:
+            self._server.stop_accepting()
+            drained = await self.instrument.wait_idle(self.settings.server.shutdown_grace)
+            if not drained:
+                log_event(
+                    log,
+                    "calls still running at shutdown; cancelling them",
+                    level=logging.WARNING,
+                    in_flight=self.instrument.in_flight,
+                )
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(self.socket_path.unlink)
+        await self.network.stop()
+        if self.health is not None:
+            await self.health.stop()
+        if self.client is not None:
+            self.client.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+        if served:
+            log_event(log, "cri-shim stopped", socket=self.socket_path)

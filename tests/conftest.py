@@ -1,0 +1,183 @@
+"""Fixtures that run the shim against a real, private containerd.
+
+One containerd per test session lives under a short temp dir (unix socket
+paths are limited to 108 bytes), with its CRI plugin disabled. Tests reach
+the shim the way kubelet does: the generated CRI client over the unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import uvloop
+from grpclib.client import Channel
+
+from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.server import Shim
+from cri_shim.settings import ContainerdSettings, ServerSettings, Settings, load
+
+REQUIRED_BINARIES = ("containerd", "runc")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    # Production runs on uvloop; so do the tests.
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def short_tempdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[Path]:
+    path = short_tempdir("crishim-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def require_binaries() -> None:
+    missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
+    if missing:
+        pytest.fail(
+            f"missing {', '.join(missing)}: install the Debian packages (see .ci/run)",
+            pytrace=False,
+        )
+    if os.geteuid() != 0:
+        pytest.fail("containerd tests need root", pytrace=False)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def containerd(session_dir: Path) -> AsyncIterator[EmbeddedContainerd]:
+    """The session's private containerd (not restarted automatically)."""
+    require_binaries()
+    daemon = EmbeddedContainerd(session_dir / "containerd", restart=False)
+    await daemon.start()
+    yield daemon
+    await daemon.stop()
+
+
+def make_settings(base: Path, containerd_address: str, **overrides: object) -> Settings:
+    (base / "cni").mkdir(parents=True, exist_ok=True)
+    dotted = {
+        "state_dir": str(base / "state"),
+        "server.socket": str(base / "cri.sock"),
+        "containerd.address": containerd_address,
+        "containerd.embedded": False,
+        "containerd.health_interval": 0.2,
+        "cni.conf_dir": str(base / "cni"),
+        "server.shutdown_grace": 5.0,
+    }
+    dotted.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load(None, environ={}, overrides=dotted)
+
+
+@dataclass
+class CriClient:
+    channel: Channel
+    runtime: cri.RuntimeServiceStub
+    image: cri.ImageServiceStub
+
+    @classmethod
+    def connect(cls, socket: str | Path) -> CriClient:
+        channel = Channel(path=str(socket))
+        return cls(channel, cri.RuntimeServiceStub(channel), cri.ImageServiceStub(channel))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def shim(session_dir: Path, containerd: EmbeddedContainerd) -> AsyncIterator[Shim]:
+    """One in-process shim for the session, talking to the private containerd."""
+    settings = make_settings(session_dir / "shim", containerd.address)
+    server = Shim(settings)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(shim: Shim) -> AsyncIterator[CriClient]:
+    crictl = CriClient.connect(shim.socket_path)
+    yield crictl
+    crictl.close()
+
+
+async def wait_for(predicate: object, timeout: float, interval: float = 0.1) -> bool:
+    """Poll an async predicate until true or timeout; returns its last answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = await predicate()  # type: ignore[operator]
+        if result or loop.time() >= deadline:
+            return bool(result)
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class ShimProcess:
+    process: asyncio.subprocess.Process
+    socket: Path
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+async def start_shim_process(
+    args: list[str], socket: Path, log_path: Path, timeout: float = 30.0
+) -> ShimProcess:
+    """Run `python -m cri_shim serve ...` and wait until its socket answers."""
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cri_shim",
+            "serve",
+            *args,
+            stdout=log,
+            stderr=log,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+    handle = ShimProcess(process, socket, log_path)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if process.returncode is not None:
+            raise AssertionError(f"shim exited {process.returncode}:\n{handle.log_text()}")
+        client = CriClient.connect(socket)
+        try:
+            await client.runtime.version(cri.VersionRequest(), timeout=2)
+            return handle
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            client.close()
+        await asyncio.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"shim did not serve within {timeout}s:\n{handle.log_text()}")
+
+
+__all__ = [
+    "ContainerdSettings",
+    "CriClient",
+    "ServerSettings",
+    "ShimProcess",
+    "make_settings",
+    "replace",
+    "short_tempdir",
+    "start_shim_process",
+    "wait_for",
+]

@@ -1,0 +1,92 @@
+import asyncio
+
+import pytest
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from cri_shim.errors import ContainerdError, ContainerdUnavailable, to_grpc_error
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.instrument import Instrumentation, request_ids
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (ContainerdError("Get", Status.NOT_FOUND, "container x: not found"), Status.NOT_FOUND),
+        (ContainerdError("Create", Status.ALREADY_EXISTS, "exists"), Status.ALREADY_EXISTS),
+        (ContainerdError("Get", Status.UNAVAILABLE, "closing"), Status.UNAVAILABLE),
+        (ContainerdError("Get", Status.INTERNAL, "boom"), Status.UNKNOWN),
+        (ContainerdUnavailable("/run/c.sock", ConnectionRefusedError()), Status.UNAVAILABLE),
+        (TimeoutError(), Status.DEADLINE_EXCEEDED),
+        (PermissionError("denied"), Status.PERMISSION_DENIED),
+        (KeyError("oops"), Status.INTERNAL),
+    ],
+)
+def test_exceptions_map_to_actionable_statuses(error: Exception, status: Status) -> None:
+    mapped = to_grpc_error(error, "Rpc")
+    assert mapped.status is status
+    assert mapped.message
+
+
+def test_containerd_errors_name_the_call_and_cause() -> None:
+    mapped = to_grpc_error(ContainerdError("Containers.Get", Status.NOT_FOUND, "no such"), "X")
+    assert mapped.message == "containerd Containers.Get: no such"
+    unreachable = to_grpc_error(ContainerdUnavailable("/run/c.sock"), "X")
+    assert "not reachable at /run/c.sock" in (unreachable.message or "")
+
+
+async def test_wrapper_turns_a_crash_into_internal_without_traceback_text() -> None:
+    instrument = Instrumentation()
+
+    async def broken(request: cri.ContainerStatusRequest) -> cri.ContainerStatusResponse:
+        raise ValueError("bad state")
+
+    with pytest.raises(GRPCError) as caught:
+        await instrument.unary("ContainerStatus", broken, cri.ContainerStatusRequest("abc"))
+    assert caught.value.status is Status.INTERNAL
+    assert caught.value.message is not None
+    assert "Traceback" not in caught.value.message
+    assert "ValueError: bad state" in caught.value.message
+    assert instrument.in_flight == 0
+
+
+async def test_wrapper_reports_outcomes_to_observers() -> None:
+    instrument = Instrumentation()
+    seen: list[tuple[str, Status]] = []
+    instrument.observers.append(lambda rpc, status, elapsed: seen.append((rpc, status)))
+
+    async def ok(request: cri.VersionRequest) -> cri.VersionResponse:
+        return cri.VersionResponse(version="0.1.0")
+
+    async def missing(request: cri.VersionRequest) -> cri.VersionResponse:
+        raise GRPCError(Status.NOT_FOUND, "gone")
+
+    await instrument.unary("Version", ok, cri.VersionRequest())
+    with pytest.raises(GRPCError):
+        await instrument.unary("Version", missing, cri.VersionRequest())
+    assert seen == [("Version", Status.OK), ("Version", Status.NOT_FOUND)]
+
+
+async def test_wait_idle_waits_for_calls_in_flight() -> None:
+    instrument = Instrumentation()
+    release = asyncio.Event()
+
+    async def slow(request: cri.VersionRequest) -> cri.VersionResponse:
+        await release.wait()
+        return cri.VersionResponse()
+
+    call = asyncio.create_task(instrument.unary("Version", slow, cri.VersionRequest()))
+    await asyncio.sleep(0)
+    assert instrument.in_flight == 1
+    assert not await instrument.wait_idle(0.05)
+    release.set()
+    assert await instrument.wait_idle(1.0)
+    await call
+
+
+def test_request_ids_pick_pod_and_container_ids() -> None:
+    request = cri.RunPodSandboxRequest(
+        config=cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name="web", namespace="prod"))
+    )
+    assert request_ids(request) == {"pod_name": "web", "pod_namespace": "prod"}
+    assert request_ids(cri.StopContainerRequest(container_id="c1")) == {"container": "c1"}
