@@ -1,4 +1,4 @@
-"""`cri-shim` command line: serve, config default."""
+"""`cri-shim` command line: serve, check, config default."""
 
 from __future__ import annotations
 
@@ -23,26 +23,24 @@ _FLAG_KEYS = {
     "cni_conf_dir": "cni.conf_dir",
     "log_level": "log.level",
     "log_format": "log.format",
+    "metrics_address": "metrics.address",
+    "metrics_port": "metrics.port",
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cri-shim", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"cri-shim {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="serve the CRI on a unix socket")
-    serve.add_argument("--config", type=Path, help="TOML config file")
-    serve.add_argument("--socket", help="listen socket path")
-    serve.add_argument("--containerd-address", help="containerd gRPC socket")
-    serve.add_argument("--containerd-namespace", help="containerd namespace (default k8s.io)")
-    serve.add_argument("--state-dir", help="directory for the shim's own state")
-    serve.add_argument("--streaming-address", help="bind address of the streaming server")
-    serve.add_argument("--streaming-port", type=int, help="port of the streaming server")
-    serve.add_argument("--cni-conf-dir", help="CNI network config directory")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", choices=["text", "json"])
-    embedded = serve.add_mutually_exclusive_group()
+def _add_settings_flags(command: argparse.ArgumentParser) -> None:
+    """The flags `serve` and `check` share, so `check` sees what `serve` would use."""
+    command.add_argument("--config", type=Path, help="TOML config file")
+    command.add_argument("--socket", help="listen socket path")
+    command.add_argument("--containerd-address", help="containerd gRPC socket")
+    command.add_argument("--containerd-namespace", help="containerd namespace (default k8s.io)")
+    command.add_argument("--state-dir", help="directory for the shim's own state")
+    command.add_argument("--streaming-address", help="bind address of the streaming server")
+    command.add_argument("--streaming-port", type=int, help="port of the streaming server")
+    command.add_argument("--cni-conf-dir", help="CNI network config directory")
+    command.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    command.add_argument("--log-format", choices=["text", "json"])
+    embedded = command.add_mutually_exclusive_group()
     embedded.add_argument(
         "--embedded-containerd",
         dest="embedded",
@@ -55,6 +53,25 @@ def _parser() -> argparse.ArgumentParser:
         dest="embedded",
         action="store_false",
         help="never start a private containerd (production)",
+    )
+    command.add_argument("--metrics-address", help="bind address of /metrics and /healthz")
+    command.add_argument("--metrics-port", type=int, help="port of /metrics and /healthz (0: any)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cri-shim", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cri-shim {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the CRI on a unix socket")
+    _add_settings_flags(serve)
+
+    check = commands.add_parser(
+        "check", help="diagnose whether this node can run pods (exits 1 on any FAIL)"
+    )
+    _add_settings_flags(check)
+    check.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds each check may take (default 5)"
     )
 
     config = commands.add_parser("config", help="configuration helpers")
@@ -102,6 +119,15 @@ def _run(coro: Any) -> int:
     return int(result)
 
 
+async def _check(config: settings.Settings, timeout: float) -> int:
+    from cri_shim.check import exit_code, run_checks
+
+    results = await run_checks(config, timeout=timeout)
+    for result in results:
+        print(result.line, flush=True)
+    return exit_code(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config":
@@ -113,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cri-shim: {err}", file=sys.stderr)
         return 2
     configure(config.log.level, config.log.format)
+    if args.command == "check":
+        return _run(_check(config, args.timeout))
     try:
         return _run(_serve(config))
     except settings.SettingsError as err:

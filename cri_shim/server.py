@@ -20,6 +20,7 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.server import Server, Stream
 
+from cri_shim import metrics as metrics_hook
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.containerd.health import ContainerdHealth
@@ -30,6 +31,7 @@ from cri_shim.gen.google.protobuf import Empty
 from cri_shim.host import detect_cgroup_driver
 from cri_shim.instrument import Instrumentation
 from cri_shim.logs import log_event
+from cri_shim.metrics import Metrics, MetricsServer
 from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
 from cri_shim.settings import Settings, SettingsError
@@ -105,6 +107,18 @@ class Shim:
         self.network = NetworkReadiness(Path(settings.cni.conf_dir), settings.cni.bin_dirs)
         self.pod_cidrs = PodCidrStore(settings.state_path)
         self._server: CriServer | None = None
+        self.metrics = Metrics()
+        self.instrument.observers.append(self.metrics.observe_rpc)
+        self.metrics.register_gauge(
+            "cri_shim_rpc_in_flight", "CRI calls being answered.", lambda: self.instrument.in_flight
+        )
+        self.metrics.register_gauge(
+            "cri_shim_containerd_up",
+            "1 while containerd answers its health check.",
+            lambda: 1.0 if self.health is not None and self.health.serving else 0.0,
+        )
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_port: int | None = None  # the bound port once serving (config may say 0)
 
     async def _connect_containerd(self) -> ContainerdClient:
         config = self.settings.containerd
@@ -158,6 +172,7 @@ class Shim:
         )
         await self._server.start(path=str(self.socket_path))
         await asyncio.to_thread(os.chmod, self.socket_path, settings.server.socket_mode)
+        await self._start_metrics()
         log_event(
             log,
             "cri-shim serving",
@@ -166,8 +181,48 @@ class Shim:
             namespace=self.client.namespace,
         )
 
+    async def _start_metrics(self) -> None:
+        """Metrics are always collected; the HTTP endpoint only when enabled."""
+        metrics_hook.install(self.metrics)
+        config = self.settings.metrics
+        if not config.enabled:
+            return
+        self.metrics_server = MetricsServer(
+            self.metrics,
+            healthy=self.health_problems,
+            alive=self.liveness_problems,
+            address=config.address,
+            port=config.port,
+        )
+        self.metrics_port = await self.metrics_server.start()
+
+    async def liveness_problems(self) -> list[str]:
+        """Why this process is not serving the CRI (for /livez); empty when it is."""
+        if self._server is None:
+            return ["CRI server is not serving"]
+        try:
+            mode = (await asyncio.to_thread(os.stat, self.socket_path)).st_mode
+        except OSError as err:
+            return [f"CRI socket {self.socket_path} is gone: {err.strerror or err}"]
+        if not stat.S_ISSOCK(mode):
+            return [f"{self.socket_path} is no longer a socket"]
+        return []
+
+    async def health_problems(self) -> list[str]:
+        """Why pods cannot run through this shim now (for /healthz); empty when they can."""
+        problems = await self.liveness_problems()
+        if self.health is None:
+            problems.append("containerd not connected yet")
+        elif not self.health.serving:
+            problems.append(self.health.last_error)
+        return problems
+
     async def stop(self) -> None:
         """Idempotent; also cleans up after a start that failed half-way."""
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
+        metrics_hook.uninstall(self.metrics)
         served = self._server is not None
         if self._server is not None:
             self._server.stop_accepting()

@@ -72,6 +72,17 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus /metrics and the /healthz, /livez probes, over plain HTTP."""
+
+    enabled: bool = True
+    # Loopback by default: the endpoint has no authentication.
+    address: str = "127.0.0.1"
+    # 0 binds a free port (tests); the bound port is `Shim.metrics_port`.
+    port: int = 9438
+
+
+@dataclass(frozen=True)
 class Settings:
     state_dir: str = "/var/lib/cri-shim"
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -80,6 +91,7 @@ class Settings:
     cni: CniSettings = field(default_factory=CniSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def state_path(self) -> Path:
@@ -273,6 +285,7 @@ __all__ = [
     "CniSettings",
     "ContainerdSettings",
     "LogSettings",
+    "MetricsSettings",
     "RuntimeSettings",
     "ServerSettings",
     "Settings",

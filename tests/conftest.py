@@ -78,6 +78,7 @@ def make_settings(base: Path, containerd_address: str, **overrides: object) -> S
         "containerd.health_interval": 0.2,
         "cni.conf_dir": str(base / "cni"),
         "server.shutdown_grace": 5.0,
+        "metrics.port": 0,
     }
     dotted.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load(None, environ={}, overrides=dotted)

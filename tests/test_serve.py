@@ -30,6 +30,8 @@ def write_config(base: Path, containerd_address: str, embedded: bool = False) ->
         "health_interval = 0.2\n"
         "[cni]\n"
         f'conf_dir = "{base / "cni"}"\n'
+        "[metrics]\n"
+        "port = 0\n"
     )
     return config
 
