@@ -11,6 +11,7 @@ packages=(
   containerd runc containernetworking-plugins iptables iproute2
   busybox-static docker-registry apache2-utils openssl
   util-linux procps ca-certificates
+  systemd  # systemd-analyze, which verifies deploy/systemd/ in the tests
 )
 missing=()
 for pkg in "${packages[@]}"; do
