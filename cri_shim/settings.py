@@ -55,6 +55,12 @@ class StreamingSettings:
 class CniSettings:
     conf_dir: str = "/etc/cni/net.d"
     bin_dirs: tuple[str, ...] = ("/opt/cni/bin", "/usr/lib/cni")
+    # Pod network namespaces are pinned here; the default is where `ip netns` looks.
+    netns_dir: str = "/var/run/netns"
+    # Seconds one plugin invocation may take before it is killed.
+    plugin_timeout: float = 60.0
+    # ADD results kept for DEL after a restart; "" means <state_dir>/cni-cache.
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)

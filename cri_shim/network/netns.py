@@ -1,0 +1,314 @@
+"""Network namespaces for pods, pinned by bind mount like `ip netns add` does.
+
+A pod's namespace must outlive any process in it (the pause container starts
+after CNI has wired the namespace, and DEL may run after every process is
+gone), so it is pinned as a bind mount of the nsfs inode on an empty file
+`<netns_dir>/cni-<uuid>`, the naming containerd uses. The pin directory is
+made a shared mount first, exactly as iproute2 does: mount namespaces that
+copied the host's table (containers, services with PrivateTmp) then see our
+unmount too, and a removed pod's namespace really goes away instead of
+lingering in their copies.
+
+Creation runs util-linux `unshare --net=<file>` as a subprocess; mount and
+unmount go straight to the syscalls (in a worker thread) so that errno tells
+"not mounted" apart from "busy".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from cri_shim.logs import log_event
+from cri_shim.network.command import CommandResult, run_command
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NETNS_DIR = "/var/run/netns"
+NETNS_PREFIX = "cni-"
+
+# <linux/sched.h>, <linux/nsfs.h>, <sys/mount.h>
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SHARED = 1 << 20
+MNT_DETACH = 0x2
+
+UMOUNT_ATTEMPTS = 5
+UMOUNT_RETRY_DELAY = 0.1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetnsError(OSError):
+    """A namespace could not be created, entered or removed."""
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def _mount(source: str, target: str, flags: int) -> None:
+    _check(
+        _libc.mount(source.encode(), target.encode(), None, ctypes.c_ulong(flags), None),
+        f"mount {target}",
+    )
+
+
+def _umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount {target}")
+
+
+def _setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+def _is_netns_pin(path: str) -> bool:
+    """True when `path` is an nsfs mount of a network namespace."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:  # ENOTTY: a plain file, not an nsfs inode
+        return False
+    finally:
+        os.close(fd)
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _mount_entry(directory: str) -> tuple[bool, bool]:
+    """(is a mount point, is shared) for `directory`, from /proc/self/mountinfo."""
+    target = os.path.realpath(directory)
+    found = (False, False)
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) < 7:
+                continue
+            mount_point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields[4])
+            if mount_point != target:
+                continue
+            optional = fields[6 : fields.index("-")]
+            # The last entry for a mount point is the one on top.
+            found = (True, any(f.startswith("shared:") for f in optional))
+    return found
+
+
+_prepared: set[str] = set()
+_prepare_lock = threading.Lock()
+
+
+def _prepare_dir_sync(netns_dir: str) -> str:
+    directory = os.path.abspath(netns_dir)
+    with _prepare_lock:
+        if directory in _prepared:
+            return directory
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        mounted, shared = _mount_entry(directory)
+        if not shared:
+            if not mounted:
+                _mount(directory, directory, MS_BIND | MS_REC)
+            _mount("none", directory, MS_SHARED | MS_REC)
+        _prepared.add(directory)
+    return directory
+
+
+async def _prepare_dir(netns_dir: str) -> str:
+    """Make the pin dir a shared mount point (once per process), as `ip netns` does."""
+    try:
+        return await asyncio.to_thread(_prepare_dir_sync, netns_dir)
+    except OSError as err:
+        raise NetnsError(err.errno, f"cannot prepare netns dir {netns_dir}: {err}") from err
+
+
+def _create_pin_file(path: str) -> None:
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+
+
+def _remove_file(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+async def create_pod_netns(netns_dir: str | Path = DEFAULT_NETNS_DIR) -> str:
+    """Create a new network namespace pinned at `<netns_dir>/cni-<uuid>`; returns its path."""
+    directory = await _prepare_dir(os.fspath(netns_dir))
+    path = os.path.join(directory, f"{NETNS_PREFIX}{uuid.uuid4()}")
+    await asyncio.to_thread(_create_pin_file, path)
+    try:
+        result = await run_command(["unshare", f"--net={path}", "true"], timeout=30.0)
+    except BaseException:
+        await remove_pod_netns(path)
+        raise
+    if not result.ok:
+        await remove_pod_netns(path)
+        raise NetnsError(errno.EIO, f"cannot create network namespace: {result.describe()}")
+    log_event(log, "netns created", level=logging.DEBUG, netns=path)
+    return path
+
+
+def _unmount_pin(path: str) -> bool:
+    """Unmount one layer; retry a busy pin, then detach it lazily. False if not mounted."""
+    for attempt in range(UMOUNT_ATTEMPTS):
+        try:
+            _umount(path)
+            return True
+        except OSError as err:
+            if err.errno in (errno.EINVAL, errno.ENOENT):  # not (or no longer) a mount point
+                return False
+            if err.errno != errno.EBUSY:
+                raise
+        if attempt < UMOUNT_ATTEMPTS - 1:
+            time.sleep(UMOUNT_RETRY_DELAY)
+    _umount(path, MNT_DETACH)
+    return True
+
+
+def _remove_sync(path: str) -> bool:
+    """Unmount every pin stacked on `path`, then delete it; False when it was absent."""
+    if not os.path.lexists(path):
+        return False
+    while _unmount_pin(path):
+        pass
+    _remove_file(path)
+    return True
+
+
+async def remove_pod_netns(path: str | Path) -> None:
+    """Unmount and delete a pinned namespace. Idempotent: a missing pin is fine."""
+    target = os.fspath(path)
+    if not target:
+        return
+    try:
+        removed = await asyncio.to_thread(_remove_sync, target)
+    except OSError as err:
+        raise NetnsError(err.errno, f"cannot remove network namespace {target}: {err}") from err
+    if removed:
+        log_event(log, "netns removed", level=logging.DEBUG, netns=target)
+
+
+async def netns_exists(path: str | Path) -> bool:
+    """True when `path` is a pinned network namespace (not merely an empty file)."""
+    target = os.fspath(path)
+    return bool(target) and await asyncio.to_thread(_is_netns_pin, target)
+
+
+exists = netns_exists
+
+
+async def run_in_netns(
+    path: str | Path,
+    argv: Sequence[str],
+    *,
+    input: bytes | None = None,
+    timeout: float = 30.0,
+) -> CommandResult:
+    """Run a command inside the namespace (`nsenter --net=...`), for helpers and tests."""
+    return await run_command(
+        ["nsenter", f"--net={os.fspath(path)}", "--", *argv], input=input, timeout=timeout
+    )
+
+
+def _socket_in_netns(path: str, family: socket.AddressFamily) -> socket.socket:
+    """A socket created inside the namespace; it stays there whatever thread uses it.
+
+    setns() moves only the calling thread, so this runs on a throwaway thread
+    that ends right after: even if switching back failed, no pooled thread is
+    ever left in a pod's namespace.
+    """
+    made: list[socket.socket] = []
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _setns(target, CLONE_NEWNET)
+                    try:
+                        made.append(socket.socket(family, socket.SOCK_STREAM))
+                    finally:
+                        _setns(own, CLONE_NEWNET)
+                finally:
+                    os.close(own)
+            finally:
+                os.close(target)
+        except BaseException as err:
+            failures.append(err)
+
+    thread = threading.Thread(target=worker, name="netns-socket", daemon=True)
+    thread.start()
+    thread.join()
+    if failures or not made:
+        for sock in made:
+            sock.close()
+        error = failures[0] if failures else RuntimeError("no socket was made")
+        raise NetnsError(getattr(error, "errno", None) or errno.EIO, f"netns {path}: {error}")
+    return made[0]
+
+
+def _candidate_addresses(host: str) -> list[str]:
+    if host == "localhost":
+        return ["127.0.0.1", "::1"]
+    return [str(ipaddress.ip_address(host))]
+
+
+async def open_connection_in_netns(
+    path: str | Path, host: str, port: int, *, timeout: float = 10.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to host:port as seen from inside the pod's namespace (port-forward).
+
+    `host` is an IP literal or "localhost" (tried as 127.0.0.1, then ::1, as
+    kubelet's port-forward expects). The connection itself is ordinary asyncio.
+    """
+    last_error: OSError | None = None
+    for address in _candidate_addresses(host):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = await asyncio.to_thread(_socket_in_netns, os.fspath(path), family)
+        sock.setblocking(False)
+        try:
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(sock, (address, port)), timeout)
+        except (OSError, TimeoutError) as err:
+            sock.close()
+            last_error = err
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+    assert last_error is not None
+    raise last_error
+
+
+__all__ = [
+    "DEFAULT_NETNS_DIR",
+    "NetnsError",
+    "create_pod_netns",
+    "exists",
+    "netns_exists",
+    "open_connection_in_netns",
+    "remove_pod_netns",
+    "run_in_netns",
+]
