@@ -95,9 +95,17 @@ class Instrumentation:
             return False
         return True
 
-    def _finish(self, rpc: str, request: Any, started: float, err: BaseException | None) -> None:
+    def _finish(
+        self,
+        rpc: str,
+        request: Any,
+        started: float,
+        err: BaseException | None,
+        response: Any = None,
+    ) -> None:
         elapsed = time.perf_counter() - started
-        ids = request_ids(request)
+        # Create calls only learn their id from the response (RunPodSandbox, CreateContainer).
+        ids = request_ids(response) | request_ids(request)
         status = Status.OK
         if err is None:
             level = logging.DEBUG if rpc in _QUIET else logging.INFO
@@ -138,7 +146,7 @@ class Instrumentation:
             raise grpc_error from None
         finally:
             self._leave()
-        self._finish(rpc, request, started, None)
+        self._finish(rpc, request, started, None, response)
         return response
 
     async def server_stream(
