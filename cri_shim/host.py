@@ -30,3 +30,31 @@ def detect_cgroup_driver(configured: str, root: Path = CGROUP_ROOT) -> CgroupDri
     if runs_systemd() and cgroup_v2_unified(root):
         return CgroupDriver.SYSTEMD
     return CgroupDriver.CGROUPFS
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def can_lower_oom_score_adj(status_path: Path = Path("/proc/self/status")) -> bool:
+    """The kernel lets a process lower oom_score_adj only with CAP_SYS_RESOURCE."""
+    try:
+        for line in status_path.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << CAP_SYS_RESOURCE))
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def own_oom_score_adj() -> int:
+    try:
+        return int(Path("/proc/self/oom_score_adj").read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def clamp_oom_score_adj(requested: int, floor: int | None) -> int:
+    """Hosts without CAP_SYS_RESOURCE refuse values below our own (runc then fails
+    with an opaque pipe error); with a floor, never ask for less than it."""
+    value = max(-1000, min(1000, requested))
+    return value if floor is None else max(value, floor)

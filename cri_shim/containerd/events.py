@@ -1,0 +1,112 @@
+"""containerd's event stream, turned into calls on the shim's stores.
+
+Task exits and OOM kills must reach the in-memory view at once (kubelet reads
+it every second), so one subscription runs for the life of the shim and is
+re-established, with a resync, whenever containerd comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from cri_shim.containerd.client import ContainerdClient
+from cri_shim.errors import ContainerdError, ContainerdUnavailable
+from cri_shim.gen.containerd import events as events_v1
+from cri_shim.gen.containerd.services.events import v1 as events_service
+from cri_shim.logs import log_event
+
+log = logging.getLogger(__name__)
+
+TASK_EXIT_URL = "containerd.events.TaskExit"
+TASK_OOM_URL = "containerd.events.TaskOOM"
+
+
+@dataclass(frozen=True)
+class TaskExit:
+    container_id: str
+    exec_id: str  # equals container_id for the task's main process
+    pid: int
+    exit_code: int
+    exited_at: datetime.datetime | None
+
+    @property
+    def is_init(self) -> bool:
+        return self.exec_id in ("", self.container_id)
+
+
+ExitHandler = Callable[[TaskExit], Awaitable[None]]
+OomHandler = Callable[[str], Awaitable[None]]
+
+
+def _type_name(type_url: str) -> str:
+    return type_url.rsplit("/", 1)[-1]
+
+
+class EventMonitor:
+    def __init__(self, client: ContainerdClient, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.exit_handlers: list[ExitHandler] = []
+        self.oom_handlers: list[OomHandler] = []
+        self._task: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+
+    async def _dispatch(self, type_url: str, payload: bytes) -> None:
+        name = _type_name(type_url)
+        if name == TASK_EXIT_URL:
+            event = events_v1.TaskExit.parse(payload)
+            exit_info = TaskExit(
+                event.container_id, event.id, event.pid, event.exit_status, event.exited_at
+            )
+            for handler in self.exit_handlers:
+                await handler(exit_info)
+        elif name == TASK_OOM_URL:
+            oom = events_v1.TaskOom.parse(payload)
+            for oom_handler in self.oom_handlers:
+                await oom_handler(oom.container_id)
+
+    async def _subscribe_once(self) -> None:
+        request = events_service.SubscribeRequest(
+            filters=[
+                f'namespace=={self.namespace},topic=="/tasks/exit"',
+                f'namespace=={self.namespace},topic=="/tasks/oom"',
+            ]
+        )
+        stream = self.client.stream("Events.Subscribe", self.client.events.subscribe(request))
+        self.subscribed.set()
+        async for envelope in stream:
+            if envelope.event is None:
+                continue
+            try:
+                await self._dispatch(envelope.event.type_url, envelope.event.value)
+            except Exception:
+                log.exception("event handler failed")
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self._subscribe_once()
+                backoff = 0.2
+            except (ContainerdUnavailable, ContainerdError) as err:
+                self.subscribed.clear()
+                log_event(log, "event stream lost", level=logging.DEBUG, error=err)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="containerd-events")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.subscribed.wait(), 5)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

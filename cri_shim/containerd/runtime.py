@@ -1,0 +1,290 @@
+"""Typed operations on containerd containers, tasks and snapshots.
+
+The sandbox and container modules speak in these terms (prepare a rootfs,
+create a container with a spec, start/kill/wait/delete its task) and never
+build containerd request messages themselves. "Not found" on cleanup paths is
+success, which keeps Stop/Remove idempotent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import signal as signals
+from dataclasses import dataclass
+from typing import Any
+
+from grpclib.const import Status
+
+from cri_shim.containerd.client import ContainerdClient
+from cri_shim.errors import ContainerdError
+from cri_shim.gen.containerd.runc import v1 as runc_v1
+from cri_shim.gen.containerd.services.containers import v1 as containers_v1
+from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
+from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
+from cri_shim.gen.containerd.types import Mount
+from cri_shim.gen.containerd.v1 import types as task_types
+from cri_shim.gen.google.protobuf import Any as AnyMessage
+
+SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
+RUNC_RUNTIME = "io.containerd.runc.v2"
+SNAPSHOTTER = "overlayfs"
+
+TaskStatus = task_types.Status
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exit_code: int
+    exited_at: datetime.datetime | None
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    pid: int
+    status: TaskStatus
+    exit_code: int
+    exited_at: datetime.datetime | None
+
+
+def pack_json(type_url: str, value: Any) -> AnyMessage:
+    return AnyMessage(type_url=type_url, value=json.dumps(value, sort_keys=True).encode())
+
+
+def unpack_json(message: AnyMessage | None) -> Any:
+    if message is None or not message.value:
+        return None
+    return json.loads(message.value)
+
+
+def _missing(err: ContainerdError) -> bool:
+    return err.status is Status.NOT_FOUND
+
+
+class RuntimeOps:
+    def __init__(self, client: ContainerdClient, *, systemd_cgroup: bool) -> None:
+        self.client = client
+        self.systemd_cgroup = systemd_cgroup
+
+    # snapshots
+
+    async def prepare_snapshot(
+        self, key: str, parent: str, labels: dict[str, str] | None = None
+    ) -> list[Mount]:
+        """Writable snapshot on top of the image's chain; reuses one left by a retry."""
+        client = self.client
+        try:
+            reply = await client.call(
+                "Snapshots.Prepare",
+                client.snapshots.prepare(
+                    snapshots_v1.PrepareSnapshotRequest(
+                        snapshotter=SNAPSHOTTER, key=key, parent=parent, labels=labels or {}
+                    )
+                ),
+            )
+            return list(reply.mounts)
+        except ContainerdError as err:
+            if err.status is not Status.ALREADY_EXISTS:
+                raise
+        mounts = await client.call(
+            "Snapshots.Mounts",
+            client.snapshots.mounts(snapshots_v1.MountsRequest(snapshotter=SNAPSHOTTER, key=key)),
+        )
+        return list(mounts.mounts)
+
+    async def remove_snapshot(self, key: str) -> None:
+        try:
+            await self.client.call(
+                "Snapshots.Remove",
+                self.client.snapshots.remove(
+                    snapshots_v1.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key)
+                ),
+            )
+        except ContainerdError as err:
+            if not _missing(err):
+                raise
+
+    # containers
+
+    def runtime_options(self) -> containers_v1.ContainerRuntime:
+        options = runc_v1.Options(systemd_cgroup=self.systemd_cgroup)
+        return containers_v1.ContainerRuntime(
+            name=RUNC_RUNTIME,
+            options=AnyMessage(type_url=RUNC_OPTIONS_TYPE_URL, value=bytes(options)),
+        )
+
+    async def create_container(
+        self,
+        container_id: str,
+        *,
+        image: str,
+        spec: dict[str, Any],
+        labels: dict[str, str],
+        extensions: dict[str, AnyMessage],
+        snapshot_key: str,
+    ) -> None:
+        container = containers_v1.Container(
+            id=container_id,
+            labels=labels,
+            image=image,
+            runtime=self.runtime_options(),
+            spec=pack_json(SPEC_TYPE_URL, spec),
+            snapshotter=SNAPSHOTTER,
+            snapshot_key=snapshot_key,
+            extensions=extensions,
+        )
+        await self.client.call(
+            "Containers.Create",
+            self.client.containers.create(
+                containers_v1.CreateContainerRequest(container=container)
+            ),
+        )
+
+    async def get_container(self, container_id: str) -> containers_v1.Container | None:
+        try:
+            reply = await self.client.call(
+                "Containers.Get",
+                self.client.containers.get(containers_v1.GetContainerRequest(id=container_id)),
+            )
+        except ContainerdError as err:
+            if _missing(err):
+                return None
+            raise
+        return reply.container
+
+    async def list_containers(self, *filters: str) -> list[containers_v1.Container]:
+        reply = await self.client.call(
+            "Containers.List",
+            self.client.containers.list(containers_v1.ListContainersRequest(filters=list(filters))),
+        )
+        return list(reply.containers)
+
+    async def update_extension(self, container_id: str, key: str, value: AnyMessage) -> None:
+        from cri_shim.gen.google.protobuf import FieldMask
+
+        container = containers_v1.Container(id=container_id, extensions={key: value})
+        await self.client.call(
+            "Containers.Update",
+            self.client.containers.update(
+                containers_v1.UpdateContainerRequest(
+                    container=container, update_mask=FieldMask(paths=[f"extensions.{key}"])
+                )
+            ),
+        )
+
+    async def delete_container(self, container_id: str) -> None:
+        try:
+            await self.client.call(
+                "Containers.Delete",
+                self.client.containers.delete(
+                    containers_v1.DeleteContainerRequest(id=container_id)
+                ),
+            )
+        except ContainerdError as err:
+            if not _missing(err):
+                raise
+
+    # tasks
+
+    async def create_task(
+        self,
+        container_id: str,
+        rootfs: list[Mount],
+        *,
+        stdin: str = "",
+        stdout: str = "",
+        stderr: str = "",
+        terminal: bool = False,
+    ) -> int:
+        reply = await self.client.call(
+            "Tasks.Create",
+            self.client.tasks.create(
+                tasks_v1.CreateTaskRequest(
+                    container_id=container_id,
+                    rootfs=rootfs,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    terminal=terminal,
+                )
+            ),
+        )
+        return reply.pid
+
+    async def start_task(self, container_id: str, exec_id: str = "") -> int:
+        reply = await self.client.call(
+            "Tasks.Start",
+            self.client.tasks.start(
+                tasks_v1.StartRequest(container_id=container_id, exec_id=exec_id)
+            ),
+        )
+        return reply.pid
+
+    async def task(self, container_id: str) -> TaskInfo | None:
+        try:
+            reply = await self.client.call(
+                "Tasks.Get", self.client.tasks.get(tasks_v1.GetRequest(container_id=container_id))
+            )
+        except ContainerdError as err:
+            if _missing(err):
+                return None
+            raise
+        process = reply.process
+        if process is None:
+            return None
+        return TaskInfo(process.pid, process.status, process.exit_status, process.exited_at)
+
+    async def kill(
+        self,
+        container_id: str,
+        signal: int = signals.SIGKILL,
+        *,
+        exec_id: str = "",
+        all_processes: bool = False,
+    ) -> bool:
+        """Send a signal; False when there is no such task/process any more."""
+        try:
+            await self.client.call(
+                "Tasks.Kill",
+                self.client.tasks.kill(
+                    tasks_v1.KillRequest(
+                        container_id=container_id, exec_id=exec_id, signal=signal, all=all_processes
+                    )
+                ),
+            )
+        except ContainerdError as err:
+            if _missing(err) or "process already finished" in err.detail:
+                return False
+            raise
+        return True
+
+    async def wait(
+        self, container_id: str, exec_id: str = "", timeout: float | None = None
+    ) -> ExitInfo | None:
+        """Block until the process exits; None if it does not exist."""
+        try:
+            reply = await self.client.call(
+                "Tasks.Wait",
+                self.client.tasks.wait(
+                    tasks_v1.WaitRequest(container_id=container_id, exec_id=exec_id),
+                    timeout=timeout,
+                ),
+            )
+        except ContainerdError as err:
+            if _missing(err):
+                return None
+            raise
+        return ExitInfo(reply.exit_status, reply.exited_at)
+
+    async def delete_task(self, container_id: str) -> ExitInfo | None:
+        try:
+            reply = await self.client.call(
+                "Tasks.Delete",
+                self.client.tasks.delete(tasks_v1.DeleteTaskRequest(container_id=container_id)),
+            )
+        except ContainerdError as err:
+            if _missing(err):
+                return None
+            raise
+        return ExitInfo(reply.exit_status, reply.exited_at)

@@ -1,0 +1,99 @@
+"""RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox.
+
+Status and List answer from the in-memory store. Stop and Remove of an
+unknown id succeed: kubelet retries them after restarts and must not be told
+a pod it is cleaning up "does not exist".
+"""
+
+from __future__ import annotations
+
+import json
+
+from cri_shim.errors import invalid_argument, not_found, require
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.oci.sandbox_spec import SpecError
+from cri_shim.sandbox.files import SandboxFilesError
+from cri_shim.sandbox.lifecycle import SandboxManager
+from cri_shim.store.sandboxes import SandboxStore
+
+KNOWN_HANDLERS = ("", "runc")
+MAX_NAME_LENGTH = 253
+
+
+def _validate_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfig:
+    if config is None:
+        raise invalid_argument("config must be set")
+    metadata = config.metadata
+    if metadata is None:
+        raise invalid_argument("config.metadata must be set")
+    require(metadata.name, "config.metadata.name")
+    require(metadata.namespace, "config.metadata.namespace")
+    require(metadata.uid, "config.metadata.uid")
+    for field, value in (("name", metadata.name), ("namespace", metadata.namespace)):
+        if len(value) > MAX_NAME_LENGTH:
+            raise invalid_argument(
+                f"config.metadata.{field} is {len(value)} characters; "
+                f"at most {MAX_NAME_LENGTH} allowed"
+            )
+    if config.log_directory and not config.log_directory.startswith("/"):
+        raise invalid_argument(
+            f"config.log_directory {config.log_directory!r} must be an absolute path"
+        )
+    if config.log_directory and ".." in config.log_directory.split("/"):
+        raise invalid_argument(
+            f"config.log_directory {config.log_directory!r} must not contain '..'"
+        )
+    return config
+
+
+class SandboxHandlers:
+    def __init__(self, store: SandboxStore, manager: SandboxManager, default_runtime: str) -> None:
+        self.store = store
+        self.manager = manager
+        self.default_runtime = default_runtime
+
+    async def run_pod_sandbox(self, request: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
+        config = _validate_config(request.config)
+        handler = request.runtime_handler
+        if handler not in KNOWN_HANDLERS and handler != self.default_runtime:
+            raise not_found(f"runtime handler {handler!r} is not configured (known: runc)")
+        try:
+            sandbox_id = await self.manager.run(config, handler)
+        except (SpecError, SandboxFilesError) as err:
+            raise invalid_argument(str(err)) from err
+        return cri.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
+
+    async def stop_pod_sandbox(
+        self, request: cri.StopPodSandboxRequest
+    ) -> cri.StopPodSandboxResponse:
+        require(request.pod_sandbox_id, "pod_sandbox_id")
+        sandbox = self.store.by_id.find(request.pod_sandbox_id)
+        if sandbox is not None:
+            await self.manager.stop(sandbox)
+        return cri.StopPodSandboxResponse()
+
+    async def remove_pod_sandbox(
+        self, request: cri.RemovePodSandboxRequest
+    ) -> cri.RemovePodSandboxResponse:
+        require(request.pod_sandbox_id, "pod_sandbox_id")
+        sandbox = self.store.by_id.find(request.pod_sandbox_id)
+        if sandbox is not None:
+            await self.manager.remove(sandbox)
+        return cri.RemovePodSandboxResponse()
+
+    async def pod_sandbox_status(
+        self, request: cri.PodSandboxStatusRequest
+    ) -> cri.PodSandboxStatusResponse:
+        require(request.pod_sandbox_id, "pod_sandbox_id")
+        sandbox = self.store.by_id.get(request.pod_sandbox_id)
+        info = {}
+        if request.verbose:
+            info["info"] = json.dumps(sandbox.verbose_info())
+        return cri.PodSandboxStatusResponse(status=sandbox.to_status(), info=info)
+
+    async def list_pod_sandbox(
+        self, request: cri.ListPodSandboxRequest
+    ) -> cri.ListPodSandboxResponse:
+        return cri.ListPodSandboxResponse(
+            items=[sandbox.to_cri() for sandbox in self.store.list(request.filter)]
+        )

@@ -1,0 +1,158 @@
+"""The baseline OCI runtime spec every sandbox and container starts from.
+
+Mirrors what containerd's CRI plugin gives a container before the CRI config
+is applied, so workloads see the same /dev, /proc masking and capabilities.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+OCI_VERSION = "1.0.2-dev"
+
+DEFAULT_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
+
+MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+
+READONLY_PATHS = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
+DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_BASE_MOUNTS: list[dict[str, Any]] = [
+    {
+        "destination": "/proc",
+        "type": "proc",
+        "source": "proc",
+        "options": ["nosuid", "noexec", "nodev"],
+    },
+    {
+        "destination": "/dev",
+        "type": "tmpfs",
+        "source": "tmpfs",
+        "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+    },
+    {
+        "destination": "/dev/pts",
+        "type": "devpts",
+        "source": "devpts",
+        "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+    },
+    {
+        "destination": "/dev/mqueue",
+        "type": "mqueue",
+        "source": "mqueue",
+        "options": ["nosuid", "noexec", "nodev"],
+    },
+    {
+        "destination": "/sys",
+        "type": "sysfs",
+        "source": "sysfs",
+        "options": ["nosuid", "noexec", "nodev", "ro"],
+    },
+    {
+        "destination": "/sys/fs/cgroup",
+        "type": "cgroup",
+        "source": "cgroup",
+        "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+    },
+]
+
+
+def base_spec() -> dict[str, Any]:
+    """A fresh, mutable default spec (callers edit it in place)."""
+    caps = list(DEFAULT_CAPABILITIES)
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": [],
+            "env": [DEFAULT_PATH_ENV],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": list(caps),
+                "effective": list(caps),
+                "permitted": list(caps),
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": False,
+        },
+        "root": {"path": "rootfs", "readonly": False},
+        "mounts": copy.deepcopy(_BASE_MOUNTS),
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "network"},
+            ],
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+        },
+    }
+
+
+def set_namespace(spec: dict[str, Any], kind: str, path: str | None) -> None:
+    """Join the namespace at `path`, or get a new one when path is None."""
+    namespaces: list[dict[str, str]] = spec["linux"]["namespaces"]
+    for entry in namespaces:
+        if entry["type"] == kind:
+            entry.pop("path", None)
+            if path:
+                entry["path"] = path
+            return
+    namespaces.append({"type": kind, "path": path} if path else {"type": kind})
+
+
+def drop_namespace(spec: dict[str, Any], kind: str) -> None:
+    """Share the host's namespace of this kind."""
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != kind]
+
+
+def replace_mount(spec: dict[str, Any], mount: dict[str, Any]) -> None:
+    """Add a mount, replacing any default one at the same destination."""
+    spec["mounts"] = [m for m in spec["mounts"] if m["destination"] != mount["destination"]]
+    spec["mounts"].append(mount)
+
+
+def cgroups_path(driver: str, parent: str, kind_prefix: str, object_id: str) -> str:
+    """Where runc puts the cgroup: a path for cgroupfs, slice:prefix:name for systemd."""
+    if driver == "systemd":
+        slice_name = parent.rsplit("/", 1)[-1] if parent else "system.slice"
+        return f"{slice_name}:{kind_prefix}:{object_id}"
+    return f"{parent.rstrip('/')}/{object_id}" if parent else f"/{kind_prefix}/{object_id}"

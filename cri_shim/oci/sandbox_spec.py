@@ -1,0 +1,147 @@
+"""OCI spec of a pod's infra (pause) container.
+
+The pause process holds the pod's namespaces; everything here follows what
+containerd's CRI plugin builds for it so that pods behave the same: read-only
+rootfs, no new privileges, the pod's sysctls, oom_score_adj -998 (clamped
+where the host does not allow lowering it), cpu shares 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.host import clamp_oom_score_adj
+from cri_shim.oci.defaults import (
+    base_spec,
+    cgroups_path,
+    drop_namespace,
+    replace_mount,
+    set_namespace,
+)
+
+SANDBOX_OOM_SCORE_ADJ = -998
+SANDBOX_CPU_SHARES = 2
+# Sysctls that act on the network namespace; meaningless (and dangerous) with hostNetwork.
+NETWORK_SYSCTL_PREFIX = "net."
+
+
+class SpecError(ValueError):
+    """The CRI config asks for something that cannot be expressed; INVALID_ARGUMENT."""
+
+
+@dataclass(frozen=True)
+class SandboxSpecInput:
+    sandbox_id: str
+    config: cri.PodSandboxConfig
+    image_config: dict[str, Any]
+    netns_path: str
+    shm_path: str
+    hostname: str
+    cgroup_driver: str
+    oom_score_adj_floor: int | None
+
+
+def _namespace_mode(options: cri.NamespaceOption | None, field: str) -> cri.NamespaceMode:
+    if options is None:
+        return cri.NamespaceMode.POD
+    return cri.NamespaceMode(getattr(options, field))
+
+
+def _process_args(image_config: dict[str, Any]) -> list[str]:
+    args = list(image_config.get("Entrypoint") or []) + list(image_config.get("Cmd") or [])
+    if not args:
+        raise SpecError("sandbox image has neither entrypoint nor cmd")
+    return args
+
+
+def _user(
+    spec: dict[str, Any], context: cri.LinuxSandboxSecurityContext | None, image_user: str
+) -> None:
+    user = spec["process"]["user"]
+    if context is not None and context.run_as_user is not None:
+        user["uid"] = context.run_as_user.value
+    elif image_user:
+        uid, _, gid = image_user.partition(":")
+        if uid.isdigit():
+            user["uid"] = int(uid)
+        if gid.isdigit():
+            user["gid"] = int(gid)
+    if context is not None and context.run_as_group is not None:
+        user["gid"] = context.run_as_group.value
+    if context is not None and context.supplemental_groups:
+        user["additionalGids"] = list(context.supplemental_groups)
+
+
+def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
+    config = inputs.config
+    linux = config.linux or cri.LinuxPodSandboxConfig()
+    context = linux.security_context
+    options = context.namespace_options if context is not None else None
+    spec = base_spec()
+    process = spec["process"]
+    process["args"] = _process_args(inputs.image_config)
+    process["env"] = list(inputs.image_config.get("Env") or [process["env"][0]])
+    process["cwd"] = inputs.image_config.get("WorkingDir") or "/"
+    process["noNewPrivileges"] = True
+    process["oomScoreAdj"] = clamp_oom_score_adj(SANDBOX_OOM_SCORE_ADJ, inputs.oom_score_adj_floor)
+    _user(spec, context, str(inputs.image_config.get("User") or ""))
+    spec["root"]["readonly"] = True
+    spec["hostname"] = inputs.hostname
+
+    host_network = _namespace_mode(options, "network") is cri.NamespaceMode.NODE
+    if host_network:
+        drop_namespace(spec, "network")
+        drop_namespace(spec, "uts")
+    else:
+        set_namespace(spec, "network", inputs.netns_path)
+    if _namespace_mode(options, "pid") is cri.NamespaceMode.NODE:
+        drop_namespace(spec, "pid")
+    host_ipc = _namespace_mode(options, "ipc") is cri.NamespaceMode.NODE
+    if host_ipc:
+        drop_namespace(spec, "ipc")
+    replace_mount(
+        spec,
+        {
+            "destination": "/dev/shm",
+            "type": "bind",
+            "source": "/dev/shm" if host_ipc else inputs.shm_path,
+            "options": ["rbind", "ro" if host_ipc else "rw", "nosuid", "nodev", "noexec"],
+        },
+    )
+
+    sysctls = dict(linux.sysctls)
+    if host_network:
+        bad = sorted(k for k in sysctls if k.startswith(NETWORK_SYSCTL_PREFIX))
+        if bad:
+            raise SpecError(f"sysctls {', '.join(bad)} cannot be set on a hostNetwork pod")
+    if host_ipc:
+        bad = sorted(
+            k
+            for k in sysctls
+            if k.startswith(("kernel.shm", "kernel.msg", "kernel.sem", "fs.mqueue."))
+        )
+        if bad:
+            raise SpecError(f"sysctls {', '.join(bad)} cannot be set on a hostIPC pod")
+    if sysctls:
+        spec["linux"]["sysctl"] = sysctls
+
+    if context is not None and context.privileged:
+        spec["linux"].pop("maskedPaths", None)
+        spec["linux"].pop("readonlyPaths", None)
+    spec["linux"]["cgroupsPath"] = cgroups_path(
+        inputs.cgroup_driver, linux.cgroup_parent, "cri-containerd", inputs.sandbox_id
+    )
+    spec["linux"]["resources"]["cpu"] = {"shares": SANDBOX_CPU_SHARES}
+    metadata = config.metadata or cri.PodSandboxMetadata()
+    spec["annotations"] = {
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-id": inputs.sandbox_id,
+        "io.kubernetes.cri.sandbox-name": metadata.name,
+        "io.kubernetes.cri.sandbox-namespace": metadata.namespace,
+        "io.kubernetes.cri.sandbox-uid": metadata.uid,
+        "io.kubernetes.cri.sandbox-log-directory": config.log_directory,
+        **dict(config.annotations),
+    }
+    return spec

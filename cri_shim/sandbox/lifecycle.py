@@ -1,0 +1,350 @@
+"""Running, stopping and removing pod sandboxes against containerd.
+
+A sandbox is a containerd container running the pause image, in a network
+namespace the shim creates and wires with CNI before the pause task starts.
+Everything needed to rebuild the in-memory view lives on that containerd
+container (labels and one JSON extension), so a restarted shim loses no pod.
+Every step of RunPodSandbox registers its undo; a failure unwinds them all,
+leaving no namespace, IP, snapshot or task behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from cri_shim.containerd.events import TaskExit
+from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
+from cri_shim.errors import already_exists
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.logs import log_event
+from cri_shim.network.cni import DnsConfig, PodNetwork, PodNetworkRequest, PortMapping
+from cri_shim.network.netns import netns_exists
+from cri_shim.oci.sandbox_spec import SandboxSpecInput, build_sandbox_spec
+from cri_shim.sandbox.files import SandboxDirs
+from cri_shim.store.index import new_id
+from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore, sandbox_name
+
+log = logging.getLogger(__name__)
+
+KIND_LABEL = "io.cri-shim.kind"
+SANDBOX_KIND = "sandbox"
+METADATA_EXTENSION = "io.cri-shim.sandbox.metadata"
+METADATA_TYPE_URL = "cri-shim.io/sandbox-metadata/v1"
+STOP_WAIT_SECONDS = 10.0
+
+
+class SandboxImage(Protocol):
+    """What the sandbox needs of the pause image."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def chain_id(self) -> str: ...
+
+    @property
+    def config(self) -> dict[str, Any]: ...
+
+
+EnsureImage = Callable[[str], Awaitable[SandboxImage]]
+PodHook = Callable[[Sandbox], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class SandboxEnvironment:
+    sandbox_image: str
+    dirs_root: Path
+    cgroup_driver: str
+    oom_score_adj_floor: int | None
+
+
+def _protocol_name(protocol: cri.Protocol) -> str:
+    return {cri.Protocol.TCP: "tcp", cri.Protocol.UDP: "udp", cri.Protocol.SCTP: "sctp"}[
+        cri.Protocol(protocol)
+    ]
+
+
+def network_request(sandbox: Sandbox) -> PodNetworkRequest:
+    metadata = sandbox.metadata
+    dns = sandbox.config.dns_config
+    return PodNetworkRequest(
+        sandbox_id=sandbox.id,
+        name=metadata.name,
+        namespace=metadata.namespace,
+        uid=metadata.uid,
+        netns_path=sandbox.netns_path,
+        port_mappings=[
+            PortMapping(
+                protocol=_protocol_name(p.protocol),
+                container_port=p.container_port,
+                host_port=p.host_port,
+                host_ip=p.host_ip,
+            )
+            for p in sandbox.config.port_mappings
+            if p.host_port
+        ],
+        dns=DnsConfig(dns.servers, dns.searches, dns.options) if dns is not None else None,
+    )
+
+
+class SandboxManager:
+    def __init__(
+        self,
+        store: SandboxStore,
+        ops: RuntimeOps,
+        network: PodNetwork,
+        ensure_image: EnsureImage,
+        environment: SandboxEnvironment,
+    ) -> None:
+        self.store = store
+        self.ops = ops
+        self.network = network
+        self.ensure_image = ensure_image
+        self.env = environment
+        # Registered by the container module: stop / remove a pod's containers.
+        self.stop_containers: list[PodHook] = []
+        self.remove_containers: list[PodHook] = []
+
+    def dirs(self, sandbox_id: str) -> SandboxDirs:
+        return SandboxDirs(self.env.dirs_root, sandbox_id)
+
+    # persistence
+
+    def _metadata(self, sandbox: Sandbox) -> dict[str, Any]:
+        return {
+            "id": sandbox.id,
+            "name": sandbox.name,
+            "config": sandbox.config.to_dict(),
+            "runtimeHandler": sandbox.runtime_handler,
+            "createdAt": sandbox.created_at,
+            "imageId": sandbox.image_id,
+            "netnsPath": sandbox.netns_path,
+            "ip": sandbox.ip,
+            "additionalIps": sandbox.additional_ips,
+        }
+
+    async def _persist(self, sandbox: Sandbox) -> None:
+        await self.ops.update_extension(
+            sandbox.id, METADATA_EXTENSION, pack_json(METADATA_TYPE_URL, self._metadata(sandbox))
+        )
+
+    async def load(self) -> None:
+        """Rebuild the store from containerd (start-up and after containerd returns)."""
+        containers = await self.ops.list_containers(f'labels."{KIND_LABEL}"=={SANDBOX_KIND}')
+        seen: set[str] = set()
+        for container in containers:
+            data = unpack_json(container.extensions.get(METADATA_EXTENSION))
+            if not isinstance(data, dict):
+                log_event(
+                    log, "sandbox without metadata skipped", level=logging.WARNING, pod=container.id
+                )
+                continue
+            seen.add(container.id)
+            sandbox = (
+                self.store.by_id.find(container.id) if container.id in self.store.by_id else None
+            )
+            if sandbox is None:
+                sandbox = Sandbox(
+                    id=data["id"],
+                    name=data["name"],
+                    config=cri.PodSandboxConfig.from_dict(data["config"]),
+                    runtime_handler=data.get("runtimeHandler", ""),
+                    created_at=int(data.get("createdAt", 0)),
+                    image_id=data.get("imageId", ""),
+                    netns_path=data.get("netnsPath", ""),
+                    ip=data.get("ip", ""),
+                    additional_ips=list(data.get("additionalIps", [])),
+                )
+                self.store.add(sandbox)
+                self.store.names.reserve(sandbox.name, sandbox.id)
+            task = await self.ops.task(sandbox.id)
+            running = task is not None and task.status == TaskStatus.RUNNING
+            netns_ok = sandbox.host_network or (
+                bool(sandbox.netns_path) and await netns_exists(sandbox.netns_path)
+            )
+            sandbox.pid = task.pid if running and task is not None else 0
+            sandbox.network_ready = netns_ok
+            sandbox.state = SandboxState.READY if running and netns_ok else SandboxState.NOTREADY
+        for stale in [s for s in self.store.by_id if s.id not in seen]:
+            self.store.remove(stale)
+        log_event(log, "sandboxes loaded", count=len(self.store.by_id))
+
+    # run
+
+    async def run(self, config: cri.PodSandboxConfig, runtime_handler: str) -> str:
+        metadata = config.metadata or cri.PodSandboxMetadata()
+        name = sandbox_name(metadata)
+        owner = self.store.names.owner(name)
+        if owner is not None:
+            existing = self.store.by_id.find(owner)
+            if existing is not None and existing.state is SandboxState.READY:
+                # kubelet retrying a call that timed out on its side: same pod, same answer.
+                log_event(log, "sandbox reused for retried run", pod=owner, name=name)
+                return owner
+            raise already_exists(
+                f"pod sandbox name {name!r} is reserved for {owner}; remove it first"
+            )
+        sandbox = Sandbox(
+            id=new_id(),
+            name=name,
+            config=config,
+            runtime_handler=runtime_handler,
+            created_at=time.time_ns(),
+            image_id="",
+        )
+        self.store.names.reserve(name, sandbox.id)
+        undo: list[Callable[[], Awaitable[None]]] = []
+        try:
+            async with sandbox.lock:
+                await self._run_steps(sandbox, undo)
+        except BaseException as err:
+            log_event(
+                log, "sandbox run failed; undoing", level=logging.WARNING, pod=sandbox.id, error=err
+            )
+            for step in reversed(undo):
+                try:
+                    await asyncio.shield(step())
+                except Exception as cleanup_err:  # report, keep undoing
+                    log_event(
+                        log,
+                        "sandbox cleanup step failed",
+                        level=logging.WARNING,
+                        pod=sandbox.id,
+                        error=cleanup_err,
+                    )
+            self.store.names.release(name, sandbox.id)
+            raise
+        return sandbox.id
+
+    async def _run_steps(self, sandbox: Sandbox, undo: list[Callable[[], Awaitable[None]]]) -> None:
+        config = sandbox.config
+        image = await self.ensure_image(self.env.sandbox_image)
+        sandbox.image_id = image.id
+        options = sandbox.namespace_options()
+        host_ipc = options.ipc == cri.NamespaceMode.NODE
+        dirs = self.dirs(sandbox.id)
+        hostname = config.hostname or (
+            (await asyncio.to_thread(_host_hostname)) if sandbox.host_network else ""
+        )
+        undo.append(dirs.remove)
+        await dirs.create(hostname, config.dns_config, private_shm=not host_ipc)
+
+        if not sandbox.host_network:
+            sandbox.netns_path = await self.network.create_netns()
+            netns = sandbox.netns_path
+            undo.append(lambda: self.network.remove_netns(netns))
+            request = network_request(sandbox)
+            undo.append(lambda: self.network.teardown(request))
+            result = await self.network.setup(request)
+            sandbox.ip = result.ip
+            sandbox.additional_ips = list(result.additional_ips)
+        sandbox.network_ready = True
+
+        spec = build_sandbox_spec(
+            SandboxSpecInput(
+                sandbox_id=sandbox.id,
+                config=config,
+                image_config=image.config,
+                netns_path=sandbox.netns_path,
+                shm_path=str(dirs.shm),
+                hostname=hostname,
+                cgroup_driver=self.env.cgroup_driver,
+                oom_score_adj_floor=self.env.oom_score_adj_floor,
+            )
+        )
+        undo.append(lambda: self.ops.remove_snapshot(sandbox.id))
+        mounts = await self.ops.prepare_snapshot(sandbox.id, image.chain_id)
+        metadata = config.metadata or cri.PodSandboxMetadata()
+        labels = {
+            **{k: v for k, v in config.labels.items()},
+            KIND_LABEL: SANDBOX_KIND,
+            "io.kubernetes.pod.name": metadata.name,
+            "io.kubernetes.pod.namespace": metadata.namespace,
+            "io.kubernetes.pod.uid": metadata.uid,
+        }
+        undo.append(lambda: self.ops.delete_container(sandbox.id))
+        await self.ops.create_container(
+            sandbox.id,
+            image=self.env.sandbox_image,
+            spec=spec,
+            labels=labels,
+            extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, self._metadata(sandbox))},
+            snapshot_key=sandbox.id,
+        )
+        undo.append(lambda: self._kill_and_delete_task(sandbox.id))
+        await self.ops.create_task(sandbox.id, mounts)
+        sandbox.pid = await self.ops.start_task(sandbox.id)
+        sandbox.state = SandboxState.READY
+        self.store.add(sandbox)
+        log_event(
+            log,
+            "sandbox running",
+            pod=sandbox.id,
+            name=sandbox.name,
+            ip=sandbox.ip,
+            pid=sandbox.pid,
+        )
+
+    async def _kill_and_delete_task(self, sandbox_id: str) -> None:
+        if await self.ops.kill(sandbox_id, all_processes=True):
+            try:
+                await self.ops.wait(sandbox_id, timeout=STOP_WAIT_SECONDS)
+            except TimeoutError:
+                log_event(
+                    log, "pause task did not exit in time", level=logging.WARNING, pod=sandbox_id
+                )
+        await self.ops.delete_task(sandbox_id)
+
+    # stop / remove
+
+    async def stop(self, sandbox: Sandbox) -> None:
+        """Idempotent: stopping a stopped pod tears down whatever is left."""
+        async with sandbox.lock:
+            for hook in self.stop_containers:
+                await hook(sandbox)
+            await self._kill_and_delete_task(sandbox.id)
+            sandbox.pid = 0
+            sandbox.state = SandboxState.NOTREADY
+            if not sandbox.host_network and sandbox.netns_path:
+                await self.network.teardown(network_request(sandbox))
+                await self.network.remove_netns(sandbox.netns_path)
+            sandbox.network_ready = False
+            await self.dirs(sandbox.id).release_shm()
+            log_event(log, "sandbox stopped", pod=sandbox.id, name=sandbox.name)
+
+    async def remove(self, sandbox: Sandbox) -> None:
+        await self.stop(sandbox)
+        async with sandbox.lock:
+            for hook in self.remove_containers:
+                await hook(sandbox)
+            await self.ops.delete_container(sandbox.id)
+            await self.ops.remove_snapshot(sandbox.id)
+            await self.dirs(sandbox.id).remove()
+            self.store.remove(sandbox)
+            log_event(log, "sandbox removed", pod=sandbox.id, name=sandbox.name)
+
+    async def on_task_exit(self, event: TaskExit) -> None:
+        sandbox = self.store.by_id.find(event.container_id) if event.is_init else None
+        if sandbox is None or sandbox.id != event.container_id:
+            return
+        sandbox.state = SandboxState.NOTREADY
+        sandbox.pid = 0
+        log_event(
+            log,
+            "sandbox pause process exited",
+            level=logging.WARNING,
+            pod=sandbox.id,
+            exit_code=event.exit_code,
+        )
+
+
+def _host_hostname() -> str:
+    import socket
+
+    return socket.gethostname()

@@ -1,0 +1,136 @@
+"""In-memory view of pod sandboxes: answers PodSandboxStatus and ListPodSandbox
+without a containerd round-trip. containerd stays the source of truth: every
+record is also kept on the sandbox's containerd container (see sandbox/record.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.store.index import IdIndex, NameIndex
+
+
+class SandboxState(StrEnum):
+    READY = "ready"
+    NOTREADY = "notready"
+
+
+@dataclass
+class Sandbox:
+    id: str
+    name: str
+    config: cri.PodSandboxConfig
+    runtime_handler: str
+    created_at: int
+    image_id: str
+    netns_path: str = ""
+    ip: str = ""
+    additional_ips: list[str] = field(default_factory=list)
+    state: SandboxState = SandboxState.NOTREADY
+    pid: int = 0
+    network_ready: bool = False
+    # One lock per sandbox: lifecycle calls on one pod never interleave.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
+
+    @property
+    def metadata(self) -> cri.PodSandboxMetadata:
+        return self.config.metadata or cri.PodSandboxMetadata()
+
+    @property
+    def host_network(self) -> bool:
+        linux = self.config.linux
+        context = linux.security_context if linux is not None else None
+        options = context.namespace_options if context is not None else None
+        return options is not None and options.network == cri.NamespaceMode.NODE
+
+    def namespace_options(self) -> cri.NamespaceOption:
+        linux = self.config.linux
+        context = linux.security_context if linux is not None else None
+        if context is not None and context.namespace_options is not None:
+            return context.namespace_options
+        return cri.NamespaceOption()
+
+    def cri_state(self) -> cri.PodSandboxState:
+        if self.state is SandboxState.READY:
+            return cri.PodSandboxState.SANDBOX_READY
+        return cri.PodSandboxState.SANDBOX_NOTREADY
+
+    def to_cri(self) -> cri.PodSandbox:
+        return cri.PodSandbox(
+            id=self.id,
+            metadata=self.metadata,
+            state=self.cri_state(),
+            created_at=self.created_at,
+            labels=dict(self.config.labels),
+            annotations=dict(self.config.annotations),
+            runtime_handler=self.runtime_handler,
+        )
+
+    def to_status(self) -> cri.PodSandboxStatus:
+        network = None
+        if not self.host_network:
+            network = cri.PodSandboxNetworkStatus(
+                ip=self.ip,
+                additional_ips=[cri.PodIp(ip=ip) for ip in self.additional_ips],
+            )
+        else:
+            network = cri.PodSandboxNetworkStatus(ip=self.ip)
+        return cri.PodSandboxStatus(
+            id=self.id,
+            metadata=self.metadata,
+            state=self.cri_state(),
+            created_at=self.created_at,
+            network=network,
+            linux=cri.LinuxPodSandboxStatus(
+                namespaces=cri.Namespace(options=self.namespace_options())
+            ),
+            labels=dict(self.config.labels),
+            annotations=dict(self.config.annotations),
+            runtime_handler=self.runtime_handler,
+        )
+
+    def verbose_info(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "netNamespacePath": self.netns_path,
+            "image": self.image_id,
+            "runtimeHandler": self.runtime_handler,
+            "networkReady": self.network_ready,
+        }
+
+
+def sandbox_name(metadata: cri.PodSandboxMetadata) -> str:
+    """kubelet's unique name for a pod attempt, as containerd's CRI forms it."""
+    return "_".join([metadata.name, metadata.namespace, metadata.uid, str(metadata.attempt)])
+
+
+class SandboxStore:
+    def __init__(self) -> None:
+        self.by_id: IdIndex[Sandbox] = IdIndex("pod sandbox")
+        self.names = NameIndex()
+
+    def add(self, sandbox: Sandbox) -> None:
+        self.by_id.add(sandbox.id, sandbox)
+
+    def remove(self, sandbox: Sandbox) -> None:
+        self.by_id.discard(sandbox.id)
+        self.names.release(sandbox.name, sandbox.id)
+
+    def list(self, filters: cri.PodSandboxFilter | None) -> list[Sandbox]:
+        items = list(self.by_id)
+        if filters is None:
+            return items
+        if filters.id:
+            items = [s for s in items if s.id.startswith(filters.id)]
+        if filters.state is not None:
+            wanted = filters.state.state
+            items = [s for s in items if s.cri_state() == wanted]
+        if filters.label_selector:
+            selector = dict(filters.label_selector)
+            items = [
+                s for s in items if all(s.config.labels.get(k) == v for k, v in selector.items())
+            ]
+        return items

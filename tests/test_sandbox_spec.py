@@ -1,0 +1,86 @@
+"""The pause container's OCI spec, built from CRI configs (no containerd needed)."""
+
+import pytest
+
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.oci.sandbox_spec import SandboxSpecInput, SpecError, build_sandbox_spec
+
+PAUSE_CONFIG = {"Entrypoint": ["/pause"], "User": "65535:65535", "Env": ["PATH=/bin"]}
+
+
+def spec_for(config: cri.PodSandboxConfig, floor: int | None = None) -> dict:  # type: ignore[type-arg]
+    return build_sandbox_spec(
+        SandboxSpecInput(
+            sandbox_id="abc",
+            config=config,
+            image_config=PAUSE_CONFIG,
+            netns_path="/var/run/netns/cni-1",
+            shm_path="/state/sandboxes/abc/shm",
+            hostname="web-0",
+            cgroup_driver="cgroupfs",
+            oom_score_adj_floor=floor,
+        )
+    )
+
+
+def pod(**linux: object) -> cri.PodSandboxConfig:
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="web-0", namespace="prod", uid="u1"),
+        linux=cri.LinuxPodSandboxConfig(**linux),  # type: ignore[arg-type]
+    )
+
+
+def namespaces(spec: dict) -> dict[str, str | None]:  # type: ignore[type-arg]
+    return {n["type"]: n.get("path") for n in spec["linux"]["namespaces"]}
+
+
+def test_pod_network_namespace_is_joined_and_rootfs_readonly() -> None:
+    spec = spec_for(
+        pod(cgroup_parent="/kubepods/besteffort/podu1", sysctls={"net.ipv4.ip_forward": "1"})
+    )
+    assert spec["process"]["args"] == ["/pause"]
+    assert spec["process"]["user"] == {"uid": 65535, "gid": 65535}
+    assert spec["root"]["readonly"] is True
+    assert spec["process"]["noNewPrivileges"] is True
+    assert namespaces(spec)["network"] == "/var/run/netns/cni-1"
+    assert spec["linux"]["sysctl"] == {"net.ipv4.ip_forward": "1"}
+    assert spec["linux"]["cgroupsPath"] == "/kubepods/besteffort/podu1/abc"
+    shm = next(m for m in spec["mounts"] if m["destination"] == "/dev/shm")
+    assert shm["source"] == "/state/sandboxes/abc/shm"
+    assert spec["hostname"] == "web-0"
+    assert spec["annotations"]["io.kubernetes.cri.container-type"] == "sandbox"
+
+
+def test_host_namespaces() -> None:
+    options = cri.NamespaceOption(
+        network=cri.NamespaceMode.NODE, pid=cri.NamespaceMode.NODE, ipc=cri.NamespaceMode.NODE
+    )
+    spec = spec_for(
+        pod(security_context=cri.LinuxSandboxSecurityContext(namespace_options=options))
+    )
+    assert set(namespaces(spec)) == {"mount"}
+    shm = next(m for m in spec["mounts"] if m["destination"] == "/dev/shm")
+    assert shm["source"] == "/dev/shm"
+
+
+def test_network_sysctls_refused_on_host_network() -> None:
+    options = cri.NamespaceOption(network=cri.NamespaceMode.NODE)
+    config = pod(
+        security_context=cri.LinuxSandboxSecurityContext(namespace_options=options),
+        sysctls={"net.core.somaxconn": "1024"},
+    )
+    with pytest.raises(SpecError, match=r"net\.core\.somaxconn"):
+        spec_for(config)
+
+
+def test_oom_score_adj_is_clamped_where_the_host_refuses_negative_values() -> None:
+    assert spec_for(pod())["process"]["oomScoreAdj"] == -998
+    assert spec_for(pod(), floor=0)["process"]["oomScoreAdj"] == 0
+
+
+def test_security_context_user_overrides_image_user() -> None:
+    context = cri.LinuxSandboxSecurityContext(
+        run_as_user=cri.Int64Value(1000), run_as_group=cri.Int64Value(3000), supplemental_groups=[4]
+    )
+    spec = spec_for(pod(security_context=context))
+    assert spec["process"]["user"] == {"uid": 1000, "gid": 3000, "additionalGids": [4]}
