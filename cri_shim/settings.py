@@ -78,6 +78,53 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class RegistryMirrorSettings:
+    """Old-style CRI mirror list (`[registry.mirrors."docker.io"]`), tried in order."""
+
+    endpoint: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RegistryTlsSettings:
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class RegistryAuthSettings:
+    """Static credentials, used when a pull request carries none."""
+
+    username: str = ""
+    password: str = ""
+    # base64 "user:password", as in a docker config.json.
+    auth: str = ""
+    identitytoken: str = ""
+
+
+@dataclass(frozen=True)
+class RegistryHostSettings:
+    """Per registry host (`[registry.configs."host:port"]`), keyed by the host contacted."""
+
+    tls: RegistryTlsSettings = field(default_factory=RegistryTlsSettings)
+    auth: RegistryAuthSettings = field(default_factory=RegistryAuthSettings)
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    # Directory of containerd-style `<host>/hosts.toml` files; wins over `mirrors` for a host.
+    config_path: str = ""
+    # Hosts reached over https without verification, falling back to plain http.
+    insecure_registries: tuple[str, ...] = ()
+    # Seconds without a single byte from the registry before a pull is aborted.
+    stall_timeout: float = 300.0
+    max_concurrent_downloads: int = 3
+    mirrors: Mapping[str, RegistryMirrorSettings] = field(default_factory=dict)
+    configs: Mapping[str, RegistryHostSettings] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     """Prometheus /metrics and the /healthz, /livez probes, over plain HTTP."""
 
@@ -97,6 +144,7 @@ class Settings:
     cni: CniSettings = field(default_factory=CniSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
@@ -153,6 +201,39 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _table_map_type(annotation: Any) -> type | None:
+    """The value class of a `Mapping[str, SomeDataclass]` field (tables keyed by name), or None."""
+    if typing.get_origin(annotation) not in (dict, Mapping):
+        return None
+    key_type, value_type = typing.get_args(annotation)
+    if key_type is str and dataclasses.is_dataclass(value_type) and isinstance(value_type, type):
+        return value_type
+    return None
+
+
+def _toml_key(name: str) -> str:
+    """`docker.io` -> `"docker.io"`: how the key is written in TOML (and in our errors)."""
+    if name and all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _build_table_map(cls: type, value: Any, key: str) -> dict[str, Any]:
+    """Tables keyed by a free-form name, such as `[registry.mirrors."docker.io"]`."""
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"config key {key!r} must be a table")
+    built: dict[str, Any] = {}
+    for name, entry in value.items():
+        entry_key = f"{key}.{_toml_key(name)}"
+        if isinstance(entry, cls):
+            built[name] = entry
+        elif isinstance(entry, Mapping):
+            built[name] = _build(cls, entry, entry_key + ".")
+        else:
+            raise SettingsError(f"config key {entry_key!r} must be a table")
+    return built
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -170,6 +251,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, Mapping):
                 raise SettingsError(f"config key {key!r} must be a table")
             kwargs[f.name] = _build(annotation, value, key + ".")  # type: ignore[arg-type]
+        elif (entry_cls := _table_map_type(annotation)) is not None:
+            kwargs[f.name] = _build_table_map(entry_cls, value, key)
         else:
             converted = _convert(value, annotation, key)
             allowed = _CHOICES.get(key)
@@ -209,7 +292,8 @@ def known_keys() -> list[str]:
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], prefix + f.name + ".")
-            else:
+            elif _table_map_type(hints[f.name]) is None:
+                # Name-keyed tables (registry.mirrors...) only come from the file.
                 keys.append(prefix + f.name)
 
     walk(Settings, "")
@@ -265,26 +349,46 @@ def _toml_value(value: Any, *, octal: bool = False) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _render_table(obj: Any, path: tuple[str, ...], lines: list[str]) -> None:
+    """Scalars of one table, then its sub-tables (`[a.b]`, `[a.b."key"]`) recursively."""
+    hints = _field_types(type(obj))
+    tables: list[tuple[tuple[str, ...], Any]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            tables.append(((*path, f.name), value))
+        elif _table_map_type(hints[f.name]) is not None:
+            tables += [((*path, f.name, _toml_key(k)), v) for k, v in value.items()]
+        else:
+            lines.append(f"{f.name} = {_toml_value(value, octal=f.name.endswith('_mode'))}")
+    for sub_path, table in tables:
+        lines += ["", f"[{'.'.join(sub_path)}]"]
+        _render_table(table, sub_path, lines)
+
+
 def render_toml(settings: Settings) -> str:
     """The settings as a TOML document that `load` reads back unchanged."""
-    hints = _field_types(Settings)
-    lines = [
-        f"{f.name} = {_toml_value(getattr(settings, f.name))}"
-        for f in dataclasses.fields(settings)
-        if not dataclasses.is_dataclass(hints[f.name])
-    ]
-    for f in dataclasses.fields(settings):
-        if dataclasses.is_dataclass(hints[f.name]):
-            section = getattr(settings, f.name)
-            lines += ["", f"[{f.name}]"]
-            for sub in dataclasses.fields(section):
-                value = getattr(section, sub.name)
-                lines.append(f"{sub.name} = {_toml_value(value, octal=sub.name.endswith('_mode'))}")
+    lines: list[str] = []
+    _render_table(settings, (), lines)
     return "\n".join(lines) + "\n"
 
 
+_SECRET_KEYS = frozenset({"password", "auth", "identitytoken"})
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: "<redacted>" if k in _SECRET_KEYS and isinstance(v, str) and v else _redacted(v)
+            for k, v in value.items()
+        }
+    return value
+
+
 def as_dict(settings: Settings) -> dict[str, Any]:
-    return dataclasses.asdict(settings)
+    """The settings as plain data, registry secrets redacted (it is shown by `crictl info`)."""
+    data: dict[str, Any] = _redacted(dataclasses.asdict(settings))
+    return data
 
 
 __all__ = [
@@ -292,6 +396,11 @@ __all__ = [
     "ContainerdSettings",
     "LogSettings",
     "MetricsSettings",
+    "RegistryAuthSettings",
+    "RegistryHostSettings",
+    "RegistryMirrorSettings",
+    "RegistrySettings",
+    "RegistryTlsSettings",
     "RuntimeSettings",
     "ServerSettings",
     "Settings",
