@@ -32,9 +32,6 @@ UNIT = DEPLOY / "systemd" / "cri-shim.service"
 KUBELET_DROP_IN = DEPLOY / "systemd" / "kubelet.service.d" / "20-cri-shim.conf"
 # The Kubernetes versions the manifests must be valid for: oldest supported, and newer.
 K8S_VERSIONS = ("1.30.0", "1.34.0")
-# Where CNI pins pod network namespaces (cni.netns_dir): created by the shim in
-# the pod, so it must reach the host's mount namespace.
-NETNS_DIR = "/var/run/netns"
 # The only keys deploy/config.toml may set away from the defaults.
 PRODUCTION_OVERRIDES = {"containerd.embedded": False}
 # And the ConfigMap's config, away from deploy/config.toml (see daemonset.yaml).
@@ -142,12 +139,13 @@ def test_daemonset_mounts_every_host_path_the_config_names(tmp_path: Path) -> No
         str(PurePosixPath(config.containerd.address).parent),
         config.cni.conf_dir,
         *config.cni.bin_dirs,
-        NETNS_DIR,
+        config.cni.netns_dir,
         "/var/lib/kubelet",
         "/var/log/pods",
     }
     assert needed <= set(host_paths.values())
-    assert mounts[NETNS_DIR]["mountPropagation"] == "Bidirectional"
+    # Namespaces the shim pins in the pod must show in the host's mount namespace.
+    assert mounts[config.cni.netns_dir]["mountPropagation"] == "Bidirectional"
     assert mounts["/etc/cri-shim"]["name"] == "config"
     assert not config.containerd.embedded
 
