@@ -24,11 +24,13 @@ from cri_shim import metrics as metrics_hook
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.containerd.health import ContainerdHealth
+from cri_shim.cri.image import ImageHandlers
 from cri_shim.cri.image_service import ImageService
 from cri_shim.cri.runtime_service import RuntimeService
 from cri_shim.cri.status import StatusHandlers
 from cri_shim.gen.google.protobuf import Empty
 from cri_shim.host import detect_cgroup_driver
+from cri_shim.images.manager import ImageManager
 from cri_shim.instrument import Instrumentation
 from cri_shim.logs import log_event
 from cri_shim.metrics import Metrics, MetricsServer
@@ -104,6 +106,7 @@ class Shim:
         self.embedded: EmbeddedContainerd | None = None
         self.client: ContainerdClient | None = None
         self.health: ContainerdHealth | None = None
+        self.images: ImageManager | None = None
         self.network = NetworkReadiness(Path(settings.cni.conf_dir), settings.cni.bin_dirs)
         self.pod_cidrs = PodCidrStore(settings.state_path)
         self._server: CriServer | None = None
@@ -158,6 +161,9 @@ class Shim:
         self.client = await self._connect_containerd()
         self.health = ContainerdHealth(self.client, settings.containerd.health_interval)
         await self.health.start()
+        self.images = ImageManager(settings, self.client)
+        await self.images.start()
+        self.health.on_reconnect(self.images.reload)
         await self.network.start()
         await self.pod_cidrs.load()
         status = StatusHandlers(
@@ -168,7 +174,10 @@ class Shim:
             detect_cgroup_driver(settings.runtime.cgroup_driver),
         )
         self._server = CriServer(
-            [RuntimeService(self.instrument, status), ImageService(self.instrument)]
+            [
+                RuntimeService(self.instrument, status),
+                ImageService(self.instrument, ImageHandlers(self.images)),
+            ]
         )
         await self._server.start(path=str(self.socket_path))
         await asyncio.to_thread(os.chmod, self.socket_path, settings.server.socket_mode)
@@ -242,6 +251,9 @@ class Shim:
         await self.network.stop()
         if self.health is not None:
             await self.health.stop()
+        if self.images is not None:
+            await self.images.stop()
+            self.images = None
         if self.client is not None:
             self.client.close()
         if self.embedded is not None:

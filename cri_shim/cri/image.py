@@ -1,0 +1,110 @@
+"""CRI image RPCs: ListImages, ImageStatus, PullImage, RemoveImage, ImageFsInfo.
+
+Queries are answered from the in-memory image store; pulls and removals go
+through the image manager, which keeps containerd and the store in step. The
+answers have the shape containerd's CRI plugin gives (absent image: no error
+and no image; verbose status: the image config as JSON under "info").
+"""
+
+from __future__ import annotations
+
+import json
+
+from cri_shim.errors import invalid_argument, require
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.images.manager import ImageManager
+from cri_shim.images.store import ImageRecord
+from cri_shim.registry.types import Credentials
+
+
+def to_cri_image(record: ImageRecord) -> cri.Image:
+    uid = record.uid
+    return cri.Image(
+        id=record.id,
+        repo_tags=record.repo_tags,
+        repo_digests=record.repo_digests,
+        size=record.size,
+        uid=cri.Int64Value(value=uid) if uid is not None else None,
+        username=record.username,
+        spec=cri.ImageSpec(image=record.id),
+        pinned=record.pinned,
+    )
+
+
+def verbose_info(record: ImageRecord) -> dict[str, str]:
+    """containerd's ImageInfo: chain id, size, the OCI image config, pinned."""
+    info = {
+        "chainID": record.chain_id,
+        "size": record.size,
+        "imageSpec": record.config,
+        "pinned": record.pinned,
+    }
+    return {"info": json.dumps(info)}
+
+
+def credentials_from(auth: cri.AuthConfig | None) -> Credentials | None:
+    if auth is None:
+        return None
+    try:
+        return Credentials.from_cri(
+            username=auth.username,
+            password=auth.password,
+            auth=auth.auth,
+            identity_token=auth.identity_token,
+            registry_token=auth.registry_token,
+        )
+    except ValueError as err:
+        raise invalid_argument(f"auth: {err}") from err
+
+
+def _spec_image(spec: cri.ImageSpec | None) -> str:
+    return spec.image if spec is not None else ""
+
+
+class ImageHandlers:
+    def __init__(self, manager: ImageManager) -> None:
+        self.manager = manager
+
+    async def list_images(self, request: cri.ListImagesRequest) -> cri.ListImagesResponse:
+        wanted = _spec_image(request.filter.image) if request.filter is not None else ""
+        if wanted:
+            found = self.manager.store.get(wanted)
+            records = [found] if found is not None else []
+        else:
+            records = self.manager.store.list()
+        return cri.ListImagesResponse(images=[to_cri_image(r) for r in records])
+
+    async def image_status(self, request: cri.ImageStatusRequest) -> cri.ImageStatusResponse:
+        record = self.manager.store.get(_spec_image(request.image))
+        if record is None:
+            return cri.ImageStatusResponse()
+        return cri.ImageStatusResponse(
+            image=to_cri_image(record),
+            info=verbose_info(record) if request.verbose else {},
+        )
+
+    async def pull_image(self, request: cri.PullImageRequest) -> cri.PullImageResponse:
+        image = require(_spec_image(request.image), "image.image")
+        record = await self.manager.pull(image, credentials_from(request.auth))
+        # cri-api: image_ref must equal the Image.id ImageStatus reports.
+        return cri.PullImageResponse(image_ref=record.id)
+
+    async def remove_image(self, request: cri.RemoveImageRequest) -> cri.RemoveImageResponse:
+        await self.manager.remove(require(_spec_image(request.image), "image.image"))
+        return cri.RemoveImageResponse()
+
+    async def image_fs_info(self, request: cri.ImageFsInfoRequest) -> cri.ImageFsInfoResponse:
+        usage = await self.manager.fs_usage()
+        filesystem = cri.FilesystemUsage(
+            timestamp=usage.timestamp_ns,
+            fs_id=cri.FilesystemIdentifier(mountpoint=usage.mountpoint),
+            used_bytes=cri.UInt64Value(value=usage.used_bytes),
+            inodes_used=cri.UInt64Value(value=usage.inodes_used),
+        )
+        # Images and writable layers share the snapshotter's disk here.
+        return cri.ImageFsInfoResponse(
+            image_filesystems=[filesystem], container_filesystems=[filesystem]
+        )
+
+
+__all__ = ["ImageHandlers", "credentials_from", "to_cri_image", "verbose_info"]
