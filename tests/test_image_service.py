@@ -25,6 +25,7 @@ from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.cri.image import oci_image_spec
 from cri_shim.errors import ContainerdError
 from cri_shim.gen.containerd.services.content import v1 as content_v1
 from cri_shim.gen.containerd.services.images import v1 as images_v1
@@ -230,6 +231,28 @@ def test_store_lookups_like_containerd() -> None:
     assert len(store) == 1
 
 
+def test_verbose_image_spec_keeps_only_oci_fields() -> None:
+    docker_config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "2024-01-02T03:04:05.123456789Z",
+        "container": "abc",
+        "docker_version": "24.0.0",
+        "container_config": {"Hostname": "abc"},
+        "config": {"Hostname": "", "User": "", "Env": ["A=b"], "Cmd": ["sh"], "Labels": None},
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "a" * 64]},
+        "history": [{"created": "2024-01-02T03:04:05Z", "created_by": "x", "empty_layer": True}],
+    }
+    assert oci_image_spec(docker_config) == {
+        "created": "2024-01-02T03:04:05.123456789Z",
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["A=b"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "a" * 64]},
+        "history": [{"created": "2024-01-02T03:04:05Z", "created_by": "x", "empty_layer": True}],
+    }
+
+
 def test_split_names_skips_the_id_record() -> None:
     tags, digests = split_names(
         ["sha256:" + "a" * 64, "busybox:1", "docker.io/library/busybox@sha256:" + "b" * 64]
@@ -316,7 +339,11 @@ async def test_multiarch_index_picks_the_host_platform(
         assert got.size == expected_size(image, index)
         labels = await content_labels(ctd, index.digest)
         assert labels is not None
-        assert labels["containerd.io/gc.ref.content.m.0"] == image.digest
+        # Every entry, in index order (the foreign one comes first), like containerd.
+        count = len(index.images)
+        children = [labels[f"containerd.io/gc.ref.content.m.{i}"] for i in range(count)]
+        assert children == [child.digest for child in index.images]
+        assert image.digest in children
         for foreign in index.images:
             if foreign is not image:  # other platforms are not downloaded
                 assert await content_labels(ctd, foreign.config.digest) is None
@@ -520,8 +547,7 @@ async def test_status_lookups_and_verbose_info(
     info = json.loads(verbose.info["info"])
     assert info["imageSpec"] == image.config_json
     assert info["chainID"] == chain_ids(image.diff_ids)[-1]
-    assert info["size"] == expected_size(image)
-    assert info["pinned"] is False
+    assert set(info) == {"chainID", "imageSpec"}  # exactly what containerd reports
     assert (await status(images, "busybox")).info == {}
 
 

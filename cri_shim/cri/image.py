@@ -9,6 +9,8 @@ and no image; verbose status: the image config as JSON under "info").
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from cri_shim.errors import invalid_argument, require
 from cri_shim.gen.runtime import v1 as cri
@@ -26,19 +28,54 @@ def to_cri_image(record: ImageRecord) -> cri.Image:
         size=record.size,
         uid=cri.Int64Value(value=uid) if uid is not None else None,
         username=record.username,
-        spec=cri.ImageSpec(image=record.id),
+        # No spec: containerd's CRI plugin leaves it unset, and kubelet reads it nil-safely.
         pinned=record.pinned,
     )
 
 
+_CONFIG_FIELDS = (
+    "User",
+    "ExposedPorts",
+    "Env",
+    "Entrypoint",
+    "Cmd",
+    "Volumes",
+    "WorkingDir",
+    "Labels",
+    "StopSignal",
+    "ArgsEscaped",
+)
+_HISTORY_FIELDS = ("created", "created_by", "author", "comment", "empty_layer")
+
+
+def _present(data: Mapping[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """Go's omitempty: the fields that are set and not empty."""
+    return {f: data[f] for f in fields if data.get(f) not in (None, "", [], {}, False)}
+
+
+def oci_image_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The image config as containerd reports it: decoded into the OCI `Image` type and
+    encoded again, so Docker-only keys (container_config, Hostname...) are dropped."""
+    spec = _present(config, ("created", "author"))
+    spec["architecture"] = config.get("architecture", "")
+    spec["os"] = config.get("os", "")
+    spec.update(_present(config, ("os.version", "os.features", "variant")))
+    inner = config.get("config")
+    spec["config"] = _present(inner, _CONFIG_FIELDS) if isinstance(inner, Mapping) else {}
+    rootfs = config.get("rootfs")
+    rootfs = rootfs if isinstance(rootfs, Mapping) else {}
+    spec["rootfs"] = {"type": rootfs.get("type", ""), "diff_ids": rootfs.get("diff_ids")}
+    history = config.get("history")
+    if isinstance(history, list) and history:
+        spec["history"] = [
+            _present(entry, _HISTORY_FIELDS) for entry in history if isinstance(entry, Mapping)
+        ]
+    return spec
+
+
 def verbose_info(record: ImageRecord) -> dict[str, str]:
-    """containerd's ImageInfo: chain id, size, the OCI image config, pinned."""
-    info = {
-        "chainID": record.chain_id,
-        "size": record.size,
-        "imageSpec": record.config,
-        "pinned": record.pinned,
-    }
+    """containerd's verboseImageInfo, field for field: the chain id and the image config."""
+    info = {"chainID": record.chain_id, "imageSpec": oci_image_spec(record.config)}
     return {"info": json.dumps(info)}
 
 
@@ -107,4 +144,10 @@ class ImageHandlers:
         )
 
 
-__all__ = ["ImageHandlers", "credentials_from", "to_cri_image", "verbose_info"]
+__all__ = [
+    "ImageHandlers",
+    "credentials_from",
+    "oci_image_spec",
+    "to_cri_image",
+    "verbose_info",
+]

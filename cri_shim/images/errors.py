@@ -2,7 +2,7 @@
 
 The registry client's message already names the host and the reference and
 says what went wrong; it is passed on verbatim (it ends up in the pod's
-events), prefixed the way containerd prefixes its own pull errors.
+events), prefixed the way containerd prefixes its own pull errors (kubelet events read the same).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def pull_error(err: BaseException, image: str) -> GRPCError | None:
         return None
     if isinstance(err, ReferenceError):
         return GRPCError(status, str(err))
-    return GRPCError(status, f'failed to pull image "{image}": {err}')
+    return GRPCError(status, f'failed to pull and unpack image "{image}": {err}')
 
 
 __all__ = ["pull_error", "pull_status"]

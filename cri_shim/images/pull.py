@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -65,6 +66,25 @@ class PullProgress:
             "layers_unpacked": self.layers_unpacked,
             "elapsed_s": round(time.monotonic() - self.started, 1),
         }
+
+
+def index_child_labels(index_bytes: bytes, manifest_digest: str) -> dict[str, str]:
+    """`m.<i>` for every entry of the index, in order, as containerd labels it
+    (only the chosen platform's manifest is fetched; the others dangle harmlessly).
+    The chosen manifest is labelled too when it sits in a nested index, so GC
+    always reaches it."""
+    labels: dict[str, str] = {}
+    try:
+        entries = json.loads(index_bytes).get("manifests") or []
+    except (ValueError, AttributeError):
+        entries = []
+    for entry in entries:
+        digest = entry.get("digest") if isinstance(entry, dict) else None
+        if isinstance(digest, str) and digest:
+            labels[f"{GC_CONTENT_PREFIX}m.{len(labels)}"] = digest
+    if manifest_digest not in labels.values():
+        labels[f"{GC_CONTENT_PREFIX}m.{len(labels)}"] = manifest_digest
+    return labels
 
 
 class _KeyedLocks:
@@ -154,11 +174,9 @@ class Puller:
         source = {DISTRIBUTION_SOURCE + ref.domain: ref.path}
         # Small documents first, as containerd's puller walks the image.
         if resolved.index is not None and resolved.index_bytes is not None:
+            index_labels = index_child_labels(resolved.index_bytes, resolved.manifest.digest)
             await self._store_bytes(
-                resolved.index,
-                resolved.index_bytes,
-                {GC_CONTENT_PREFIX + "m.0": resolved.manifest.digest, **source},
-                lease,
+                resolved.index, resolved.index_bytes, {**index_labels, **source}, lease
             )
         manifest_labels = {GC_CONTENT_PREFIX + "config": resolved.config.digest, **source}
         for i, layer in enumerate(resolved.layers):
