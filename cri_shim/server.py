@@ -23,20 +23,32 @@ from grpclib.server import Server, Stream
 from cri_shim import metrics as metrics_hook
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.containerd.events import EventMonitor
 from cri_shim.containerd.health import ContainerdHealth
+from cri_shim.containerd.runtime import RuntimeOps
 from cri_shim.cri.image import ImageHandlers
 from cri_shim.cri.image_service import ImageService
 from cri_shim.cri.runtime_service import RuntimeService
+from cri_shim.cri.sandbox import SandboxHandlers
 from cri_shim.cri.status import StatusHandlers
 from cri_shim.gen.google.protobuf import Empty
-from cri_shim.host import detect_cgroup_driver
+from cri_shim.host import (
+    CgroupDriver,
+    can_lower_oom_score_adj,
+    detect_cgroup_driver,
+    own_oom_score_adj,
+)
 from cri_shim.images.manager import ImageManager
+from cri_shim.images.store import ImageRecord
 from cri_shim.instrument import Instrumentation
 from cri_shim.logs import log_event
 from cri_shim.metrics import Metrics, MetricsServer
+from cri_shim.network.cni import PodNetwork
 from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
+from cri_shim.sandbox.lifecycle import SandboxEnvironment, SandboxManager
 from cri_shim.settings import Settings, SettingsError
+from cri_shim.store.sandboxes import SandboxStore
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +132,10 @@ class Shim:
             "1 while containerd answers its health check.",
             lambda: 1.0 if self.health is not None and self.health.serving else 0.0,
         )
+        self.sandboxes = SandboxStore()
+        self.sandbox_manager: SandboxManager | None = None
+        self.pod_network: PodNetwork | None = None
+        self.events: EventMonitor | None = None
         self.metrics_server: MetricsServer | None = None
         self.metrics_port: int | None = None  # the bound port once serving (config may say 0)
 
@@ -166,16 +182,12 @@ class Shim:
         self.health.on_reconnect(self.images.reload)
         await self.network.start()
         await self.pod_cidrs.load()
-        status = StatusHandlers(
-            settings,
-            self.health,
-            self.network,
-            self.pod_cidrs,
-            detect_cgroup_driver(settings.runtime.cgroup_driver),
-        )
+        cgroup_driver = detect_cgroup_driver(settings.runtime.cgroup_driver)
+        sandboxes = await self._start_runtime(cgroup_driver)
+        status = StatusHandlers(settings, self.health, self.network, self.pod_cidrs, cgroup_driver)
         self._server = CriServer(
             [
-                RuntimeService(self.instrument, status),
+                RuntimeService(self.instrument, status, sandboxes),
                 ImageService(self.instrument, ImageHandlers(self.images)),
             ]
         )
@@ -189,6 +201,47 @@ class Shim:
             containerd=self.client.address,
             namespace=self.client.namespace,
         )
+
+    async def _start_runtime(self, cgroup_driver: CgroupDriver) -> SandboxHandlers:
+        """Pods: stores rebuilt from containerd, the event stream, CNI."""
+        assert self.client is not None and self.health is not None and self.images is not None
+        settings = self.settings
+        images = self.images
+        ops = RuntimeOps(self.client, systemd_cgroup=cgroup_driver is CgroupDriver.SYSTEMD)
+        floor = None if can_lower_oom_score_adj() else own_oom_score_adj()
+        self.pod_network = PodNetwork(settings, self.network, self.pod_cidrs)
+
+        async def ensure_pause(ref: str) -> ImageRecord:
+            return await images.ensure_image(ref, pinned=True)
+
+        self.sandbox_manager = SandboxManager(
+            self.sandboxes,
+            ops,
+            self.pod_network,
+            ensure_pause,
+            SandboxEnvironment(
+                sandbox_image=settings.runtime.sandbox_image,
+                dirs_root=settings.state_path / "sandboxes",
+                cgroup_driver=cgroup_driver.value,
+                oom_score_adj_floor=floor,
+            ),
+        )
+        self.events = EventMonitor(self.client, self.client.namespace)
+        self.events.exit_handlers.append(self.sandbox_manager.on_task_exit)
+        if self.health.serving:
+            await self.sandbox_manager.load()
+        self.health.on_reconnect(self.sandbox_manager.load)
+        await self.events.start()
+        self.metrics.register_state_provider("sandbox", self._sandbox_states)
+        return SandboxHandlers(
+            self.sandboxes, self.sandbox_manager, settings.runtime.default_runtime
+        )
+
+    def _sandbox_states(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for sandbox in self.sandboxes.by_id:
+            counts[sandbox.state.value] = counts.get(sandbox.state.value, 0) + 1
+        return counts
 
     async def _start_metrics(self) -> None:
         """Metrics are always collected; the HTTP endpoint only when enabled."""
@@ -248,6 +301,8 @@ class Shim:
             self._server = None
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(self.socket_path.unlink)
+        if self.events is not None:
+            await self.events.stop()
         await self.network.stop()
         if self.health is not None:
             await self.health.stop()

@@ -20,15 +20,15 @@ from cri_shim.oci.defaults import (
     replace_mount,
     set_namespace,
 )
+from cri_shim.oci.errors import SpecError
+
+# SpecError moved to oci.errors; re-exported for existing importers.
+__all__ = ["SandboxSpecInput", "SpecError", "build_sandbox_spec"]
 
 SANDBOX_OOM_SCORE_ADJ = -998
 SANDBOX_CPU_SHARES = 2
 # Sysctls that act on the network namespace; meaningless (and dangerous) with hostNetwork.
 NETWORK_SYSCTL_PREFIX = "net."
-
-
-class SpecError(ValueError):
-    """The CRI config asks for something that cannot be expressed; INVALID_ARGUMENT."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
     if host_network:
         drop_namespace(spec, "network")
         drop_namespace(spec, "uts")
+        spec.pop("hostname", None)  # runc refuses a hostname without a private UTS ns
     else:
         set_namespace(spec, "network", inputs.netns_path)
     if _namespace_mode(options, "pid") is cri.NamespaceMode.NODE:

@@ -49,7 +49,9 @@ class SandboxImage(Protocol):
     def chain_id(self) -> str: ...
 
     @property
-    def config(self) -> dict[str, Any]: ...
+    def config(self) -> dict[str, Any]:
+        """The whole OCI image config document."""
+        ...
 
 
 EnsureImage = Callable[[str], Awaitable[SandboxImage]]
@@ -62,6 +64,12 @@ class SandboxEnvironment:
     dirs_root: Path
     cgroup_driver: str
     oom_score_adj_floor: int | None
+
+
+def runtime_config(image_config: dict[str, Any]) -> dict[str, Any]:
+    """The part of an OCI image config that says how to run it (Entrypoint, Env, User...)."""
+    inner = image_config.get("config")
+    return inner if isinstance(inner, dict) else {}
 
 
 def _protocol_name(protocol: cri.Protocol) -> str:
@@ -250,7 +258,7 @@ class SandboxManager:
             SandboxSpecInput(
                 sandbox_id=sandbox.id,
                 config=config,
-                image_config=image.config,
+                image_config=runtime_config(image.config),
                 netns_path=sandbox.netns_path,
                 shm_path=str(dirs.shm),
                 hostname=hostname,

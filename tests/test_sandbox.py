@@ -1,0 +1,302 @@
+"""Pod sandboxes end to end: real containerd, real CNI plugins, pause image
+pulled from the project's local registry through the shim's own ImageService."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.server import Shim
+
+from .conftest import CriClient, make_settings, short_tempdir
+from .support.catalog import ServedCatalog, catalog
+
+CNI_BIN = "/usr/lib/cni"
+
+
+def pod_config(name: str, **kwargs: object) -> cri.PodSandboxConfig:
+    uid = f"uid-{name}-{random.randrange(1 << 30)}"
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, namespace="sandbox-test", uid=uid),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def write_conflist(conf_dir: Path, subnet: str, bridge: str, data_dir: Path) -> None:
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (conf_dir / "10-test.conflist").write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": "crishim-sandbox-test",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": bridge,
+                        "isGateway": True,
+                        "ipMasq": False,
+                        "hairpinMode": True,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": subnet}]],
+                            "dataDir": str(data_dir),
+                            "routes": [{"dst": "0.0.0.0/0"}],
+                        },
+                    },
+                    {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+                    {"type": "loopback"},
+                ],
+            }
+        )
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def images() -> AsyncIterator[ServedCatalog]:
+    pause_only = [
+        e for e in catalog(own=False) if e.repo == "pause" and e.registry == "registry.k8s.io"
+    ]
+    async with ServedCatalog(entries=pause_only) as served:
+        yield served
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def pod_shim(containerd: EmbeddedContainerd, images: ServedCatalog) -> AsyncIterator[Shim]:
+    base = short_tempdir("crishim-pods-")
+    octet = random.randrange(10, 250)
+    bridge = f"crishim{octet}"
+    write_conflist(base / "cni", f"10.233.{octet}.0/24", bridge, base / "ipam")
+    hosts_dir = images.write_hosts_dir(base / "certs.d")
+    settings = make_settings(
+        base,
+        containerd.address,
+        registry__config_path=str(hosts_dir),
+        cni__bin_dirs=(CNI_BIN,),
+        cni__netns_dir=str(base / "netns"),
+        # Its own containerd namespace: other test shims remove images in k8s.io.
+        containerd__namespace="crishim-pods",
+    )
+    shim = Shim(settings)
+    await shim.start()
+    shim.test_subnet_prefix = f"10.233.{octet}."  # type: ignore[attr-defined]
+    shim.test_ipam_dir = base / "ipam"  # type: ignore[attr-defined]
+    yield shim
+    await shim.stop()
+    subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pods(pod_shim: Shim) -> AsyncIterator[CriClient]:
+    client = CriClient.connect(pod_shim.socket_path)
+    yield client
+    listed = await client.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())
+    for item in listed.items:
+        await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(item.id))
+    client.close()
+
+
+async def status_of(
+    client: CriClient, sandbox_id: str, verbose: bool = False
+) -> cri.PodSandboxStatusResponse:
+    return await client.runtime.pod_sandbox_status(
+        cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=verbose)
+    )
+
+
+async def run_in_netns(netns: str, *cmd: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "nsenter",
+        f"--net={netns}",
+        *cmd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def listen_in_netns(netns: str, port: int) -> asyncio.subprocess.Process:
+    """A one-shot TCP server inside the pod's network namespace."""
+    script = (
+        "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+        f"s.bind(('0.0.0.0',{port}));s.listen();print('ready',flush=True);"
+        "c,_=s.accept();c.sendall(b'hello from pod');c.close()"
+    )
+    process = await asyncio.create_subprocess_exec(
+        "nsenter", f"--net={netns}", "python3", "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    assert (await asyncio.wait_for(process.stdout.readline(), 10)).strip() == b"ready"
+    return process
+
+
+async def read_from(host: str, port: int) -> bytes:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return data
+
+
+async def test_pod_gets_an_ip_reachable_from_the_host(pod_shim: Shim, pods: CriClient) -> None:
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=pod_config("net")))
+    status = (await status_of(pods, reply.pod_sandbox_id, verbose=True)).status
+    assert status is not None and status.network is not None
+    assert status.state == cri.PodSandboxState.SANDBOX_READY
+    assert status.network.ip.startswith(pod_shim.test_subnet_prefix)  # type: ignore[attr-defined]
+    info = json.loads((await status_of(pods, reply.pod_sandbox_id, verbose=True)).info["info"])
+    listener = await listen_in_netns(info["netNamespacePath"], 8080)
+    assert await read_from(status.network.ip, 8080) == b"hello from pod"
+    await listener.wait()
+
+
+async def test_host_port_mapping_reaches_the_pod(pod_shim: Shim, pods: CriClient) -> None:
+    host_port = random.randrange(30000, 32000)
+    config = pod_config(
+        "ports",
+        port_mappings=[
+            cri.PortMapping(protocol=cri.Protocol.TCP, container_port=80, host_port=host_port)
+        ],
+    )
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+    verbose = await status_of(pods, reply.pod_sandbox_id, verbose=True)
+    assert verbose.status is not None and verbose.status.network is not None
+    gateway = verbose.status.network.ip.rsplit(".", 1)[0] + ".1"
+    listener = await listen_in_netns(json.loads(verbose.info["info"])["netNamespacePath"], 80)
+    assert await read_from(gateway, host_port) == b"hello from pod"
+    await listener.wait()
+
+
+async def test_host_network_pod_shares_the_host_namespace(pods: CriClient) -> None:
+    options = cri.NamespaceOption(network=cri.NamespaceMode.NODE)
+    config = pod_config(
+        "hostnet",
+        linux=cri.LinuxPodSandboxConfig(
+            security_context=cri.LinuxSandboxSecurityContext(namespace_options=options)
+        ),
+    )
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+    info = json.loads((await status_of(pods, reply.pod_sandbox_id, verbose=True)).info["info"])
+    assert os.readlink(f"/proc/{info['pid']}/ns/net") == os.readlink("/proc/self/ns/net")
+    status = (await status_of(pods, reply.pod_sandbox_id)).status
+    assert status is not None and status.linux is not None
+    assert status.linux.namespaces is not None and status.linux.namespaces.options is not None
+    assert status.linux.namespaces.options.network == cri.NamespaceMode.NODE
+
+
+async def test_dns_config_and_sysctls_are_applied(pod_shim: Shim, pods: CriClient) -> None:
+    config = pod_config(
+        "dns",
+        dns_config=cri.DnsConfig(
+            servers=["10.0.0.10"], searches=["svc.cluster.local"], options=["ndots:5"]
+        ),
+        linux=cri.LinuxPodSandboxConfig(sysctls={"net.ipv4.ip_unprivileged_port_start": "79"}),
+    )
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+    resolv = pod_shim.settings.state_path / "sandboxes" / reply.pod_sandbox_id / "resolv.conf"
+    assert resolv.read_text() == "search svc.cluster.local\nnameserver 10.0.0.10\noptions ndots:5\n"
+    info = json.loads((await status_of(pods, reply.pod_sandbox_id, verbose=True)).info["info"])
+    value = await run_in_netns(
+        info["netNamespacePath"], "cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+    )
+    assert value.strip() == "79"
+
+
+async def test_stop_and_remove_are_idempotent(pod_shim: Shim, pods: CriClient) -> None:
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=pod_config("twice")))
+    sandbox_id = reply.pod_sandbox_id
+    info = json.loads((await status_of(pods, sandbox_id, verbose=True)).info["info"])
+    for _ in range(2):
+        await pods.runtime.stop_pod_sandbox(cri.StopPodSandboxRequest(sandbox_id))
+    status = (await status_of(pods, sandbox_id)).status
+    assert status is not None and status.state == cri.PodSandboxState.SANDBOX_NOTREADY
+    assert not Path(info["netNamespacePath"]).exists()
+    for _ in range(2):
+        await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(sandbox_id))
+    with pytest.raises(GRPCError) as caught:
+        await status_of(pods, sandbox_id)
+    assert caught.value.status is Status.NOT_FOUND
+    await pods.runtime.stop_pod_sandbox(cri.StopPodSandboxRequest("0" * 64))
+    await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest("0" * 64))
+
+
+async def test_list_filters(pods: CriClient) -> None:
+    a = await pods.runtime.run_pod_sandbox(
+        cri.RunPodSandboxRequest(config=pod_config("list-a", labels={"app": "a"}))
+    )
+    b = await pods.runtime.run_pod_sandbox(
+        cri.RunPodSandboxRequest(config=pod_config("list-b", labels={"app": "b"}))
+    )
+    await pods.runtime.stop_pod_sandbox(cri.StopPodSandboxRequest(b.pod_sandbox_id))
+
+    async def ids(filter_: cri.PodSandboxFilter | None) -> set[str]:
+        listed = await pods.runtime.list_pod_sandbox(cri.ListPodSandboxRequest(filter=filter_))
+        return {item.id for item in listed.items}
+
+    assert {a.pod_sandbox_id, b.pod_sandbox_id} <= await ids(None)
+    assert await ids(cri.PodSandboxFilter(label_selector={"app": "a"})) == {a.pod_sandbox_id}
+    assert await ids(cri.PodSandboxFilter(id=b.pod_sandbox_id[:12])) == {b.pod_sandbox_id}
+    ready = await ids(
+        cri.PodSandboxFilter(state=cri.PodSandboxStateValue(cri.PodSandboxState.SANDBOX_READY))
+    )
+    assert a.pod_sandbox_id in ready and b.pod_sandbox_id not in ready
+
+
+async def test_invalid_requests_get_clear_errors(pods: CriClient) -> None:
+    with pytest.raises(GRPCError) as caught:
+        await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=cri.PodSandboxConfig()))
+    assert caught.value.status is Status.INVALID_ARGUMENT
+    assert "metadata" in (caught.value.message or "")
+    with pytest.raises(GRPCError) as caught:
+        await pods.runtime.run_pod_sandbox(
+            cri.RunPodSandboxRequest(config=pod_config("handler"), runtime_handler="kata")
+        )
+    assert caught.value.status is Status.NOT_FOUND
+    with pytest.raises(GRPCError) as caught:
+        await pods.runtime.stop_pod_sandbox(cri.StopPodSandboxRequest(""))
+    assert caught.value.status is Status.INVALID_ARGUMENT
+
+
+async def test_sandboxes_survive_a_shim_restart(
+    containerd: EmbeddedContainerd, pod_shim: Shim, pods: CriClient
+) -> None:
+    reply = await pods.runtime.run_pod_sandbox(
+        cri.RunPodSandboxRequest(config=pod_config("restart"))
+    )
+    before = (await status_of(pods, reply.pod_sandbox_id)).status
+    assert before is not None and before.network is not None
+    # A second shim on the same containerd and state dir rebuilds its view from containerd.
+    settings = make_settings(
+        short_tempdir("crishim-restart-"),
+        containerd.address,
+        state_dir=str(pod_shim.settings.state_path),
+        cni__conf_dir=pod_shim.settings.cni.conf_dir,
+        cni__bin_dirs=(CNI_BIN,),
+        cni__netns_dir=pod_shim.settings.cni.netns_dir,
+        registry__config_path=pod_shim.settings.registry.config_path,
+        containerd__namespace=pod_shim.settings.containerd.namespace,
+    )
+    other = Shim(settings)
+    await other.start()
+    try:
+        client = CriClient.connect(other.socket_path)
+        after = (await status_of(client, reply.pod_sandbox_id)).status
+        client.close()
+    finally:
+        await other.stop()
+    assert after is not None and after.network is not None
+    assert after.state == cri.PodSandboxState.SANDBOX_READY
+    assert after.network.ip == before.network.ip
+    assert after.created_at == before.created_at
