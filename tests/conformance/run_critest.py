@@ -124,8 +124,9 @@ async def run(args: argparse.Namespace) -> int:
             args.critest,
             f"-runtime-endpoint=unix://{socket}",
             f"-ginkgo.skip={skip}",
-            f"-parallel={args.parallel}",
         ]
+        if args.parallel > 1:
+            cmd.append(f"-parallel={args.parallel}")
         if args.focus:
             cmd.append(f"-ginkgo.focus={args.focus}")
         cmd += args.extra
