@@ -162,7 +162,7 @@ async def snapshot_kind(ctd: ContainerdClient, key: str) -> snapshots_v1.Kind | 
 
 async def pull_leases(ctd: ContainerdClient) -> list[str]:
     reply = await ctd.leases.list(leases_v1.ListRequest())
-    return [lease.id for lease in reply.leases if lease.id.startswith("cri-shim-pull-")]
+    return [lease.id for lease in reply.leases if lease.id.startswith("cri-shim-")]
 
 
 def expected_size(image: im.Image, index: im.ImageIndex | None = None) -> int:
@@ -434,7 +434,8 @@ async def test_stalled_registry_fails_the_pull_in_time_and_the_retry_resumes(
         assert "Traceback" not in message
 
         # What arrived is kept (under a lease that outlives the failed pull) ...
-        assert await pull_leases(ctd)
+        kept = await pull_leases(ctd)
+        assert len(kept) == 1 and kept[0].startswith("cri-shim-resume-")
         statuses = await ctd.content.list_statuses(content_v1.ListStatusesRequest())
         ingests = {st.ref: st.offset for st in statuses.statuses}
         assert ingests.get(f"layer-{layer.digest}") == 4096
@@ -487,6 +488,37 @@ async def test_concurrent_pulls_share_one_download(
         assert await pull(client.image, ref) == image.config.digest
         assert layer_gets() == before
         assert not shim.images._flights
+
+
+async def test_two_shims_pulling_the_same_image_at_once(
+    containerd: EmbeddedContainerd, ctd: ContainerdClient
+) -> None:
+    """Two runtimes on one containerd namespace (or the shim next to containerd's own
+    puller) meet on the same ingest refs and chain ids: one waits for the other's
+    lock, commits that lose the race are fine, and both end with the same image."""
+    image = im.large_image(size=1 << 20, seed=13)
+    layer = image.layers[-1]
+    registry = FakeRegistry(
+        blob_fault="trickle", trickle_bytes=layer.size // 4 + 1, trickle_interval=0.2
+    )
+    registry.add("test/race", "1", image)
+    async with (
+        registry,
+        running_shim(containerd) as (_, first),
+        running_shim(containerd) as (_, second),
+    ):
+        ref = f"{registry.host}/test/race:1"
+        refs = await asyncio.gather(pull(first.image, ref), pull(second.image, ref))
+        assert refs == [image.config.digest] * 2
+        for client in (first, second):
+            got = (await status(client.image, ref)).image
+            assert got is not None and got.id == image.config.digest
+    chain = chain_ids(image.diff_ids)[-1]
+    assert await snapshot_kind(ctd, chain) == snapshots_v1.Kind.COMMITTED
+    listing = ctd.snapshots.list(snapshots_v1.ListSnapshotsRequest(snapshotter="overlayfs"))
+    names = [info.name async for part in listing for info in part.info]
+    assert not [n for n in names if n.startswith("extract-")]  # no extraction left behind
+    assert await pull_leases(ctd) == []
 
 
 # ------------------------------------------------------------------ list, status

@@ -4,8 +4,16 @@ Everything a pull creates (ingests, blobs, snapshots) is referenced by the
 lease until the image records and GC labels reference it instead, so
 containerd's garbage collector cannot remove half of an image mid-pull.
 Blobs and snapshots that already existed are added to the lease explicitly
-for the same reason. The lease carries its own expiry, so one left behind by
-a crashed shim goes away by itself.
+for the same reason. Leases carry their own expiry, so one left behind by a
+crashed shim goes away by itself.
+
+A download that stops half-way leaves a partial ingest that containerd would
+collect together with the lease. So a failed pull hands what its lease holds
+to a separate *resume* lease (labelled with the reference) and the next pull
+of that reference resumes the ingest; once one succeeds, the resume leases of
+its reference are dropped. Pull leases themselves are never touched by other
+pulls, so runtimes sharing a containerd cannot pull the ground from under
+each other.
 """
 
 from __future__ import annotations
@@ -24,11 +32,15 @@ from cri_shim.logs import log_event
 log = logging.getLogger(__name__)
 
 EXPIRE_LABEL = "containerd.io/gc.expire"
-# Which reference a pull lease is for: a successful pull drops the leases its
-# failed predecessors kept for resuming.
-PULL_LABEL = "io.cri-shim.pull"
+PULL_LABEL = "io.cri-shim.pull"  # the reference a pull lease is for (diagnostics)
+RESUME_LABEL = "io.cri-shim.resume"  # the reference whose partial downloads it keeps
 # containerd's client uses 24h for pull leases, and keeps unleased ingests as long.
 DEFAULT_EXPIRY = datetime.timedelta(hours=24)
+MAX_LABEL_VALUE = 4000
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class PullLease:
@@ -38,76 +50,89 @@ class PullLease:
         self.client = client
         self.expiry = expiry
         self.id = ""
-        # Set when a download stopped half-way: the lease then outlives the failed
-        # pull (until it expires) so the next attempt resumes the partial ingest,
-        # which containerd would otherwise collect together with the lease.
-        self.keep = False
         self.ref = ""
+        # Set when a download stopped half-way with bytes worth resuming.
+        self.keep = False
 
-    async def create(self, ref: str) -> str:
-        expires = datetime.datetime.now(datetime.UTC) + self.expiry
-        lease_id = f"cri-shim-pull-{secrets.token_hex(8)}"
+    def _expires(self) -> str:
+        return (datetime.datetime.now(datetime.UTC) + self.expiry).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    async def _create(self, prefix: str, labels: dict[str, str]) -> str:
+        lease_id = f"{prefix}-{secrets.token_hex(8)}"
         await self.client.call(
             "Leases.Create",
             self.client.leases.create(
                 leases_v1.CreateRequest(
-                    id=lease_id,
-                    labels={
-                        EXPIRE_LABEL: expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        PULL_LABEL: ref[:4000],
-                    },
+                    id=lease_id, labels={EXPIRE_LABEL: self._expires(), **labels}
                 )
             ),
         )
-        self.id = lease_id
-        self.ref = ref
         return lease_id
 
-    async def add(self, resource_id: str, resource_type: str) -> None:
+    async def create(self, ref: str) -> str:
+        self.ref = ref[:MAX_LABEL_VALUE]
+        self.id = await self._create("cri-shim-pull", {PULL_LABEL: self.ref})
+        return self.id
+
+    async def add(self, resource_id: str, resource_type: str, *, lease: str = "") -> None:
         """Hold an object that existed before the pull (`content`, `snapshots/overlayfs`)."""
         await self.client.call(
             "Leases.AddResource",
             self.client.leases.add_resource(
                 leases_v1.AddResourceRequest(
-                    id=self.id,
+                    id=lease or self.id,
                     resource=leases_v1.Resource(id=resource_id, type=resource_type),
                 )
             ),
         )
 
     async def release(self, *, failed: bool) -> None:
-        """Delete the lease, unless a failed pull left partial downloads worth resuming."""
+        """Delete the lease; a failed pull with partial downloads hands them on first,
+        a successful one also drops what earlier failures kept for its reference."""
         if not self.id:
             return
-        if failed and self.keep:
+        try:
+            if failed and self.keep:
+                await self._hand_over()
+            elif not failed:
+                for lease_id in await self._resume_leases():
+                    await self._delete(lease_id)
+        except (ContainerdError, ContainerdUnavailable) as err:
             log_event(
                 log,
-                "keeping pull lease for resuming partial downloads",
-                level=logging.DEBUG,
+                "pull lease bookkeeping failed; leases expire by themselves",
+                level=logging.WARNING,
                 lease=self.id,
+                error=str(err),
             )
-            return
-        stale: list[str] = []
-        if not failed:
-            stale = await self._kept_for(self.ref)
-        for lease_id in [self.id, *stale]:
-            await self._delete(lease_id)
+        await self._delete(self.id)
         self.id = ""
 
-    async def _kept_for(self, ref: str) -> list[str]:
-        """Leases earlier failed pulls of `ref` kept; what they held is pulled now."""
-        quoted = ref.replace("\\", "\\\\").replace('"', '\\"')
-        try:
-            reply = await self.client.call(
-                "Leases.List",
-                self.client.leases.list(
-                    leases_v1.ListRequest(filters=[f'labels."{PULL_LABEL}"=="{quoted}"'])
-                ),
-            )
-        except (ContainerdError, ContainerdUnavailable) as err:
-            log_event(log, "could not list pull leases", level=logging.WARNING, error=str(err))
-            return []
-        return [lease.id for lease in reply.leases if lease.id != self.id]
+    async def _hand_over(self) -> None:
+        reply = await self.client.call(
+            "Leases.ListResources",
+            self.client.leases.list_resources(leases_v1.ListResourcesRequest(id=self.id)),
+        )
+        resume = await self._create("cri-shim-resume", {RESUME_LABEL: self.ref})
+        for resource in reply.resources:
+            await self.add(resource.id, resource.type, lease=resume)
+        log_event(
+            log,
+            "kept partial downloads for the next pull",
+            level=logging.DEBUG,
+            ref=self.ref,
+            lease=resume,
+            resources=len(reply.resources),
+        )
+
+    async def _resume_leases(self) -> list[str]:
+        reply = await self.client.call(
+            "Leases.List",
+            self.client.leases.list(
+                leases_v1.ListRequest(filters=[f'labels."{RESUME_LABEL}"=={_quote(self.ref)}'])
+            ),
+        )
+        return [lease.id for lease in reply.leases]
 
     async def _delete(self, lease_id: str) -> None:
         try:
@@ -119,11 +144,11 @@ class PullLease:
                 return
             log_event(
                 log,
-                "could not delete pull lease; it expires by itself",
+                "could not delete lease; it expires by itself",
                 level=logging.WARNING,
                 lease=lease_id,
                 error=str(err),
             )
 
 
-__all__ = ["EXPIRE_LABEL", "PullLease"]
+__all__ = ["EXPIRE_LABEL", "PULL_LABEL", "RESUME_LABEL", "PullLease"]
