@@ -349,10 +349,10 @@ async def test_multiarch_index_picks_the_host_platform(
                 assert await content_labels(ctd, foreign.config.digest) is None
 
 
-async def test_uncompressed_and_docker_media_types(
+async def test_uncompressed_docker_and_large_images(
     images: cri.ImageServiceStub, catalog: ServedCatalog, ctd: ContainerdClient
 ) -> None:
-    for name in ("test/uncompressed:1", "test/docker-schema2:1"):
+    for name in ("test/uncompressed:1", "test/docker-schema2:1", "test/large:1"):
         image, _ = host_image(catalog, name)
         assert await pull(images, catalog.local(name)) == image.config.digest
         assert (
