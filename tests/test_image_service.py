@@ -689,3 +689,24 @@ async def test_reload_sees_changes_made_behind_the_shims_back(
     assert got is not None  # the id record (and other registries' names) remain
     assert not [n for n in [*got.repo_tags, *got.repo_digests] if "library/busybox" in n]
     await pull(client.image, "busybox")
+
+
+async def test_images_created_outside_the_cri_are_adopted(
+    served: tuple[Shim, CriClient], ctd: ContainerdClient
+) -> None:
+    """`ctr -n k8s.io images import` leaves records without the CRI label; like
+    containerd's CRI plugin, the shim labels them and adds the id record."""
+    shim, client = served
+    image_id = await pull(client.image, "busybox")
+    target = (await records(ctd))["docker.io/library/busybox:latest"].target
+    name = "example.com/imported/busybox:v1"
+    await ctd.images.create(
+        images_v1.CreateImageRequest(image=images_v1.Image(name=name, target=target))
+    )
+    assert shim.images is not None
+    await shim.images.reload()
+    got = (await status(client.image, name)).image
+    assert got is not None and got.id == image_id and name in got.repo_tags
+    assert (await records(ctd))[name].labels.get("io.cri-containerd.image") == "managed"
+    await client.image.remove_image(cri.RemoveImageRequest(image=spec(name)))
+    assert name not in await records(ctd)
