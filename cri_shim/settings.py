@@ -411,4 +411,3 @@ __all__ = [
     "load",
     "render_toml",
 ]
-

@@ -8,18 +8,24 @@ success, which keeps Stop/Remove idempotent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import json
+import os
+import secrets
 import signal as signals
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from grpclib.const import Status
 
-from cri_shim.containerd.client import ContainerdClient
-from cri_shim.errors import ContainerdError
+from cri_shim.containerd.client import NAMESPACE_HEADER, ContainerdClient
+from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd.runc import v1 as runc_v1
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
+from cri_shim.gen.containerd.services.leases import v1 as leases_v1
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.containerd.types import Mount
@@ -32,6 +38,13 @@ RUNC_RUNTIME = "io.containerd.runc.v2"
 SNAPSHOTTER = "overlayfs"
 
 TaskStatus = task_types.Status
+LEASE_HEADER = "containerd-lease"
+LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
+# Long enough for any create; a lease left by a crash then expires on its own.
+CREATION_LEASE_EXPIRY = datetime.timedelta(hours=1)
+# The runc shim of a task that just exited can close its connection mid-call.
+SHIM_GONE = "ttrpc: closed"
+SHIM_GONE_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,19 @@ def unpack_json(message: AnyMessage | None) -> Any:
     return json.loads(message.value)
 
 
+def _missing_mount_paths(mounts: list[Mount]) -> list[str]:
+    """Paths a rootfs mount names that do not exist: the actionable part of an ENOENT."""
+    paths = [m.source for m in mounts if m.type == "bind"]
+    for mount in mounts:
+        for option in mount.options:
+            key, _, value = option.partition("=")
+            if key in ("upperdir", "workdir"):
+                paths.append(value)
+            elif key == "lowerdir":
+                paths += value.split(":")
+    return [p for p in paths if p and not os.path.exists(p)]
+
+
 def _missing(err: ContainerdError) -> bool:
     return err.status is Status.NOT_FOUND
 
@@ -67,20 +93,54 @@ class RuntimeOps:
         self.client = client
         self.systemd_cgroup = systemd_cgroup
 
+    # leases
+
+    def _metadata(self, lease: str) -> dict[str, str] | None:
+        if not lease:
+            return None
+        return {NAMESPACE_HEADER: self.client.namespace, LEASE_HEADER: lease}
+
+    @contextlib.asynccontextmanager
+    async def creation_lease(self) -> AsyncIterator[str]:
+        """Hold a new snapshot until a container record references it: without
+        this, containerd's GC (run after any removal) may collect the snapshot
+        between Prepare and Containers.Create."""
+        lease_id = f"cri-shim-create-{secrets.token_hex(8)}"
+        expires = datetime.datetime.now(datetime.UTC) + CREATION_LEASE_EXPIRY
+        await self.client.call(
+            "Leases.Create",
+            self.client.leases.create(
+                leases_v1.CreateRequest(
+                    id=lease_id,
+                    labels={LEASE_EXPIRE_LABEL: expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
+                )
+            ),
+        )
+        try:
+            yield lease_id
+        finally:
+            with contextlib.suppress(ContainerdError, ContainerdUnavailable):
+                await self.client.call(
+                    "Leases.Delete",
+                    self.client.leases.delete(leases_v1.DeleteRequest(id=lease_id)),
+                )
+
     # snapshots
 
     async def prepare_snapshot(
-        self, key: str, parent: str, labels: dict[str, str] | None = None
+        self, key: str, parent: str, labels: dict[str, str] | None = None, *, lease: str = ""
     ) -> list[Mount]:
         """Writable snapshot on top of the image's chain; reuses one left by a retry."""
         client = self.client
+        metadata = self._metadata(lease)
         try:
             reply = await client.call(
                 "Snapshots.Prepare",
                 client.snapshots.prepare(
                     snapshots_v1.PrepareSnapshotRequest(
                         snapshotter=SNAPSHOTTER, key=key, parent=parent, labels=labels or {}
-                    )
+                    ),
+                    metadata=metadata,
                 ),
             )
             return list(reply.mounts)
@@ -123,6 +183,7 @@ class RuntimeOps:
         labels: dict[str, str],
         extensions: dict[str, AnyMessage],
         snapshot_key: str,
+        lease: str = "",
     ) -> None:
         container = containers_v1.Container(
             id=container_id,
@@ -196,6 +257,27 @@ class RuntimeOps:
         stdout: str = "",
         stderr: str = "",
         terminal: bool = False,
+    ) -> int:
+        try:
+            return await self._create_task(container_id, rootfs, stdin, stdout, stderr, terminal)
+        except ContainerdError as err:
+            if "no such file or directory" not in err.detail:
+                raise
+            missing = await asyncio.to_thread(_missing_mount_paths, rootfs)
+            if not missing:
+                raise
+            raise ContainerdError(
+                err.method, err.status, f"{err.detail} (missing: {', '.join(missing)})"
+            ) from err
+
+    async def _create_task(
+        self,
+        container_id: str,
+        rootfs: list[Mount],
+        stdin: str,
+        stdout: str,
+        stderr: str,
+        terminal: bool,
     ) -> int:
         reply = await self.client.call(
             "Tasks.Create",
@@ -278,13 +360,20 @@ class RuntimeOps:
         return ExitInfo(reply.exit_status, reply.exited_at)
 
     async def delete_task(self, container_id: str) -> ExitInfo | None:
-        try:
-            reply = await self.client.call(
-                "Tasks.Delete",
-                self.client.tasks.delete(tasks_v1.DeleteTaskRequest(container_id=container_id)),
-            )
-        except ContainerdError as err:
-            if _missing(err):
-                return None
-            raise
-        return ExitInfo(reply.exit_status, reply.exited_at)
+        """Delete the task; a shim that is exiting under us ("ttrpc: closed") is
+        retried briefly, as containerd cleans it up on its own moments later."""
+        for attempt in range(SHIM_GONE_RETRIES):
+            try:
+                reply = await self.client.call(
+                    "Tasks.Delete",
+                    self.client.tasks.delete(tasks_v1.DeleteTaskRequest(container_id=container_id)),
+                )
+            except ContainerdError as err:
+                if _missing(err):
+                    return None
+                if SHIM_GONE in err.detail and attempt + 1 < SHIM_GONE_RETRIES:
+                    await asyncio.sleep(0.2)
+                    continue
+                raise
+            return ExitInfo(reply.exit_status, reply.exited_at)
+        return None

@@ -266,8 +266,32 @@ class SandboxManager:
                 oom_score_adj_floor=self.env.oom_score_adj_floor,
             )
         )
-        undo.append(lambda: self.ops.remove_snapshot(sandbox.id))
-        mounts = await self.ops.prepare_snapshot(sandbox.id, image.chain_id)
+        async with self.ops.creation_lease() as lease:
+            undo.append(lambda: self.ops.remove_snapshot(sandbox.id))
+            mounts = await self.ops.prepare_snapshot(sandbox.id, image.chain_id, lease=lease)
+            await self._create_pause_container(sandbox, spec, lease, undo)
+        undo.append(lambda: self._kill_and_delete_task(sandbox.id))
+        await self.ops.create_task(sandbox.id, mounts)
+        sandbox.pid = await self.ops.start_task(sandbox.id)
+        sandbox.state = SandboxState.READY
+        self.store.add(sandbox)
+        log_event(
+            log,
+            "sandbox running",
+            pod=sandbox.id,
+            name=sandbox.name,
+            ip=sandbox.ip,
+            pid=sandbox.pid,
+        )
+
+    async def _create_pause_container(
+        self,
+        sandbox: Sandbox,
+        spec: dict[str, Any],
+        lease: str,
+        undo: list[Callable[[], Awaitable[None]]],
+    ) -> None:
+        config = sandbox.config
         metadata = config.metadata or cri.PodSandboxMetadata()
         labels = {
             **{k: v for k, v in config.labels.items()},
@@ -284,19 +308,7 @@ class SandboxManager:
             labels=labels,
             extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, self._metadata(sandbox))},
             snapshot_key=sandbox.id,
-        )
-        undo.append(lambda: self._kill_and_delete_task(sandbox.id))
-        await self.ops.create_task(sandbox.id, mounts)
-        sandbox.pid = await self.ops.start_task(sandbox.id)
-        sandbox.state = SandboxState.READY
-        self.store.add(sandbox)
-        log_event(
-            log,
-            "sandbox running",
-            pod=sandbox.id,
-            name=sandbox.name,
-            ip=sandbox.ip,
-            pid=sandbox.pid,
+            lease=lease,
         )
 
     async def _kill_and_delete_task(self, sandbox_id: str) -> None:
