@@ -58,3 +58,13 @@ def clamp_oom_score_adj(requested: int, floor: int | None) -> int:
     with an opaque pipe error); with a floor, never ask for less than it."""
     value = max(-1000, min(1000, requested))
     return value if floor is None else max(value, floor)
+
+
+def recursive_readonly_supported() -> bool:
+    """runc applies "rro" with mount_setattr, which needs Linux 5.12 or newer."""
+    release = os.uname().release.split("-")[0].split(".")
+    try:
+        major, minor = int(release[0]), int(release[1])
+    except (IndexError, ValueError):
+        return False
+    return (major, minor) >= (5, 12)

@@ -21,11 +21,14 @@ from grpclib.const import Status
 from grpclib.server import Server, Stream
 
 from cri_shim import metrics as metrics_hook
+from cri_shim.container.events import ContainerEventBus
+from cri_shim.container.lifecycle import ContainerEnvironment, ContainerManager
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.containerd.events import EventMonitor
 from cri_shim.containerd.health import ContainerdHealth
 from cri_shim.containerd.runtime import RuntimeOps
+from cri_shim.cri.container import ContainerHandlers
 from cri_shim.cri.image import ImageHandlers
 from cri_shim.cri.image_service import ImageService
 from cri_shim.cri.runtime_service import RuntimeService
@@ -37,6 +40,7 @@ from cri_shim.host import (
     can_lower_oom_score_adj,
     detect_cgroup_driver,
     own_oom_score_adj,
+    recursive_readonly_supported,
 )
 from cri_shim.images.manager import ImageManager
 from cri_shim.images.store import ImageRecord
@@ -48,6 +52,7 @@ from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
 from cri_shim.sandbox.lifecycle import SandboxEnvironment, SandboxManager
 from cri_shim.settings import Settings, SettingsError
+from cri_shim.store.containers import ContainerStore
 from cri_shim.store.sandboxes import SandboxStore
 
 log = logging.getLogger(__name__)
@@ -133,6 +138,9 @@ class Shim:
             lambda: 1.0 if self.health is not None and self.health.serving else 0.0,
         )
         self.sandboxes = SandboxStore()
+        self.containers = ContainerStore()
+        self.container_events = ContainerEventBus()
+        self.container_manager: ContainerManager | None = None
         self.sandbox_manager: SandboxManager | None = None
         self.pod_network: PodNetwork | None = None
         self.events: EventMonitor | None = None
@@ -183,11 +191,11 @@ class Shim:
         await self.network.start()
         await self.pod_cidrs.load()
         cgroup_driver = detect_cgroup_driver(settings.runtime.cgroup_driver)
-        sandboxes = await self._start_runtime(cgroup_driver)
+        sandboxes, containers = await self._start_runtime(cgroup_driver)
         status = StatusHandlers(settings, self.health, self.network, self.pod_cidrs, cgroup_driver)
         self._server = CriServer(
             [
-                RuntimeService(self.instrument, status, sandboxes),
+                RuntimeService(self.instrument, status, sandboxes, containers),
                 ImageService(self.instrument, ImageHandlers(self.images)),
             ]
         )
@@ -202,7 +210,9 @@ class Shim:
             namespace=self.client.namespace,
         )
 
-    async def _start_runtime(self, cgroup_driver: CgroupDriver) -> SandboxHandlers:
+    async def _start_runtime(
+        self, cgroup_driver: CgroupDriver
+    ) -> tuple[SandboxHandlers, ContainerHandlers]:
         """Pods: stores rebuilt from containerd, the event stream, CNI."""
         assert self.client is not None and self.health is not None and self.images is not None
         settings = self.settings
@@ -226,16 +236,48 @@ class Shim:
                 oom_score_adj_floor=floor,
             ),
         )
+        self.container_manager = ContainerManager(
+            self.containers,
+            self.sandboxes,
+            images.store,
+            ops,
+            self.container_events,
+            ContainerEnvironment(
+                state_dir=settings.state_path,
+                sandbox_dirs_root=settings.state_path / "sandboxes",
+                cgroup_driver=cgroup_driver.value,
+                oom_score_adj_floor=floor,
+                seccomp_localhost_root=None,
+                apparmor_available=False,
+                recursive_readonly_supported=recursive_readonly_supported(),
+            ),
+        )
+        self.sandbox_manager.stop_containers.append(self.container_manager.stop_pod)
+        self.sandbox_manager.remove_containers.append(self.container_manager.remove_pod)
         self.events = EventMonitor(self.client, self.client.namespace)
         self.events.exit_handlers.append(self.sandbox_manager.on_task_exit)
+        self.events.exit_handlers.append(self.container_manager.on_task_exit)
+        self.events.oom_handlers.append(self.container_manager.on_oom)
         if self.health.serving:
             await self.sandbox_manager.load()
+            await self.container_manager.load()
         self.health.on_reconnect(self.sandbox_manager.load)
+        self.health.on_reconnect(self.container_manager.load)
         await self.events.start()
         self.metrics.register_state_provider("sandbox", self._sandbox_states)
-        return SandboxHandlers(
-            self.sandboxes, self.sandbox_manager, settings.runtime.default_runtime
+        self.metrics.register_state_provider("container", self._container_states)
+        return (
+            SandboxHandlers(self.sandboxes, self.sandbox_manager, settings.runtime.default_runtime),
+            ContainerHandlers(
+                self.containers, self.sandboxes, self.container_manager, self.container_events
+            ),
         )
+
+    def _container_states(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for container in self.containers.by_id:
+            counts[container.state.value] = counts.get(container.state.value, 0) + 1
+        return counts
 
     def _sandbox_states(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,6 +27,8 @@ from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 from cri_shim.settings import ContainerdSettings, ServerSettings, Settings, load
+from tests.pods import CNI_BIN, POD_IMAGES, write_conflist
+from tests.support.catalog import ServedCatalog, catalog
 
 REQUIRED_BINARIES = ("containerd", "runc")
 
@@ -169,6 +173,52 @@ async def start_shim_process(
         await asyncio.sleep(0.1)
     process.kill()
     raise AssertionError(f"shim did not serve within {timeout}s:\n{handle.log_text()}")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def pod_images() -> AsyncIterator[ServedCatalog]:
+    """The pause image (under its real name, through a mirror) and busybox."""
+    wanted = [e for e in catalog() if any(n in POD_IMAGES for n in e.names())]
+    async with ServedCatalog(entries=wanted) as served:
+        yield served
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def pod_shim(
+    containerd: EmbeddedContainerd, pod_images: ServedCatalog
+) -> AsyncIterator[Shim]:
+    """A shim with a real CNI bridge on a private subnet, for tests that run pods."""
+    base = short_tempdir("crishim-pods-")
+    octet = random.randrange(10, 250)
+    bridge = f"crishim{octet}"
+    write_conflist(base / "cni", f"10.233.{octet}.0/24", bridge, base / "ipam")
+    hosts_dir = pod_images.write_hosts_dir(base / "certs.d")
+    settings = make_settings(
+        base,
+        containerd.address,
+        registry__config_path=str(hosts_dir),
+        cni__bin_dirs=(CNI_BIN,),
+        cni__netns_dir=str(base / "netns"),
+        # Its own containerd namespace: other test shims remove images in k8s.io.
+        containerd__namespace="crishim-pods",
+    )
+    shim = Shim(settings)
+    await shim.start()
+    shim.test_subnet_prefix = f"10.233.{octet}."  # type: ignore[attr-defined]
+    yield shim
+    await shim.stop()
+    subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pods(pod_shim: Shim) -> AsyncIterator[CriClient]:
+    """A CRI client of the pod shim; removes every pod the test left behind."""
+    client = CriClient.connect(pod_shim.socket_path)
+    yield client
+    listed = await client.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())
+    for item in listed.items:
+        await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(item.id))
+    client.close()
 
 
 __all__ = [

@@ -7,12 +7,9 @@ import asyncio
 import json
 import os
 import random
-import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from grpclib import GRPCError
 from grpclib.const import Status
 
@@ -21,90 +18,7 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
 from .conftest import CriClient, make_settings, short_tempdir
-from .support.catalog import ServedCatalog, catalog
-
-CNI_BIN = "/usr/lib/cni"
-
-
-def pod_config(name: str, **kwargs: object) -> cri.PodSandboxConfig:
-    uid = f"uid-{name}-{random.randrange(1 << 30)}"
-    return cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name=name, namespace="sandbox-test", uid=uid),
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
-def write_conflist(conf_dir: Path, subnet: str, bridge: str, data_dir: Path) -> None:
-    conf_dir.mkdir(parents=True, exist_ok=True)
-    (conf_dir / "10-test.conflist").write_text(
-        json.dumps(
-            {
-                "cniVersion": "1.0.0",
-                "name": "crishim-sandbox-test",
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": bridge,
-                        "isGateway": True,
-                        "ipMasq": False,
-                        "hairpinMode": True,
-                        "ipam": {
-                            "type": "host-local",
-                            "ranges": [[{"subnet": subnet}]],
-                            "dataDir": str(data_dir),
-                            "routes": [{"dst": "0.0.0.0/0"}],
-                        },
-                    },
-                    {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
-                    {"type": "loopback"},
-                ],
-            }
-        )
-    )
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def images() -> AsyncIterator[ServedCatalog]:
-    pause_only = [
-        e for e in catalog(own=False) if e.repo == "pause" and e.registry == "registry.k8s.io"
-    ]
-    async with ServedCatalog(entries=pause_only) as served:
-        yield served
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def pod_shim(containerd: EmbeddedContainerd, images: ServedCatalog) -> AsyncIterator[Shim]:
-    base = short_tempdir("crishim-pods-")
-    octet = random.randrange(10, 250)
-    bridge = f"crishim{octet}"
-    write_conflist(base / "cni", f"10.233.{octet}.0/24", bridge, base / "ipam")
-    hosts_dir = images.write_hosts_dir(base / "certs.d")
-    settings = make_settings(
-        base,
-        containerd.address,
-        registry__config_path=str(hosts_dir),
-        cni__bin_dirs=(CNI_BIN,),
-        cni__netns_dir=str(base / "netns"),
-        # Its own containerd namespace: other test shims remove images in k8s.io.
-        containerd__namespace="crishim-pods",
-    )
-    shim = Shim(settings)
-    await shim.start()
-    shim.test_subnet_prefix = f"10.233.{octet}."  # type: ignore[attr-defined]
-    shim.test_ipam_dir = base / "ipam"  # type: ignore[attr-defined]
-    yield shim
-    await shim.stop()
-    subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def pods(pod_shim: Shim) -> AsyncIterator[CriClient]:
-    client = CriClient.connect(pod_shim.socket_path)
-    yield client
-    listed = await client.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())
-    for item in listed.items:
-        await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(item.id))
-    client.close()
+from .pods import CNI_BIN, pod_config
 
 
 async def status_of(

@@ -7,6 +7,9 @@ which answers UNIMPLEMENTED as kubelet expects.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+from cri_shim.cri.container import ContainerHandlers
 from cri_shim.cri.sandbox import SandboxHandlers
 from cri_shim.cri.status import StatusHandlers
 from cri_shim.gen.runtime import v1 as cri
@@ -15,11 +18,17 @@ from cri_shim.instrument import Instrumentation
 
 class RuntimeService(cri.RuntimeServiceBase):
     def __init__(
-        self, instrument: Instrumentation, status: StatusHandlers, sandboxes: SandboxHandlers
+        self,
+        instrument: Instrumentation,
+        status: StatusHandlers,
+        sandboxes: SandboxHandlers,
+        containers: ContainerHandlers,
     ) -> None:
         self._call = instrument.unary
+        self._stream = instrument.server_stream
         self._status = status
         self._sandboxes = sandboxes
+        self._containers = containers
 
     async def version(self, message: cri.VersionRequest) -> cri.VersionResponse:
         return await self._call("Version", self._status.version, message)
@@ -57,3 +66,49 @@ class RuntimeService(cri.RuntimeServiceBase):
         self, message: cri.ListPodSandboxRequest
     ) -> cri.ListPodSandboxResponse:
         return await self._call("ListPodSandbox", self._sandboxes.list_pod_sandbox, message)
+
+    async def create_container(
+        self, message: cri.CreateContainerRequest
+    ) -> cri.CreateContainerResponse:
+        return await self._call("CreateContainer", self._containers.create_container, message)
+
+    async def start_container(
+        self, message: cri.StartContainerRequest
+    ) -> cri.StartContainerResponse:
+        return await self._call("StartContainer", self._containers.start_container, message)
+
+    async def stop_container(self, message: cri.StopContainerRequest) -> cri.StopContainerResponse:
+        return await self._call("StopContainer", self._containers.stop_container, message)
+
+    async def remove_container(
+        self, message: cri.RemoveContainerRequest
+    ) -> cri.RemoveContainerResponse:
+        return await self._call("RemoveContainer", self._containers.remove_container, message)
+
+    async def list_containers(
+        self, message: cri.ListContainersRequest
+    ) -> cri.ListContainersResponse:
+        return await self._call("ListContainers", self._containers.list_containers, message)
+
+    async def container_status(
+        self, message: cri.ContainerStatusRequest
+    ) -> cri.ContainerStatusResponse:
+        return await self._call("ContainerStatus", self._containers.container_status, message)
+
+    async def reopen_container_log(
+        self, message: cri.ReopenContainerLogRequest
+    ) -> cri.ReopenContainerLogResponse:
+        return await self._call(
+            "ReopenContainerLog", self._containers.reopen_container_log, message
+        )
+
+    async def exec_sync(self, message: cri.ExecSyncRequest) -> cri.ExecSyncResponse:
+        return await self._call("ExecSync", self._containers.exec_sync, message)
+
+    async def get_container_events(
+        self, message: cri.GetEventsRequest
+    ) -> AsyncIterator[cri.ContainerEventResponse]:
+        async for event in self._stream(
+            "GetContainerEvents", self._containers.get_container_events, message
+        ):
+            yield event

@@ -1,0 +1,543 @@
+"""Creating, starting, stopping and removing containers against containerd.
+
+A CRI container is a containerd container (spec, labels, one JSON extension
+with what the CRI view needs) on a snapshot of its image, plus a task while it
+runs. Task exits arrive from containerd's event stream and update the store
+at once; the exit code and time are kept after the task is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import signal as signals
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cri_shim.container.events import ContainerEventBus
+from cri_shim.container.io import ContainerIO
+from cri_shim.container.rootfs import read_image_file
+from cri_shim.containerd.events import TaskExit
+from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
+from cri_shim.errors import already_exists, failed_precondition, invalid_argument, not_found
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.images.store import ImageStore
+from cri_shim.logs import log_event
+from cri_shim.oci.container_spec import (
+    ContainerSpecInput,
+    SandboxView,
+    build_container_spec,
+    ensure_mount_source,
+)
+from cri_shim.sandbox.files import SandboxDirs
+from cri_shim.sandbox.lifecycle import runtime_config
+from cri_shim.store.containers import Container, ContainerState, ContainerStore, container_name
+from cri_shim.store.index import new_id
+from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore
+
+log = logging.getLogger(__name__)
+
+KIND_LABEL = "io.cri-shim.kind"
+CONTAINER_KIND = "container"
+SANDBOX_LABEL = "io.cri-shim.sandbox-id"
+METADATA_EXTENSION = "io.cri-shim.container.metadata"
+METADATA_TYPE_URL = "cri-shim.io/container-metadata/v1"
+# How long output may keep arriving after the process exited (children holding stdout).
+DRAIN_SECONDS = 2.0
+START_ERROR_EXIT_CODE = 128
+
+
+@dataclass(frozen=True)
+class ContainerEnvironment:
+    state_dir: Path
+    sandbox_dirs_root: Path
+    cgroup_driver: str
+    oom_score_adj_floor: int | None
+    seccomp_localhost_root: Path | None
+    apparmor_available: bool
+    recursive_readonly_supported: bool
+
+
+def _ns(moment: datetime.datetime | None) -> int:
+    if moment is None:
+        return time.time_ns()
+    return int(moment.timestamp() * 1_000_000_000)
+
+
+def log_path_for(sandbox: Sandbox, relative: str) -> str:
+    """The CRI log file: the pod's log directory joined with the container's log_path,
+    refusing any path that would escape that directory."""
+    if not relative:
+        return ""
+    directory = sandbox.config.log_directory
+    if not directory:
+        raise invalid_argument("log_path is set but the pod sandbox has no log_directory")
+    if os.path.isabs(relative):
+        raise invalid_argument(f"log_path {relative!r} must be relative to the pod's log directory")
+    joined = os.path.normpath(os.path.join(directory, relative))
+    if os.path.commonpath([joined, os.path.normpath(directory)]) != os.path.normpath(directory):
+        raise invalid_argument(f"log_path {relative!r} escapes the pod's log directory")
+    return joined
+
+
+def _signal_number(name: str) -> int:
+    name = name.upper()
+    if name.isdigit():
+        return int(name)
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signals.Signals[name])
+    except KeyError as err:
+        raise invalid_argument(f"unknown stop signal {name!r}") from err
+
+
+def stop_signal(config: cri.ContainerConfig, image_config: dict[str, Any]) -> str:
+    if config.stop_signal:
+        return cri.Signal(config.stop_signal).name
+    return str(image_config.get("StopSignal") or "SIGTERM")
+
+
+class ContainerManager:
+    def __init__(
+        self,
+        store: ContainerStore,
+        sandboxes: SandboxStore,
+        images: ImageStore,
+        ops: RuntimeOps,
+        events: ContainerEventBus,
+        environment: ContainerEnvironment,
+    ) -> None:
+        self.store = store
+        self.sandboxes = sandboxes
+        self.images = images
+        self.ops = ops
+        self.events = events
+        self.env = environment
+        self._io: dict[str, ContainerIO] = {}
+        self._specs: dict[str, dict[str, Any]] = {}
+        self._exit_seen: dict[str, asyncio.Event] = {}
+        self._early_exits: dict[str, TaskExit] = {}
+        self.status_provider: Callable[[str], Awaitable[cri.PodSandboxStatus | None]] | None = None
+
+    def io_dir(self, container_id: str) -> Path:
+        return self.env.state_dir / "containers" / container_id
+
+    # persistence
+
+    def _metadata(self, container: Container) -> dict[str, Any]:
+        return {
+            "id": container.id,
+            "name": container.name,
+            "sandboxId": container.sandbox_id,
+            "config": container.config.to_dict(),
+            "imageRef": container.image_ref,
+            "imageId": container.image_id,
+            "imageRepoRef": container.image_repo_ref,
+            "createdAt": container.created_at,
+            "logPath": container.log_path,
+            "stopSignal": container.stop_signal,
+            "user": [*container.user[:2], list(container.user[2])] if container.user else None,
+        }
+
+    async def _persist_exit(self, container: Container) -> None:
+        data = self._metadata(container)
+        data.update(
+            startedAt=container.started_at,
+            finishedAt=container.finished_at,
+            exitCode=container.exit_code,
+            reason=container.reason,
+            message=container.message,
+        )
+        try:
+            await self.ops.update_extension(
+                container.id, METADATA_EXTENSION, pack_json(METADATA_TYPE_URL, data)
+            )
+        except Exception as err:  # the record in memory is still right
+            log_event(
+                log,
+                "could not persist exit",
+                level=logging.WARNING,
+                container=container.id,
+                error=err,
+            )
+
+    def _publish(self, container: Container, kind: cri.ContainerEventType) -> None:
+        self.events.publish(
+            cri.ContainerEventResponse(
+                container_id=container.id,
+                container_event_type=kind,
+                created_at=time.time_ns(),
+                containers_statuses=[container.to_status()],
+            )
+        )
+
+    # create
+
+    async def create(self, sandbox: Sandbox, config: cri.ContainerConfig) -> str:
+        metadata = config.metadata or cri.ContainerMetadata()
+        if sandbox.state is not SandboxState.READY:
+            raise failed_precondition(f"pod sandbox {sandbox.id} is not ready")
+        image_spec = config.image or cri.ImageSpec()
+        image = self.images.get(image_spec.image)
+        if image is None:
+            raise not_found(f"image {image_spec.image!r} not found; pull it first")
+        name = container_name(sandbox.name, metadata)
+        owner = self.store.names.owner(name)
+        if owner is not None:
+            existing = self.store.by_id.find(owner)
+            if existing is not None and existing.state is ContainerState.CREATED:
+                log_event(log, "container reused for retried create", container=owner)
+                return owner
+            raise already_exists(f"container name {name!r} is reserved for {owner}")
+        log_path = log_path_for(sandbox, config.log_path)
+        container = Container(
+            id=new_id(),
+            name=name,
+            sandbox_id=sandbox.id,
+            config=config,
+            image_ref=image_spec.image,
+            image_id=image.id,
+            image_repo_ref=(image.repo_digests or [image.id])[0],
+            created_at=time.time_ns(),
+            log_path=log_path,
+            stop_signal=stop_signal(config, runtime_config(image.config)),
+        )
+        self.store.names.reserve(name, container.id)
+        try:
+            await self._create_in_containerd(
+                container, sandbox, runtime_config(image.config), image.chain_id
+            )
+        except BaseException:
+            self.store.names.release(name, container.id)
+            await asyncio.shield(self._forget(container))
+            raise
+        self.store.add(container)
+        self._publish(container, cri.ContainerEventType.CONTAINER_CREATED_EVENT)
+        log_event(log, "container created", container=container.id, pod=sandbox.id, name=name)
+        return container.id
+
+    async def _create_in_containerd(
+        self, container: Container, sandbox: Sandbox, image_config: dict[str, Any], chain_id: str
+    ) -> None:
+        async with self.ops.creation_lease() as lease:
+            await self._prepare_and_create(container, sandbox, image_config, chain_id, lease)
+
+    async def _prepare_and_create(
+        self,
+        container: Container,
+        sandbox: Sandbox,
+        image_config: dict[str, Any],
+        chain_id: str,
+        lease: str,
+    ) -> None:
+        mounts = await self.ops.prepare_snapshot(container.id, chain_id, lease=lease)
+        passwd = await read_image_file(mounts, "/etc/passwd")
+        group = await read_image_file(mounts, "/etc/group")
+        dirs = SandboxDirs(self.env.sandbox_dirs_root, sandbox.id)
+        inputs = ContainerSpecInput(
+            container_id=container.id,
+            config=container.config,
+            sandbox=SandboxView(
+                sandbox_id=sandbox.id,
+                pid=sandbox.pid,
+                config=sandbox.config,
+                hostname_path=str(dirs.hostname),
+                hosts_path=str(dirs.hosts),
+                resolv_conf_path=str(dirs.resolv_conf),
+                shm_path=str(dirs.shm),
+            ),
+            image_config=image_config,
+            image_name=container.image_ref,
+            passwd=passwd,
+            group=group,
+            cgroup_driver=self.env.cgroup_driver,
+            oom_score_adj_floor=self.env.oom_score_adj_floor,
+            seccomp_localhost_root=self.env.seccomp_localhost_root,
+            apparmor_available=self.env.apparmor_available,
+            recursive_readonly_supported=self.env.recursive_readonly_supported,
+            # Missing host paths are created, symlinks resolved, as containerd does.
+            resolve_mount_source=ensure_mount_source,
+        )
+        # Building stats devices and may create mount sources: off the event loop.
+        spec = await asyncio.to_thread(build_container_spec, inputs)
+        user = spec["process"]["user"]
+        container.user = (
+            int(user.get("uid", 0)),
+            int(user.get("gid", 0)),
+            tuple(int(g) for g in user.get("additionalGids", [])),
+        )
+        linux = container.config.linux
+        container.resources = linux.resources if linux is not None else None
+        labels = {
+            **dict(container.config.labels),
+            KIND_LABEL: CONTAINER_KIND,
+            SANDBOX_LABEL: sandbox.id,
+        }
+        await self.ops.create_container(
+            container.id,
+            image=container.image_ref,
+            spec=spec,
+            labels=labels,
+            extensions={
+                METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, self._metadata(container))
+            },
+            snapshot_key=container.id,
+            lease=lease,
+        )
+        self._specs[container.id] = spec
+
+    async def _forget(self, container: Container) -> None:
+        await self.ops.delete_container(container.id)
+        await self.ops.remove_snapshot(container.id)
+
+    # start
+
+    async def start(self, container: Container) -> None:
+        async with container.lock:
+            if container.state is not ContainerState.CREATED:
+                raise failed_precondition(
+                    f"container {container.id} is {container.state.value}, not created"
+                )
+            sandbox = self.sandboxes.by_id.find(container.sandbox_id)
+            if sandbox is None or sandbox.state is not SandboxState.READY:
+                raise failed_precondition(f"pod sandbox {container.sandbox_id} is not ready")
+            io = ContainerIO(
+                self.io_dir(container.id) / "io",
+                container.id,
+                stdin=container.config.stdin,
+                tty=container.config.tty,
+                log_path=container.log_path,
+            )
+            self._io[container.id] = io
+            self._exit_seen[container.id] = asyncio.Event()
+            try:
+                await io.open()
+                mounts = await self.ops.prepare_snapshot(container.id, "")
+                stdin, stdout, stderr = io.stdio()
+                await self.ops.create_task(
+                    container.id,
+                    mounts,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    terminal=container.config.tty,
+                )
+                io.task_created()
+                # Taken before the start call: the exit time containerd reports for a
+                # process that ends at once must never precede it.
+                started_at = time.time_ns()
+                container.pid = await self.ops.start_task(container.id)
+            except BaseException as err:
+                self._early_exits.pop(container.id, None)
+                await asyncio.shield(self._start_failed(container, io, err))
+                raise
+            container.state = ContainerState.RUNNING
+            container.started_at = started_at
+        self._publish(container, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
+        log_event(log, "container started", container=container.id, pid=container.pid)
+        early = self._early_exits.pop(container.id, None)
+        if early is not None:
+            await self._finish(container, early.exit_code, _ns(early.exited_at))
+
+    async def _start_failed(
+        self, container: Container, io: ContainerIO, err: BaseException
+    ) -> None:
+        await self.ops.kill(container.id)
+        await self.ops.delete_task(container.id)
+        await io.close()
+        self._io.pop(container.id, None)
+        container.state = ContainerState.EXITED
+        container.exit_code = START_ERROR_EXIT_CODE
+        container.reason = "StartError"
+        container.message = str(err)
+        container.finished_at = time.time_ns()
+        await self._persist_exit(container)
+
+    # exit
+
+    async def on_task_exit(self, event: TaskExit) -> None:
+        container = self.store.by_id.find(event.container_id) if event.is_init else None
+        if container is None or container.id != event.container_id:
+            return
+        if container.state is ContainerState.CREATED and container.id in self._io:
+            # Exited before StartContainer returned; finished once the start completes.
+            self._early_exits[container.id] = event
+            return
+        await self._finish(container, event.exit_code, _ns(event.exited_at))
+
+    async def on_oom(self, container_id: str) -> None:
+        container = self.store.by_id.find(container_id)
+        if container is not None and container.id == container_id:
+            container.oom_killed = True
+
+    async def _finish(self, container: Container, exit_code: int, finished_at: int) -> None:
+        """Record an exit once, whichever of event stream and Stop sees it first."""
+        if container.state is not ContainerState.RUNNING:
+            return
+        container.state = ContainerState.EXITED
+        container.exit_code = exit_code
+        container.finished_at = finished_at
+        container.pid = 0
+        if container.oom_killed:
+            container.reason = "OOMKilled"
+        else:
+            container.reason = "Completed" if exit_code == 0 else "Error"
+        seen = self._exit_seen.get(container.id)
+        if seen is not None:
+            seen.set()
+        await self.ops.delete_task(container.id)
+        io = self._io.pop(container.id, None)
+        if io is not None:
+            await io.drained(DRAIN_SECONDS)
+            await io.close()
+        await self._persist_exit(container)
+        self._publish(container, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
+        log_event(
+            log,
+            "container exited",
+            container=container.id,
+            exit_code=exit_code,
+            reason=container.reason,
+        )
+
+    # stop / remove
+
+    async def stop(self, container: Container, timeout: int) -> None:
+        """Stop signal, then SIGKILL after `timeout` seconds; a no-op once exited."""
+        if container.state is not ContainerState.RUNNING:
+            return
+        seen = self._exit_seen.setdefault(container.id, asyncio.Event())
+        if timeout > 0:
+            await self.ops.kill(container.id, _signal_number(container.stop_signal))
+            try:
+                await asyncio.wait_for(seen.wait(), timeout)
+            except TimeoutError:
+                log_event(
+                    log,
+                    "stop signal ignored; killing",
+                    container=container.id,
+                    signal=container.stop_signal,
+                    timeout_s=timeout,
+                )
+        if container.state is ContainerState.RUNNING:
+            await self.ops.kill(container.id, signals.SIGKILL, all_processes=True)
+            exit_info = await self.ops.wait(container.id)
+            if exit_info is not None:
+                await self._finish(container, exit_info.exit_code, _ns(exit_info.exited_at))
+            elif container.state is ContainerState.RUNNING:
+                await self._finish(container, 137, time.time_ns())
+
+    async def remove(self, container: Container) -> None:
+        await self.stop(container, 0)
+        async with container.lock:
+            await self.ops.delete_task(container.id)
+            io = self._io.pop(container.id, None)
+            if io is not None:
+                await io.close()
+            await self._forget(container)
+            await asyncio.to_thread(_rmtree, self.io_dir(container.id))
+            self.store.remove(container)
+            self._specs.pop(container.id, None)
+            self._exit_seen.pop(container.id, None)
+        self._publish(container, cri.ContainerEventType.CONTAINER_DELETED_EVENT)
+        log_event(log, "container removed", container=container.id)
+
+    async def stop_pod(self, sandbox: Sandbox) -> None:
+        await asyncio.gather(*(self.stop(c, 0) for c in self.store.in_sandbox(sandbox.id)))
+
+    async def remove_pod(self, sandbox: Sandbox) -> None:
+        for container in self.store.in_sandbox(sandbox.id):
+            await self.remove(container)
+
+    # logs
+
+    async def reopen_log(self, container: Container) -> None:
+        io = self._io.get(container.id)
+        if container.state is not ContainerState.RUNNING or io is None:
+            raise failed_precondition(f"container {container.id} is not running")
+        await io.reopen_log()
+
+    def spec(self, container_id: str) -> dict[str, Any] | None:
+        return self._specs.get(container_id)
+
+    async def load_spec(self, container_id: str) -> dict[str, Any]:
+        cached = self._specs.get(container_id)
+        if cached is not None:
+            return cached
+        record = await self.ops.get_container(container_id)
+        if record is None:
+            raise not_found(f"container {container_id} not found in containerd")
+        spec = unpack_json(record.spec)
+        if not isinstance(spec, dict):
+            raise failed_precondition(f"container {container_id} has no runtime spec")
+        self._specs[container_id] = spec
+        return spec
+
+    # recovery
+
+    async def load(self) -> None:
+        """Rebuild the store from containerd; re-attach log copiers to running tasks."""
+        records = await self.ops.list_containers(f'labels."{KIND_LABEL}"=={CONTAINER_KIND}')
+        for record in records:
+            data = unpack_json(record.extensions.get(METADATA_EXTENSION))
+            if not isinstance(data, dict) or record.id in self.store.by_id:
+                continue
+            user = data.get("user")
+            container = Container(
+                id=record.id,
+                name=data["name"],
+                sandbox_id=data["sandboxId"],
+                config=cri.ContainerConfig.from_dict(data["config"]),
+                image_ref=data.get("imageRef", ""),
+                image_id=data.get("imageId", ""),
+                image_repo_ref=data.get("imageRepoRef", ""),
+                created_at=int(data.get("createdAt", 0)),
+                log_path=data.get("logPath", ""),
+                stop_signal=data.get("stopSignal", "SIGTERM"),
+                user=(int(user[0]), int(user[1]), tuple(user[2])) if user else None,
+            )
+            linux = container.config.linux
+            container.resources = linux.resources if linux is not None else None
+            task = await self.ops.task(record.id)
+            if task is not None and task.status == TaskStatus.RUNNING:
+                container.state = ContainerState.RUNNING
+                container.pid = task.pid
+                container.started_at = int(data.get("startedAt", 0)) or container.created_at
+                io = ContainerIO(
+                    self.io_dir(record.id) / "io",
+                    record.id,
+                    stdin=container.config.stdin,
+                    tty=container.config.tty,
+                    log_path=container.log_path,
+                )
+                await io.open(fresh=False)
+                self._io[record.id] = io
+                self._exit_seen[record.id] = asyncio.Event()
+            elif task is not None:
+                container.state = ContainerState.RUNNING
+                self.store.add(container)
+                self.store.names.reserve(container.name, container.id)
+                await self._finish(container, task.exit_code, _ns(task.exited_at))
+                continue
+            elif "finishedAt" in data:
+                container.state = ContainerState.EXITED
+                container.started_at = int(data.get("startedAt", 0))
+                container.finished_at = int(data["finishedAt"])
+                container.exit_code = int(data.get("exitCode", 0))
+                container.reason = data.get("reason", "")
+                container.message = data.get("message", "")
+            self.store.add(container)
+            self.store.names.reserve(container.name, container.id)
+        log_event(log, "containers loaded", count=len(self.store.by_id))
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

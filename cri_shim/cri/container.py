@@ -1,0 +1,137 @@
+"""CreateContainer, StartContainer, StopContainer, RemoveContainer,
+ContainerStatus, ListContainers, UpdateContainerResources, ReopenContainerLog,
+ExecSync and GetContainerEvents.
+
+Status and List answer from the in-memory store; Stop and Remove of an
+unknown id succeed so kubelet's retries after restarts never fail.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from cri_shim.container.events import ContainerEventBus
+from cri_shim.container.exec_sync import ExecTimeout, exec_sync
+from cri_shim.container.lifecycle import ContainerManager
+from cri_shim.errors import failed_precondition, invalid_argument, require
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.oci.errors import SpecError
+from cri_shim.store.containers import ContainerState, ContainerStore
+from cri_shim.store.sandboxes import SandboxStore
+
+MAX_NAME_LENGTH = 253
+
+
+class ContainerHandlers:
+    def __init__(
+        self,
+        store: ContainerStore,
+        sandboxes: SandboxStore,
+        manager: ContainerManager,
+        events: ContainerEventBus,
+    ) -> None:
+        self.store = store
+        self.sandboxes = sandboxes
+        self.manager = manager
+        self.events = events
+
+    async def create_container(
+        self, request: cri.CreateContainerRequest
+    ) -> cri.CreateContainerResponse:
+        require(request.pod_sandbox_id, "pod_sandbox_id")
+        config = request.config
+        if config is None or config.metadata is None:
+            raise invalid_argument("config.metadata must be set")
+        require(config.metadata.name, "config.metadata.name")
+        if len(config.metadata.name) > MAX_NAME_LENGTH:
+            raise invalid_argument(f"config.metadata.name exceeds {MAX_NAME_LENGTH} characters")
+        if config.image is None or not config.image.image:
+            raise invalid_argument("config.image.image must not be empty")
+        sandbox = self.sandboxes.by_id.get(request.pod_sandbox_id)
+        try:
+            container_id = await self.manager.create(sandbox, config)
+        except SpecError as err:
+            raise invalid_argument(str(err)) from err
+        return cri.CreateContainerResponse(container_id=container_id)
+
+    async def start_container(
+        self, request: cri.StartContainerRequest
+    ) -> cri.StartContainerResponse:
+        require(request.container_id, "container_id")
+        await self.manager.start(self.store.by_id.get(request.container_id))
+        return cri.StartContainerResponse()
+
+    async def stop_container(self, request: cri.StopContainerRequest) -> cri.StopContainerResponse:
+        require(request.container_id, "container_id")
+        if request.timeout < 0:
+            raise invalid_argument("timeout must not be negative")
+        container = self.store.by_id.find(request.container_id)
+        if container is not None:
+            await self.manager.stop(container, request.timeout)
+        return cri.StopContainerResponse()
+
+    async def remove_container(
+        self, request: cri.RemoveContainerRequest
+    ) -> cri.RemoveContainerResponse:
+        require(request.container_id, "container_id")
+        container = self.store.by_id.find(request.container_id)
+        if container is not None:
+            await self.manager.remove(container)
+        return cri.RemoveContainerResponse()
+
+    async def container_status(
+        self, request: cri.ContainerStatusRequest
+    ) -> cri.ContainerStatusResponse:
+        require(request.container_id, "container_id")
+        container = self.store.by_id.get(request.container_id)
+        info = {"info": json.dumps(container.verbose_info())} if request.verbose else {}
+        return cri.ContainerStatusResponse(status=container.to_status(), info=info)
+
+    async def list_containers(
+        self, request: cri.ListContainersRequest
+    ) -> cri.ListContainersResponse:
+        return cri.ListContainersResponse(
+            containers=[c.to_cri() for c in self.store.list(request.filter)]
+        )
+
+    async def reopen_container_log(
+        self, request: cri.ReopenContainerLogRequest
+    ) -> cri.ReopenContainerLogResponse:
+        require(request.container_id, "container_id")
+        await self.manager.reopen_log(self.store.by_id.get(request.container_id))
+        return cri.ReopenContainerLogResponse()
+
+    async def exec_sync(self, request: cri.ExecSyncRequest) -> cri.ExecSyncResponse:
+        require(request.container_id, "container_id")
+        if not request.cmd:
+            raise invalid_argument("cmd must not be empty")
+        if request.timeout < 0:
+            raise invalid_argument("timeout must not be negative")
+        container = self.store.by_id.get(request.container_id)
+        if container.state is not ContainerState.RUNNING:
+            raise failed_precondition(f"container {container.id} is not running")
+        spec = await self.manager.load_spec(container.id)
+        try:
+            result = await exec_sync(
+                self.manager.ops,
+                container.id,
+                spec,
+                list(request.cmd),
+                float(request.timeout) if request.timeout else None,
+                self.manager.io_dir(container.id) / "exec",
+            )
+        except ExecTimeout as err:
+            raise GRPCError(Status.DEADLINE_EXCEEDED, str(err)) from err
+        return cri.ExecSyncResponse(
+            stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
+        )
+
+    async def get_container_events(
+        self, request: cri.GetEventsRequest
+    ) -> AsyncIterator[cri.ContainerEventResponse]:
+        async for event in self.events.subscribe():
+            yield event

@@ -1,0 +1,160 @@
+"""In-memory view of containers: answers ContainerStatus and ListContainers
+without a containerd round-trip. Task exit events update it at once."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.store.index import IdIndex, NameIndex
+
+
+class ContainerState(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+    UNKNOWN = "unknown"
+
+
+_CRI_STATE = {
+    ContainerState.CREATED: cri.ContainerState.CONTAINER_CREATED,
+    ContainerState.RUNNING: cri.ContainerState.CONTAINER_RUNNING,
+    ContainerState.EXITED: cri.ContainerState.CONTAINER_EXITED,
+    ContainerState.UNKNOWN: cri.ContainerState.CONTAINER_UNKNOWN,
+}
+
+
+@dataclass
+class Container:
+    id: str
+    name: str
+    sandbox_id: str
+    config: cri.ContainerConfig
+    image_ref: str  # the reference the caller gave (ImageSpec.image)
+    image_id: str  # config digest
+    image_repo_ref: str  # a repo digest of the image, for ContainerStatus.image_ref
+    created_at: int
+    log_path: str
+    stop_signal: str = "SIGTERM"
+    state: ContainerState = ContainerState.CREATED
+    pid: int = 0
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    oom_killed: bool = False
+    # (uid, gid, supplemental gids) the process runs as, reported in ContainerStatus.user.
+    user: tuple[int, int, tuple[int, ...]] | None = None
+    resources: cri.LinuxContainerResources | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
+
+    @property
+    def metadata(self) -> cri.ContainerMetadata:
+        return self.config.metadata or cri.ContainerMetadata()
+
+    def cri_state(self) -> cri.ContainerState:
+        return _CRI_STATE[self.state]
+
+    def image_spec(self) -> cri.ImageSpec:
+        spec = self.config.image or cri.ImageSpec()
+        return cri.ImageSpec(
+            image=self.image_ref,
+            annotations=dict(spec.annotations),
+            user_specified_image=spec.user_specified_image or self.image_ref,
+        )
+
+    def to_cri(self) -> cri.Container:
+        return cri.Container(
+            id=self.id,
+            pod_sandbox_id=self.sandbox_id,
+            metadata=self.metadata,
+            image=self.image_spec(),
+            image_ref=self.image_id,
+            state=self.cri_state(),
+            created_at=self.created_at,
+            labels=dict(self.config.labels),
+            annotations=dict(self.config.annotations),
+            image_id=self.image_id,
+        )
+
+    def to_status(self) -> cri.ContainerStatus:
+        return cri.ContainerStatus(
+            id=self.id,
+            metadata=self.metadata,
+            state=self.cri_state(),
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            exit_code=self.exit_code,
+            image=self.image_spec(),
+            image_ref=self.image_repo_ref or self.image_id,
+            reason=self.reason,
+            message=self.message,
+            labels=dict(self.config.labels),
+            annotations=dict(self.config.annotations),
+            mounts=list(self.config.mounts),
+            log_path=self.log_path,
+            resources=cri.ContainerResources(linux=self.resources) if self.resources else None,
+            image_id=self.image_id,
+            user=self._user(),
+        )
+
+    def _user(self) -> cri.ContainerUser | None:
+        if self.user is None:
+            return None
+        uid, gid, groups = self.user
+        return cri.ContainerUser(
+            linux=cri.LinuxContainerUser(uid=uid, gid=gid, supplemental_groups=list(groups))
+        )
+
+    def verbose_info(self) -> dict[str, Any]:
+        return {
+            "sandboxID": self.sandbox_id,
+            "pid": self.pid,
+            "removing": False,
+            "logPath": self.log_path,
+            "config": self.config.to_dict(),
+        }
+
+
+def container_name(sandbox_name: str, metadata: cri.ContainerMetadata) -> str:
+    """kubelet's unique container name within a pod attempt (containerd's form)."""
+    return f"{metadata.name}_{sandbox_name}_{metadata.attempt}"
+
+
+class ContainerStore:
+    def __init__(self) -> None:
+        self.by_id: IdIndex[Container] = IdIndex("container")
+        self.names = NameIndex()
+
+    def add(self, container: Container) -> None:
+        self.by_id.add(container.id, container)
+
+    def remove(self, container: Container) -> None:
+        self.by_id.discard(container.id)
+        self.names.release(container.name, container.id)
+
+    def in_sandbox(self, sandbox_id: str) -> list[Container]:
+        return [c for c in self.by_id if c.sandbox_id == sandbox_id]
+
+    def list(self, filters: cri.ContainerFilter | None) -> list[Container]:
+        items = list(self.by_id)
+        if filters is None:
+            return items
+        if filters.id:
+            items = [c for c in items if c.id.startswith(filters.id)]
+        if filters.pod_sandbox_id:
+            items = [c for c in items if c.sandbox_id.startswith(filters.pod_sandbox_id)]
+        if filters.state is not None:
+            wanted = filters.state.state
+            items = [c for c in items if c.cri_state() == wanted]
+        if filters.label_selector:
+            selector = dict(filters.label_selector)
+            items = [
+                c for c in items if all(c.config.labels.get(k) == v for k, v in selector.items())
+            ]
+        return items
