@@ -25,6 +25,8 @@ from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 # kubelet's own cap for ExecSync output (and grpc's default message size).
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+# How long a timed-out exec may take to die after SIGKILL before we return anyway.
+KILL_WAIT_SECONDS = 2.0
 
 
 class ExecTimeout(Exception):
@@ -100,11 +102,15 @@ async def exec_sync(
         # The shim opens an exec's FIFOs when it starts the process, not at Exec.
         for reader in readers:
             reader.release_placeholder()
-        try:
-            exit_info = await asyncio.wait_for(waiter, timeout)
-        except TimeoutError as timed_out:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+        if not done:
             await ops.kill(container_id, signals.SIGKILL, exec_id=exec_id)
-            raise ExecTimeout(f"command {cmd!r} timed out after {timeout:g}s") from timed_out
+            # Like containerd, return only once the killed process is gone, so a
+            # caller checking for it right after the timeout does not find it.
+            await asyncio.wait({waiter}, timeout=KILL_WAIT_SECONDS)
+            waiter.cancel()
+            raise ExecTimeout(f"command {cmd!r} timed out after {timeout:g}s")
+        exit_info = waiter.result()
         # Output still in flight after exit; a child holding the pipes must not stall us.
         await asyncio.wait(collectors, timeout=1.0)
         code = exit_info.exit_code if exit_info is not None else -1

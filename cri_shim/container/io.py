@@ -83,6 +83,12 @@ class LogFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return self.path.open("ab", buffering=0)
 
+    async def create(self) -> None:
+        """Open (creating) the file now: kubelet reads it as soon as the container starts."""
+        async with self._lock:
+            if self._handle is None:
+                self._handle = await asyncio.to_thread(self._open)
+
     async def write(self, data: bytes) -> None:
         async with self._lock:
             if self._handle is None:
@@ -139,6 +145,8 @@ class ContainerIO:
         if self.stdin_path is not None and self._stdin_fd is None:
             # Read+write keeps the pipe open for later attach clients; the shim reads.
             self._stdin_fd = os.open(self.stdin_path, os.O_RDWR | os.O_NONBLOCK)
+        if self.log is not None:
+            await self.log.create()
         streams = [("stdout", self.stdout_path)]
         if self.stderr_path is not None:
             streams.append(("stderr", self.stderr_path))
