@@ -231,9 +231,9 @@ def symlink(path: str, target: str) -> Entry:
     return Entry(_norm(path), "symlink", b"", 0o777, 0, 0, target)
 
 
-def hardlink(path: str, target: str) -> Entry:
-    """A hard link to another path of the same layer."""
-    return Entry(_norm(path), "hardlink", b"", 0o644, 0, 0, _norm(target))
+def hardlink(path: str, target: str, mode: int = 0o644) -> Entry:
+    """A hard link; `mode` must be the target's (containerd applies it to the shared inode)."""
+    return Entry(_norm(path), "hardlink", b"", mode, 0, 0, _norm(target))
 
 
 def whiteout(path: str) -> Entry:
@@ -303,8 +303,13 @@ def _complete(entries: Iterable[Entry]) -> list[Entry]:
 def layer_tar(entries: Iterable[Entry]) -> bytes:
     """The uncompressed, reproducible tar stream of ``entries``."""
     buf = io.BytesIO()
+    complete = _complete(entries)
+    # A hard link must follow the file it names, whatever their names sort as.
+    ordered = [e for e in complete if e.kind != "hardlink"] + [
+        e for e in complete if e.kind == "hardlink"
+    ]
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for e in _complete(entries):
+        for e in ordered:
             info = tarfile.TarInfo(e.path)
             info.mtime = EPOCH
             info.uid, info.gid = e.uid, e.gid
@@ -739,7 +744,9 @@ def busybox_rootfs(
     ]
     entries += [directory("root", mode=0o700), directory("tmp", mode=0o1777)]
     entries.append(file("bin/busybox", bb.path.read_bytes(), mode=0o755))
-    entries += [symlink(a, "/bin/busybox") for a in bb.applets if a != "bin/busybox"]
+    # Hard links, as upstream busybox images have: masking one applet's path
+    # (critest masks /bin/ls) must not mask /bin/busybox behind it.
+    entries += [hardlink(a, "bin/busybox", 0o755) for a in bb.applets if a != "bin/busybox"]
     for inside, host in bb.libraries:
         entries.append(file(inside, host.read_bytes(), mode=0o755))
     if bb.dynamic:
@@ -971,25 +978,14 @@ while :; do sleep 3600 & wait; done
 
 def pause_image(*, media: MediaKind = "docker") -> Image:
     """A sandbox (pause) image: ``/pause`` sleeps forever, exits 0 on TERM/INT."""
-    extra = layer([file("pause", _PAUSE, mode=0o755)], created_by="ADD pause /pause")
+    pause: str | bytes = _pause_elf_x86_64() if _platform.machine() == "x86_64" else _PAUSE
+    extra = layer([file("pause", pause, mode=0o755)], created_by="ADD pause /pause")
     cfg = ImageConfig(entrypoint=("/pause",), cmd=None, user="65535:65535")
     return busybox_image(media=media, config=cfg, extra_layers=[extra])
 
 
-def _nnp_elf_x86_64() -> bytes:
-    """A 229-byte static x86-64 ELF printing ``Effective uid: <geteuid()>``.
-
-    busybox drops set-uid privileges itself, so no-new-privileges tests need a
-    real setuid program; hand-assembled to avoid needing a compiler.
-    """
-    code = (
-        bytes.fromhex(
-            "b86b0000000f054883ec40488d74243fc6060ab90a00000031d2f7f180c23048ffce881685c0"
-            "75f0b90f000000488d3d2a00000048ffce8a440fff8806ffc975f3488d5424404829f2bf0100"
-            "0000b8010000000f0531ffb83c0000000f05"
-        )
-        + b"Effective uid: "
-    )
+def _static_elf_x86_64(code: bytes) -> bytes:
+    """A minimal static x86-64 ELF: one loadable segment holding `code`, entry at its start."""
     base, hdr = 0x400000, 64 + 56
     total = hdr + len(code)
     ehdr = struct.pack(
@@ -1011,6 +1007,38 @@ def _nnp_elf_x86_64() -> bytes:
     )
     phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total, 0x1000)
     return ehdr + phdr + code
+
+
+def _nnp_elf_x86_64() -> bytes:
+    """A 229-byte static x86-64 ELF printing ``Effective uid: <geteuid()>``.
+
+    busybox drops set-uid privileges itself, so no-new-privileges tests need a
+    real setuid program; hand-assembled to avoid needing a compiler.
+    """
+    return _static_elf_x86_64(
+        bytes.fromhex(
+            "b86b0000000f054883ec40488d74243fc6060ab90a00000031d2f7f180c23048ffce881685c0"
+            "75f0b90f000000488d3d2a00000048ffce8a440fff8806ffc975f3488d5424404829f2bf0100"
+            "0000b8010000000f0531ffb83c0000000f05"
+        )
+        + b"Effective uid: "
+    )
+
+
+def _pause_elf_x86_64() -> bytes:
+    """A static x86-64 pause like the real one, with no child process of its own
+    (a shell loop's `sleep` shows up in pods sharing the PID namespace).
+
+    It blocks SIGCHLD/SIGTERM/SIGINT and loops on rt_sigtimedwait: SIGCHLD reaps
+    every exited child (wait4 WNOHANG), SIGTERM or SIGINT exits 0.
+    """
+    return _static_elf_x86_64(
+        bytes.fromhex(
+            "31ff488d355d00000031d241ba08000000b80e0000000f05488d3d4700000031f631d241ba08"
+            "000000b8800000000f0583f811751cbfffffffff31f6ba010000004531d2b83d0000000f0585"
+            "c07fe6ebc783f80f740783f8027402ebbb31ffb83c0000000f050240010000000000"
+        )
+    )
 
 
 _NNP_C = """#include <stdio.h>
