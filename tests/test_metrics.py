@@ -18,6 +18,8 @@ from cri_shim.server import Shim
 from cri_shim.settings import SettingsError
 
 from .conftest import CriClient, make_settings, short_tempdir, wait_for
+from .pods import pod_config
+from .support.catalog import ServedCatalog
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -207,3 +209,24 @@ def test_image_code_reports_pulls_through_the_module_hook() -> None:
         value(first.render().decode(), "cri_shim_image_pull_bytes_total", registry="localhost")
         == 10
     )
+
+
+async def test_real_pull_and_pod_gauges_show_in_metrics(
+    pod_shim: Shim, pods: CriClient, pod_images: ServedCatalog
+) -> None:
+    """A pull through the ImageService and a running pod both reach /metrics."""
+    ref = pod_images.local("library/busybox:latest")
+    registry = ref.split("/", 1)[0]
+    before = value(
+        await scrape(pod_shim), "cri_shim_image_pull_duration_seconds_count", registry=registry
+    )
+    await pods.image.remove_image(cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)))
+    await pods.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=pod_config("gauge")))
+    text = await scrape(pod_shim)
+    assert (
+        value(text, "cri_shim_image_pull_duration_seconds_count", registry=registry) == before + 1
+    )
+    assert value(text, "cri_shim_image_pull_bytes_total", registry=registry) > 0
+    assert value(text, "cri_shim_pod_sandboxes", state="ready") >= 1
+    await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(reply.pod_sandbox_id))

@@ -20,6 +20,7 @@ from typing import Any
 
 from grpclib.const import Status
 
+from cri_shim import metrics
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.errors import ContainerdError, ContainerdUnavailable, invalid_argument
 from cri_shim.gen.containerd import types as ctypes
@@ -381,7 +382,7 @@ class ImageManager:
             async def record(lease: str) -> None:
                 await self._record_pull(resolved, content, pin, lease)
 
-            await self.puller.pull(resolved, content, credentials, then=record)
+            downloaded = await self.puller.pull(resolved, content, credentials, then=record)
         except Exception as err:
             mapped = pull_error(err, image)
             if mapped is None:
@@ -398,15 +399,18 @@ class ImageManager:
         found = self.store.get(content.id)
         if found is None:  # removed in the meantime
             raise ContainerdError("Images.Get", Status.NOT_FOUND, f"image {ref} was removed")
+        elapsed = time.monotonic() - started
+        metrics.observe_pull(str(ref), downloaded, elapsed)
         log_event(
             log,
             "pulled image",
+            downloaded_bytes=downloaded,
             ref=str(ref),
             id=content.id,
             digest=resolved.target.digest,
             size=content.size,
             endpoint=resolved.endpoint,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            duration_ms=round(elapsed * 1000, 1),
         )
         return found
 

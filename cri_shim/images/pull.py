@@ -150,18 +150,20 @@ class Puller:
         credentials: Credentials | None,
         *,
         then: Callable[[str], Awaitable[None]],
-    ) -> None:
+    ) -> int:
         """Store and unpack everything `resolved` needs, then run `then(lease id)`
-        (the image records) while the lease still holds it all."""
+        (the image records) while the lease still holds it all. Returns the
+        layer bytes downloaded (layers already unpacked are not fetched)."""
         lease = PullLease(self.client)
         await lease.create(resolved.name)
         failed = True
         try:
-            await self._pull(resolved, content, credentials, lease)
+            downloaded = await self._pull(resolved, content, credentials, lease)
             await then(lease.id)
             failed = False
         finally:
             await asyncio.shield(lease.release(failed=failed))
+        return downloaded
 
     async def _pull(
         self,
@@ -169,7 +171,7 @@ class Puller:
         image: ImageContent,
         credentials: Credentials | None,
         lease: PullLease,
-    ) -> None:
+    ) -> int:
         ref = resolved.reference
         source = {DISTRIBUTION_SOURCE + ref.domain: ref.path}
         # Small documents first, as containerd's puller walks the image.
@@ -186,7 +188,7 @@ class Puller:
         if image.chain_id:
             config_labels[snapshot_gc_label(self.unpacker.snapshotter)] = image.chain_id
         await self._store_bytes(resolved.config, resolved.config_bytes, config_labels, lease)
-        await self._layers(resolved, image, credentials, lease, source)
+        return await self._layers(resolved, image, credentials, lease, source)
 
     async def _first_missing_chain(self, image: ImageContent, lease: PullLease) -> int:
         """Index of the first layer whose chain is not unpacked (len(layers) when all are)."""
@@ -206,7 +208,7 @@ class Puller:
         credentials: Credentials | None,
         lease: PullLease,
         source: dict[str, str],
-    ) -> None:
+    ) -> int:
         first = await self._first_missing_chain(image, lease)
         needed = list(range(first, len(image.layers)))
         progress = PullProgress(
@@ -216,7 +218,7 @@ class Puller:
         )
         if not needed:
             log_event(log, "image already unpacked", level=logging.DEBUG, ref=resolved.name)
-            return
+            return 0
         log_event(log, "pulling image layers", **progress.fields())
         semaphore = asyncio.Semaphore(self.registry.max_concurrent_downloads)
         downloads: dict[int, asyncio.Future[None]] = {}
@@ -248,6 +250,7 @@ class Puller:
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
         log_event(log, "image layers pulled and unpacked", **progress.fields())
+        return progress.bytes_done
 
     async def _report(self, progress: PullProgress) -> None:
         while True:
