@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,87 @@ async def test_sandboxes_survive_a_shim_restart(
     assert after.state == cri.PodSandboxState.SANDBOX_READY
     assert after.network.ip == before.network.ip
     assert after.created_at == before.created_at
+
+
+async def test_broken_network_config_fails_clearly_and_leaves_nothing(
+    containerd: EmbeddedContainerd, pod_shim: Shim
+) -> None:
+    base = short_tempdir("crishim-badnet-")
+    (base / "cni").mkdir()
+    (base / "cni" / "10-bad.conflist").write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": "broken",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": "crishimbad0",
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": "10.999.0.0/24"}]],
+                            "dataDir": str(base / "ipam"),
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    settings = make_settings(
+        base,
+        containerd.address,
+        cni__conf_dir=str(base / "cni"),
+        cni__bin_dirs=(CNI_BIN,),
+        cni__netns_dir=str(base / "netns"),
+        registry__config_path=pod_shim.settings.registry.config_path,
+        containerd__namespace="crishim-badnet",
+    )
+    shim = Shim(settings)
+    await shim.start()
+    client = CriClient.connect(shim.socket_path)
+
+    def leftovers() -> dict[str, list[str]]:
+        def names(path: Path) -> list[str]:
+            return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+        return {
+            "netns pins": names(base / "netns"),
+            "ip allocations": names(base / "ipam" / "broken"),
+            "sandbox dirs": names(settings.state_path / "sandboxes"),
+        }
+
+    async def containerd_objects() -> tuple[int, int]:
+        assert shim.sandbox_manager is not None
+        ops = shim.sandbox_manager.ops
+        containers = await ops.list_containers()
+        from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
+
+        snapshots = [
+            info
+            async for reply in ops.client.snapshots.list(
+                snapshots_v1.ListSnapshotsRequest(snapshotter="overlayfs")
+            )
+            for info in reply.info
+            if info.kind != 3  # committed image layers stay
+        ]
+        return len(containers), len(snapshots)
+
+    try:
+        before, before_objects = leftovers(), await containerd_objects()
+        with pytest.raises(GRPCError) as caught:
+            await client.runtime.run_pod_sandbox(
+                cri.RunPodSandboxRequest(config=pod_config("badnet"))
+            )
+        assert caught.value.status is Status.UNKNOWN
+        message = caught.value.message or ""
+        assert message.startswith("failed to set up pod network: ")
+        assert "10.999.0.0/24" in message and "bridge" in message
+        assert "Traceback" not in message
+        assert leftovers() == before
+        assert await containerd_objects() == before_objects
+        listed = await client.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())
+        assert listed.items == []
+    finally:
+        client.close()
+        await shim.stop()
+        subprocess.run(["ip", "link", "delete", "crishimbad0"], check=False, capture_output=True)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 
-from cri_shim.errors import invalid_argument, not_found, require
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from cri_shim.errors import failed_precondition, invalid_argument, not_found, require
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.network.cni import CniError, CniNotReady
 from cri_shim.oci.sandbox_spec import SpecError
 from cri_shim.sandbox.files import SandboxFilesError
 from cri_shim.sandbox.lifecycle import SandboxManager
@@ -61,6 +65,11 @@ class SandboxHandlers:
             sandbox_id = await self.manager.run(config, handler)
         except (SpecError, SandboxFilesError) as err:
             raise invalid_argument(str(err)) from err
+        except CniNotReady as err:
+            raise failed_precondition(f"pod network is not ready: {err}") from err
+        except CniError as err:
+            # The plugin's own words; like containerd, the call fails as UNKNOWN.
+            raise GRPCError(Status.UNKNOWN, f"failed to set up pod network: {err}") from err
         return cri.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
 
     async def stop_pod_sandbox(
