@@ -33,7 +33,7 @@ from cri_shim.cri.image import ImageHandlers
 from cri_shim.cri.image_service import ImageService
 from cri_shim.cri.runtime_service import RuntimeService
 from cri_shim.cri.sandbox import SandboxHandlers
-from cri_shim.cri.status import StatusHandlers
+from cri_shim.cri.status import RuntimeFacts, StatusHandlers
 from cri_shim.gen.google.protobuf import Empty
 from cri_shim.host import (
     CgroupDriver,
@@ -192,7 +192,13 @@ class Shim:
         await self.pod_cidrs.load()
         cgroup_driver = detect_cgroup_driver(settings.runtime.cgroup_driver)
         sandboxes, containers = await self._start_runtime(cgroup_driver)
-        status = StatusHandlers(settings, self.health, self.network, self.pod_cidrs, cgroup_driver)
+        facts = RuntimeFacts(
+            recursive_read_only_mounts=recursive_readonly_supported(),
+            supplemental_groups_policy=True,
+        )
+        status = StatusHandlers(
+            settings, self.health, self.network, self.pod_cidrs, cgroup_driver, facts
+        )
         self._server = CriServer(
             [
                 RuntimeService(self.instrument, status, sandboxes, containers),

@@ -32,7 +32,8 @@ RUNTIME_NOT_READY_REASON = "ContainerdNotServing"
 
 @dataclass
 class RuntimeFacts:
-    """What Status reports about runtime handlers; filled in as features land."""
+    """What Status reports about runtime handlers and features (the server fills
+    it from what the host and this runtime support)."""
 
     handlers: tuple[str, ...] = ("", "runc")
     recursive_read_only_mounts: bool = False
