@@ -24,6 +24,7 @@ from cri_shim.images.content import ContentStore
 from cri_shim.images.lease import PullLease
 from cri_shim.images.store import ImageContent
 from cri_shim.images.unpack import Unpacker
+from cri_shim.keyed_locks import KeyedLocks
 from cri_shim.logs import log_event
 from cri_shim.registry.client import RegistryClient
 from cri_shim.registry.types import Credentials, Descriptor, ResolvedImage
@@ -87,27 +88,6 @@ def index_child_labels(index_bytes: bytes, manifest_digest: str) -> dict[str, st
     return labels
 
 
-class _KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-
 async def _all_or_nothing(jobs: list[Awaitable[None]]) -> None:
     """Run jobs concurrently; the first failure cancels the rest and is raised."""
     tasks = [asyncio.ensure_future(job) for job in jobs]
@@ -140,8 +120,8 @@ class Puller:
         self.unpacker = unpacker
         self.progress_interval = progress_interval
         # Two pulls sharing a blob (different images, same base layer) write it once.
-        self._blob_locks = _KeyedLocks()
-        self._chain_locks = _KeyedLocks()
+        self._blob_locks = KeyedLocks()
+        self._chain_locks = KeyedLocks()
 
     async def pull(
         self,

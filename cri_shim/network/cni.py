@@ -17,19 +17,19 @@ sandboxes run in parallel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cri_shim.checkpoint import read_json, write_json
+from cri_shim.keyed_locks import KeyedLocks
 from cri_shim.logs import log_event
 from cri_shim.network.cni_config import NetworkConfig
 from cri_shim.network.command import CommandTimeout, run_command
@@ -680,27 +680,6 @@ class ResultCache:
 # The API the sandbox code uses
 
 
-class _KeyedLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-
 class PodNetwork:
     """Sets up and tears down pod networks with the node's current CNI config."""
 
@@ -719,7 +698,7 @@ class PodNetwork:
         cache_dir = settings.cni.cache_dir or str(settings.state_path / "cni-cache")
         self.cache = ResultCache(Path(cache_dir))
         self.runner = CniRunner(settings.cni.bin_dirs, settings.cni.plugin_timeout)
-        self._locks = _KeyedLocks()
+        self._locks = KeyedLocks()
 
     # namespaces, with the configured pin directory
 
