@@ -336,7 +336,7 @@ class RuntimeOps:
                 ),
             )
         except ContainerdError as err:
-            if _missing(err) or "process already finished" in err.detail:
+            if _missing(err) or "process already finished" in err.detail or SHIM_GONE in err.detail:
                 return False
             raise
         return True
@@ -344,20 +344,28 @@ class RuntimeOps:
     async def wait(
         self, container_id: str, exec_id: str = "", timeout: float | None = None
     ) -> ExitInfo | None:
-        """Block until the process exits; None if it does not exist."""
-        try:
-            reply = await self.client.call(
-                "Tasks.Wait",
-                self.client.tasks.wait(
-                    tasks_v1.WaitRequest(container_id=container_id, exec_id=exec_id),
-                    timeout=timeout,
-                ),
-            )
-        except ContainerdError as err:
-            if _missing(err):
-                return None
-            raise
-        return ExitInfo(reply.exit_status, reply.exited_at)
+        """Block until the process exits; None if it does not exist (any more)."""
+        for attempt in range(SHIM_GONE_RETRIES):
+            try:
+                reply = await self.client.call(
+                    "Tasks.Wait",
+                    self.client.tasks.wait(
+                        tasks_v1.WaitRequest(container_id=container_id, exec_id=exec_id),
+                        timeout=timeout,
+                    ),
+                )
+            except ContainerdError as err:
+                if _missing(err):
+                    return None
+                if SHIM_GONE in err.detail and attempt + 1 < SHIM_GONE_RETRIES:
+                    # The task's shim exited under the call; ask again for its exit.
+                    await asyncio.sleep(0.2)
+                    continue
+                if SHIM_GONE in err.detail:
+                    return None
+                raise
+            return ExitInfo(reply.exit_status, reply.exited_at)
+        return None
 
     async def delete_task(self, container_id: str) -> ExitInfo | None:
         """Delete the task; a shim that is exiting under us ("ttrpc: closed") is
