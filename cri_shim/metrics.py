@@ -2,9 +2,8 @@
 
 `Metrics` owns its own `CollectorRegistry`, so several shims in one process
 (the tests) never share counters. RPC metrics are fed by
-`Instrumentation.observers`; image code reports pulls through the module-level
-`observe_pull`, which forwards to the running shim's `Metrics` (or does nothing
-when none is installed), so it needs no reference threaded through to it.
+`Instrumentation.observers`; the image manager reports each finished pull to
+`Metrics.observe_pull`, handed to it by the shim.
 Sandbox and container counts are read at scrape time from providers the stores
 register, so they can never drift from the stores themselves.
 
@@ -15,7 +14,6 @@ socket is in place) with aiohttp on the shim's own event loop.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -157,32 +155,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-# Installed shims' metrics, latest last: reports go to the most recent one
-# still running (several shims share a process only in the tests).
-_installed: list[Metrics] = []
-
-
-def install(metrics: Metrics) -> None:
-    _installed.append(metrics)
-
-
-def uninstall(metrics: Metrics) -> None:
-    """Forget `metrics`; an earlier shim still running becomes current again."""
-    with contextlib.suppress(ValueError):
-        _installed.remove(metrics)
-
-
-def current() -> Metrics | None:
-    return _installed[-1] if _installed else None
-
-
-def observe_pull(ref: str, nbytes: int, seconds: float) -> None:
-    """For image code: record a finished pull on the running shim, if any."""
-    metrics = current()
-    if metrics is not None:
-        metrics.observe_pull(ref, nbytes, seconds)
-
-
 # Problems that make the shim unfit to run pods; empty when healthy.
 HealthCheck = Callable[[], Awaitable[list[str]]]
 
@@ -256,9 +228,5 @@ __all__ = [
     "STATE_KINDS",
     "Metrics",
     "MetricsServer",
-    "current",
-    "install",
-    "observe_pull",
     "registry_of",
-    "uninstall",
 ]

@@ -20,7 +20,6 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.server import Server, Stream
 
-from cri_shim import metrics as metrics_hook
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.lifecycle import ContainerEnvironment, ContainerManager
 from cri_shim.containerd.client import ContainerdClient
@@ -185,7 +184,7 @@ class Shim:
         self.client = await self._connect_containerd()
         self.health = ContainerdHealth(self.client, settings.containerd.health_interval)
         await self.health.start()
-        self.images = ImageManager(settings, self.client)
+        self.images = ImageManager(settings, self.client, on_pull=self.metrics.observe_pull)
         await self.images.start()
         self.health.on_reconnect(self.images.reload)
         await self.network.start()
@@ -293,7 +292,6 @@ class Shim:
 
     async def _start_metrics(self) -> None:
         """Metrics are always collected; the HTTP endpoint only when enabled."""
-        metrics_hook.install(self.metrics)
         config = self.settings.metrics
         if not config.enabled:
             return
@@ -332,7 +330,6 @@ class Shim:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
-        metrics_hook.uninstall(self.metrics)
         served = self._server is not None
         if self._server is not None:
             self._server.stop_accepting()

@@ -20,7 +20,6 @@ from typing import Any
 
 from grpclib.const import Status
 
-from cri_shim import metrics
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.errors import ContainerdError, ContainerdUnavailable, invalid_argument
 from cri_shim.gen.containerd import types as ctypes
@@ -86,6 +85,9 @@ def _flight_key(ref: Reference, credentials: Credentials | None) -> str:
     return f"{ref}#{hashlib.sha256(secret.encode()).hexdigest()[:16]}"
 
 
+PullObserver = Callable[[str, int, float], None]
+
+
 class ImageManager:
     def __init__(
         self,
@@ -93,9 +95,12 @@ class ImageManager:
         client: ContainerdClient,
         *,
         registry: RegistryClient | None = None,
+        on_pull: PullObserver | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
+        # Told of every finished pull (ref, bytes downloaded, seconds): metrics.
+        self.on_pull = on_pull
         self.store = ImageStore()
         self.registry = registry or RegistryClient(settings.registry)
         self.content = ContentStore(client, timeout=settings.registry.stall_timeout)
@@ -400,7 +405,8 @@ class ImageManager:
         if found is None:  # removed in the meantime
             raise ContainerdError("Images.Get", Status.NOT_FOUND, f"image {ref} was removed")
         elapsed = time.monotonic() - started
-        metrics.observe_pull(str(ref), downloaded, elapsed)
+        if self.on_pull is not None:
+            self.on_pull(str(ref), downloaded, elapsed)
         log_event(
             log,
             "pulled image",
