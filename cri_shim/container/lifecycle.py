@@ -50,6 +50,7 @@ METADATA_TYPE_URL = "cri-shim.io/container-metadata/v1"
 # How long output may keep arriving after the process exited (children holding stdout).
 DRAIN_SECONDS = 2.0
 START_ERROR_EXIT_CODE = 128
+UNKNOWN_EXIT_CODE = 255
 
 
 @dataclass(frozen=True)
@@ -486,7 +487,10 @@ class ContainerManager:
         records = await self.ops.list_containers(f'labels."{KIND_LABEL}"=={CONTAINER_KIND}')
         for record in records:
             data = unpack_json(record.extensions.get(METADATA_EXTENSION))
-            if not isinstance(data, dict) or record.id in self.store.by_id:
+            if not isinstance(data, dict):
+                continue
+            if record.id in self.store.by_id:
+                await self._resync(record.id)
                 continue
             user = data.get("user")
             container = Container(
@@ -509,20 +513,23 @@ class ContainerManager:
                 container.state = ContainerState.RUNNING
                 container.pid = task.pid
                 container.started_at = int(data.get("startedAt", 0)) or container.created_at
-                io = ContainerIO(
-                    self.io_dir(record.id) / "io",
-                    record.id,
-                    stdin=container.config.stdin,
-                    tty=container.config.tty,
-                    log_path=container.log_path,
-                )
+                io = self._container_io(container)
                 await io.open(fresh=False)
                 self._io[record.id] = io
                 self._exit_seen[record.id] = asyncio.Event()
             elif task is not None:
+                # Exited while the shim was away: copy what its FIFOs still hold
+                # into the log, then record the real exit.
                 container.state = ContainerState.RUNNING
+                container.started_at = int(data.get("startedAt", 0)) or container.created_at
                 self.store.add(container)
                 self.store.names.reserve(container.name, container.id)
+                io = self._container_io(container)
+                # A placeholder writer opened and dropped at once: the FIFOs have
+                # no writer left, so the copier sees EOF right after the buffered bytes.
+                await io.open()
+                io.task_created()
+                self._io[record.id] = io
                 await self._finish(container, task.exit_code, _ns(task.exited_at))
                 continue
             elif "finishedAt" in data:
@@ -535,6 +542,31 @@ class ContainerManager:
             self.store.add(container)
             self.store.names.reserve(container.name, container.id)
         log_event(log, "containers loaded", count=len(self.store.by_id))
+
+    def _container_io(self, container: Container) -> ContainerIO:
+        return ContainerIO(
+            self.io_dir(container.id) / "io",
+            container.id,
+            stdin=container.config.stdin,
+            tty=container.config.tty,
+            log_path=container.log_path,
+        )
+
+    async def _resync(self, container_id: str) -> None:
+        """A container already known: exits missed while the event stream was down
+        (containerd restarting) are recorded from the task's own state."""
+        container = self.store.by_id.find(container_id)
+        if container is None or container.state is not ContainerState.RUNNING:
+            return
+        task = await self.ops.task(container_id)
+        if task is not None and task.status == TaskStatus.RUNNING:
+            return
+        if task is None:
+            # Deleted behind our back: the exit code is gone with it (containerd's CRI says 255).
+            await self._finish(container, UNKNOWN_EXIT_CODE, time.time_ns())
+        else:
+            await self._finish(container, task.exit_code, _ns(task.exited_at))
+        log_event(log, "missed exit picked up by resync", container=container_id)
 
 
 def _rmtree(path: Path) -> None:
