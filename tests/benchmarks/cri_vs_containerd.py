@@ -1,0 +1,507 @@
+"""CRI latency: cri-shim against containerd's built-in CRI plugin, one machine, one run.
+
+    python -m tests.benchmarks.cri_vs_containerd [--containers 100,500,1000] [--rounds 20]
+        [--json out.json] [--png out.png]
+
+Two private containerd 1.6 daemons: one with its own CRI plugin (its grpc
+socket is the CRI endpoint), one without it and driven by `cri-shim serve` in
+a subprocess (so its RSS is its own). Each gets its own CNI bridge and subnet;
+both pull from the same local registries (pause under its real name through a
+mirror). The same CRI client code drives both with the same workload:
+
+* PullImage of busybox from the local registry (pull, remove, again);
+* 20 RunPodSandbox at once, then per pod Create/Start/Status/ExecSync/Stop/
+  Remove of a `sleep 3600` container, PodSandboxStatus, Stop/RemovePodSandbox;
+* List/Status at 100, 500, 1000 containers (20 per pod). These containers are
+  created but not started: starting 1000 runc tasks on 2 cores takes minutes
+  and List/Status cost does not depend on the task running.
+
+Runtimes run one after the other (containerd first), never at once. Prints
+p50/p99 per operation and the ratio cri-shim/containerd, the shim's RSS idle
+and at the largest container count, writes JSON and a PNG chart. This is a
+benchmark, not a test, and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cri_shim.containerd import embedded
+from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.gen.runtime import v1 as cri
+from tests.conftest import CriClient, short_tempdir, start_shim_process
+from tests.pods import CNI_BIN, POD_IMAGES, write_conflist
+from tests.support.catalog import ServedCatalog, catalog
+
+BUSYBOX = "library/busybox:latest"
+PODS_AT_ONCE = 20
+PER_POD = 20
+Timings = dict[str, list[float]]
+
+
+class CriContainerd(EmbeddedContainerd):
+    """A private containerd WITH its CRI plugin, confined to `base` like the embedded one."""
+
+    def __init__(self, base: Path, cni_dir: Path, hosts_dir: Path) -> None:
+        super().__init__(base, restart=False)
+        self.cni_dir = cni_dir
+        self.hosts_dir = hosts_dir
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        text = embedded.render_config(self.base).replace(
+            f'disabled_plugins = ["{embedded.CRI_PLUGIN}"]', "disabled_plugins = []"
+        )
+        text += "\n".join(
+            [
+                f'[plugins."{embedded.CRI_PLUGIN}"]',
+                '  sandbox_image = "registry.k8s.io/pause:3.9"',
+                "  restrict_oom_score_adj = true",
+                "  disable_apparmor = true",
+                f'  [plugins."{embedded.CRI_PLUGIN}".cni]',
+                f'    bin_dir = "{CNI_BIN}"',
+                f'    conf_dir = "{self.cni_dir}"',
+                f'  [plugins."{embedded.CRI_PLUGIN}".registry]',
+                f'    config_path = "{self.hosts_dir}"',
+                f'  [plugins."{embedded.CRI_PLUGIN}".containerd]',
+                '    default_runtime_name = "runc"',
+                f'  [plugins."{embedded.CRI_PLUGIN}".containerd.runtimes.runc]',
+                '    runtime_type = "io.containerd.runc.v2"',
+                f'  [plugins."{embedded.CRI_PLUGIN}".containerd.runtimes.runc.options]',
+                "    SystemdCgroup = false",
+                "",
+            ]
+        )
+        self.config_path.write_text(text)
+
+
+def write_shim_config(base: Path, containerd: str, hosts_dir: Path) -> Path:
+    config = base / "cri-shim.toml"
+    config.write_text(
+        f'state_dir = "{base / "state"}"\n'
+        "[server]\n"
+        f'socket = "{base / "cri.sock"}"\n'
+        "[containerd]\n"
+        f'address = "{containerd}"\n'
+        "embedded = false\n"
+        "[cni]\n"
+        f'conf_dir = "{base / "cni"}"\n'
+        f'bin_dirs = ["{CNI_BIN}"]\n'
+        f'netns_dir = "{base / "netns"}"\n'
+        "[registry]\n"
+        f'config_path = "{hosts_dir}"\n'
+        "[metrics]\n"
+        "port = 0\n"
+    )
+    return config
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pod_config(tag: str, index: int, logs: Path) -> cri.PodSandboxConfig:
+    uid = f"uid-{tag}-{index}-{random.randrange(1 << 30)}"
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=f"bench-{index}", namespace="bench", uid=uid),
+        log_directory=str(logs / uid),
+        labels={"app": "bench", "pod": str(index)},
+        linux=cri.LinuxPodSandboxConfig(),
+    )
+
+
+def container_config(image: str, index: int) -> cri.ContainerConfig:
+    return cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name=f"c{index}"),
+        image=cri.ImageSpec(image=image),
+        command=["sleep", "3600"],
+        log_path=f"c{index}.log",
+        labels={"app": "bench", "index": str(index)},
+        linux=cri.LinuxContainerConfig(),
+    )
+
+
+class Workload:
+    """The same calls against either runtime, every latency recorded under its op name."""
+
+    def __init__(self, client: CriClient, image: str, tag: str, logs: Path) -> None:
+        self.client = client
+        self.rt = client.runtime
+        self.image = image
+        self.tag = tag
+        self.logs = logs
+        self.times: Timings = {}
+        self.pod_count = 0
+
+    async def timed(self, op: str, call: Awaitable[Any]) -> Any:
+        started = time.perf_counter()
+        result = await call
+        self.times.setdefault(op, []).append(time.perf_counter() - started)
+        return result
+
+    async def pull(self, rounds: int) -> None:
+        spec = cri.ImageSpec(image=self.image)
+        for i in range(rounds):
+            await self.timed("PullImage", self.client.image.pull_image(cri.PullImageRequest(spec)))
+            if i < rounds - 1:
+                await self.client.image.remove_image(cri.RemoveImageRequest(spec))
+
+    async def run_pod(self) -> tuple[str, cri.PodSandboxConfig]:
+        self.pod_count += 1
+        config = pod_config(self.tag, self.pod_count, self.logs)
+        reply = await self.timed(
+            "RunPodSandbox", self.rt.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+        )
+        return reply.pod_sandbox_id, config
+
+    async def lifecycle(self, pod: tuple[str, cri.PodSandboxConfig], status_calls: int) -> None:
+        pod_id, config = pod
+        created = await self.timed(
+            "CreateContainer",
+            self.rt.create_container(
+                cri.CreateContainerRequest(pod_id, container_config(self.image, 0), config)
+            ),
+        )
+        cid = created.container_id
+        await self.timed("StartContainer", self.rt.start_container(cri.StartContainerRequest(cid)))
+        for _ in range(status_calls):
+            await self.timed(
+                "ContainerStatus", self.rt.container_status(cri.ContainerStatusRequest(cid))
+            )
+            await self.timed(
+                "PodSandboxStatus", self.rt.pod_sandbox_status(cri.PodSandboxStatusRequest(pod_id))
+            )
+        for _ in range(3):
+            await self.timed(
+                "ExecSync",
+                self.rt.exec_sync(cri.ExecSyncRequest(cid, cmd=["true"], timeout=10)),
+            )
+        await self.timed("StopContainer", self.rt.stop_container(cri.StopContainerRequest(cid, 0)))
+        await self.timed(
+            "RemoveContainer", self.rt.remove_container(cri.RemoveContainerRequest(cid))
+        )
+        await self.timed(
+            "StopPodSandbox", self.rt.stop_pod_sandbox(cri.StopPodSandboxRequest(pod_id))
+        )
+        await self.timed(
+            "RemovePodSandbox", self.rt.remove_pod_sandbox(cri.RemovePodSandboxRequest(pod_id))
+        )
+
+    async def concurrent_pods(self, status_calls: int) -> float:
+        """20 pods at once (RunPodSandbox), then each pod's container lifecycle in turn."""
+        started = time.perf_counter()
+        pods = await asyncio.gather(*(self.run_pod() for _ in range(PODS_AT_ONCE)))
+        wall = time.perf_counter() - started
+        for pod in pods:
+            await self.lifecycle(pod, status_calls)
+        return wall
+
+    async def fill(self, pods: list[tuple[str, cri.PodSandboxConfig]], have: int, want: int) -> int:
+        """Create (not start) containers, PER_POD per pod, until `want` exist."""
+        sem = asyncio.Semaphore(4)
+
+        async def one(index: int) -> None:
+            while len(pods) <= index // PER_POD:
+                pods.append(await self.run_pod())
+            pod_id, config = pods[index // PER_POD]
+            async with sem:
+                await self.rt.create_container(
+                    cri.CreateContainerRequest(pod_id, container_config(self.image, index), config)
+                )
+
+        for index in range(have, want):  # pods first, in order, then containers in parallel
+            while len(pods) <= index // PER_POD:
+                pods.append(await self.run_pod())
+        await asyncio.gather(*(one(i) for i in range(have, want)))
+        return want
+
+    async def scale(
+        self, level: int, rounds: int, pods: list[tuple[str, cri.PodSandboxConfig]]
+    ) -> None:
+        listed = await self.rt.list_containers(cri.ListContainersRequest())
+        ids = [c.id for c in listed.containers]
+        assert len(ids) == level, (len(ids), level)
+        for _ in range(rounds):
+            await self.timed(
+                f"ListContainers@{level}", self.rt.list_containers(cri.ListContainersRequest())
+            )
+            await self.timed(
+                f"ListPodSandbox@{level}", self.rt.list_pod_sandbox(cri.ListPodSandboxRequest())
+            )
+            await self.timed(
+                f"ContainerStatus@{level}",
+                self.rt.container_status(cri.ContainerStatusRequest(random.choice(ids))),
+            )
+            await self.timed(
+                f"PodSandboxStatus@{level}",
+                self.rt.pod_sandbox_status(cri.PodSandboxStatusRequest(random.choice(pods)[0])),
+            )
+
+    async def cleanup(self, pods: list[tuple[str, cri.PodSandboxConfig]]) -> None:
+        sem = asyncio.Semaphore(4)
+
+        async def one(pod_id: str) -> None:
+            async with sem:
+                await self.rt.stop_pod_sandbox(cri.StopPodSandboxRequest(pod_id))
+                await self.rt.remove_pod_sandbox(cri.RemovePodSandboxRequest(pod_id))
+
+        await asyncio.gather(*(one(p[0]) for p in pods))
+
+
+async def drive(
+    name: str,
+    client: CriClient,
+    image: str,
+    logs: Path,
+    levels: list[int],
+    rounds: int,
+    rss: Callable[[], int] | None,
+) -> dict[str, Any]:
+    print(f"[{name}] pull, 20 concurrent pods, lifecycle", flush=True)
+    work = Workload(client, image, name, logs)
+    await work.pull(3)
+    # Warm-up (connections, first sandbox): not counted.
+    warm = await work.run_pod()
+    await work.rt.remove_pod_sandbox(cri.RemovePodSandboxRequest(warm[0]))
+    work.times.pop("RunPodSandbox", None)
+    memory: dict[str, int] = {}
+    if rss is not None:
+        memory["idle_kib"] = rss()
+    wall = await work.concurrent_pods(status_calls=rounds // 4 or 1)
+    pods: list[tuple[str, cri.PodSandboxConfig]] = []
+    have = 0
+    for level in levels:
+        t0 = time.perf_counter()
+        have = await work.fill(pods, have, level)
+        print(
+            f"[{name}] {level} containers ({len(pods)} pods) in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+        await work.scale(level, rounds, pods)
+    if rss is not None:
+        memory[f"at_{levels[-1]}_kib"] = rss()
+    await work.cleanup(pods)
+    return {"times": work.times, "pods20_wall_s": wall, "rss": memory}
+
+
+def summarize(times: Timings) -> dict[str, dict[str, float]]:
+    out = {}
+    for op, values in times.items():
+        ordered = sorted(values)
+        p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+        out[op] = {"n": len(values), "p50_ms": statistics.median(values) * 1e3, "p99_ms": p99 * 1e3}
+    return out
+
+
+def _png(path: Path, bars: list[tuple[float, float]]) -> None:
+    """A chart without matplotlib: per op, containerd (grey) and cri-shim (blue) p50 bars,
+    log-scaled widths. Unlabelled; the JSON and the printed table carry the numbers."""
+    import math
+
+    height_per = 14
+    width = 600
+    height = height_per * len(bars) + 10
+    pixels = [[(255, 255, 255)] * width for _ in range(height)]
+    top = max(max(a, b) for a, b in bars) or 1.0
+    for i, (base, shim) in enumerate(bars):
+        for j, (value, colour) in enumerate(((base, (150, 150, 150)), (shim, (40, 90, 200)))):
+            length = int((width - 10) * math.log1p(value) / math.log1p(top))
+            y0 = 5 + i * height_per + j * 6
+            for y in range(y0, y0 + 5):
+                for x in range(5, 5 + length):
+                    pixels[y][x] = colour
+    raw = b"".join(b"\x00" + bytes(c for px in row for c in px) for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def chart(path: Path, rows: list[tuple[str, float, float]]) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _png(path, [(base, shim) for _, base, shim in rows])
+        return "matplotlib not installed (pip install .[bench]): wrote an unlabelled bar PNG"
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r[1] for r in rows], height=0.4, label="containerd CRI")
+    ax.barh([y - 0.2 for y in ys], [r[2] for r in rows], height=0.4, label="cri-shim")
+    ax.set_yticks(list(ys), [r[0] for r in rows])
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency (ms, log)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return "chart written with matplotlib"
+
+
+async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) -> dict[str, Any]:
+    base = short_tempdir("crishim-vs-")
+    wanted = [e for e in catalog() if any(n in POD_IMAGES for n in e.names())]
+    served = ServedCatalog(entries=wanted)
+    await served.start()
+    bridges = []
+    daemons: list[EmbeddedContainerd] = []
+    shim = None
+    results: dict[str, Any] = {}
+    try:
+        image = served.local(BUSYBOX)
+        hosts_dir = served.write_hosts_dir(base / "certs.d")
+        local_host = image.split("/")[0]
+        (hosts_dir / local_host).mkdir(parents=True, exist_ok=True)
+        (hosts_dir / local_host / "hosts.toml").write_text(
+            f'server = "http://{local_host}"\n\n'
+            f'[host."http://{local_host}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        octet = random.randrange(10, 120)
+        for i, name in enumerate(("containerd", "shim")):
+            bridge = f"crivs{octet + i}"
+            bridges.append(bridge)
+            write_conflist(
+                base / name / "cni", f"10.237.{octet + i}.0/24", bridge, base / name / "ipam"
+            )
+
+        # containerd's own CRI.
+        cri_daemon = CriContainerd(
+            base / "containerd" / "d", base / "containerd" / "cni", hosts_dir
+        )
+        daemons.append(cri_daemon)
+        await cri_daemon.start()
+        client = CriClient.connect(cri_daemon.address)
+        try:
+            results["containerd"] = await drive(
+                "containerd", client, image, base / "containerd" / "logs", levels, rounds, None
+            )
+        finally:
+            client.close()
+        await cri_daemon.stop()
+        daemons.remove(cri_daemon)
+
+        # cri-shim in a subprocess over a containerd without CRI.
+        plain = EmbeddedContainerd(base / "shim" / "d", restart=False)
+        daemons.append(plain)
+        await plain.start()
+        config = write_shim_config(base / "shim", plain.address, hosts_dir)
+        shim = await start_shim_process(
+            ["--config", str(config)], base / "shim" / "cri.sock", base / "shim" / "shim.log"
+        )
+        pid = shim.process.pid
+        client = CriClient.connect(shim.socket)
+        try:
+            results["cri-shim"] = await drive(
+                "cri-shim",
+                client,
+                image,
+                base / "shim" / "logs",
+                levels,
+                rounds,
+                lambda: rss_kib(pid),
+            )
+        finally:
+            client.close()
+    finally:
+        if shim is not None and shim.process.returncode is None:
+            shim.process.send_signal(signal.SIGTERM)
+            await shim.process.wait()
+        for daemon in daemons:
+            await daemon.stop()
+        await served.stop()
+        for bridge in bridges:
+            subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+    base_sum = summarize(results["containerd"]["times"])
+    shim_sum = summarize(results["cri-shim"]["times"])
+    table = []
+    for op in base_sum:
+        if op in shim_sum:
+            b, s = base_sum[op], shim_sum[op]
+            table.append(
+                {
+                    "op": op,
+                    "containerd_p50_ms": b["p50_ms"],
+                    "containerd_p99_ms": b["p99_ms"],
+                    "shim_p50_ms": s["p50_ms"],
+                    "shim_p99_ms": s["p99_ms"],
+                    "ratio_p50": s["p50_ms"] / b["p50_ms"],
+                    "ratio_p99": s["p99_ms"] / b["p99_ms"],
+                    "n": s["n"],
+                }
+            )
+    report = {
+        "levels": levels,
+        "rounds": rounds,
+        "list_containers_started": False,
+        "table": table,
+        "pods20_wall_s": {k: v["pods20_wall_s"] for k, v in results.items()},
+        "shim_rss_kib": results["cri-shim"]["rss"],
+        "raw_s": {k: v["times"] for k, v in results.items()},
+    }
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    report["chart"] = chart(
+        png_path, [(r["op"], r["containerd_p50_ms"], r["shim_p50_ms"]) for r in table]
+    )
+    return report
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--containers", default="100,500,1000", help="List/Status levels")
+    parser.add_argument("--rounds", type=int, default=40, help="calls per op per level")
+    parser.add_argument("--json", type=Path, default=Path("cri_vs_containerd.json"))
+    parser.add_argument("--png", type=Path, default=Path("cri_vs_containerd.png"))
+    args = parser.parse_args()
+    levels = sorted(int(x) for x in args.containers.split(","))
+    report = asyncio.run(main(levels, args.rounds, args.json, args.png))
+    print()
+    print("| op | containerd p50 / p99 ms | cri-shim p50 / p99 ms | ratio p50 / p99 |")
+    print("| --- | --- | --- | --- |")
+    for r in report["table"]:
+        print(
+            f"| {r['op']} | {r['containerd_p50_ms']:.2f} / {r['containerd_p99_ms']:.2f} "
+            f"| {r['shim_p50_ms']:.2f} / {r['shim_p99_ms']:.2f} "
+            f"| {r['ratio_p50']:.2f}x / {r['ratio_p99']:.2f}x |"
+        )
+    walls = report["pods20_wall_s"]
+    print(
+        f"\n20 concurrent RunPodSandbox wall: containerd {walls['containerd']:.2f}s, "
+        f"cri-shim {walls['cri-shim']:.2f}s"
+    )
+    rss = report["shim_rss_kib"]
+    print(f"cri-shim RSS: {', '.join(f'{k} {v / 1024:.1f} MiB' for k, v in rss.items())}")
+    print("List/Status-at-scale containers were created, not started.")
+    print(f"JSON: {args.json}; PNG: {args.png} ({report['chart']})")
+
+
+if __name__ == "__main__":
+    cli()
