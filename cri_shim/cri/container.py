@@ -21,6 +21,7 @@ from cri_shim.errors import failed_precondition, invalid_argument, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.oci.errors import SpecError
 from cri_shim.store.containers import ContainerState, ContainerStore
+from cri_shim.store.encoded import container_status_response, list_containers_response
 from cri_shim.store.sandboxes import SandboxStore
 
 MAX_NAME_LENGTH = 253
@@ -89,14 +90,12 @@ class ContainerHandlers:
         require(request.container_id, "container_id")
         container = self.store.by_id.get(request.container_id)
         info = {"info": json.dumps(container.verbose_info())} if request.verbose else {}
-        return cri.ContainerStatusResponse(status=container.to_status(), info=info)
+        return container_status_response(container, info)
 
     async def list_containers(
         self, request: cri.ListContainersRequest
     ) -> cri.ListContainersResponse:
-        return cri.ListContainersResponse(
-            containers=[c.to_cri() for c in self.store.list(request.filter)]
-        )
+        return list_containers_response(self.store.list(request.filter))
 
     async def reopen_container_log(
         self, request: cri.ReopenContainerLogRequest

@@ -18,6 +18,7 @@ from cri_shim.network.cni import CniError, CniNotReady
 from cri_shim.oci.sandbox_spec import SpecError
 from cri_shim.sandbox.files import SandboxFilesError
 from cri_shim.sandbox.lifecycle import SandboxManager
+from cri_shim.store.encoded import list_pod_sandbox_response, pod_sandbox_status_response
 from cri_shim.store.sandboxes import SandboxStore
 
 KNOWN_HANDLERS = ("", "runc")
@@ -98,11 +99,9 @@ class SandboxHandlers:
         info = {}
         if request.verbose:
             info["info"] = json.dumps(sandbox.verbose_info())
-        return cri.PodSandboxStatusResponse(status=sandbox.to_status(), info=info)
+        return pod_sandbox_status_response(sandbox, info)
 
     async def list_pod_sandbox(
         self, request: cri.ListPodSandboxRequest
     ) -> cri.ListPodSandboxResponse:
-        return cri.ListPodSandboxResponse(
-            items=[sandbox.to_cri() for sandbox in self.store.list(request.filter)]
-        )
+        return list_pod_sandbox_response(self.store.list(request.filter))

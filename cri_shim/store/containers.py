@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.store.encoded import EncodingCache
 from cri_shim.store.index import IdIndex, NameIndex
 
 
@@ -28,7 +29,9 @@ _CRI_STATE = {
 
 
 @dataclass
-class Container:
+class Container(EncodingCache):
+    """Change it only by assigning fields: that is what drops its cached encodings."""
+
     id: str
     name: str
     sandbox_id: str

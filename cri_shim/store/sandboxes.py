@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.store.encoded import EncodingCache
 from cri_shim.store.index import IdIndex, NameIndex
 
 
@@ -19,7 +20,9 @@ class SandboxState(StrEnum):
 
 
 @dataclass
-class Sandbox:
+class Sandbox(EncodingCache):
+    """Change it only by assigning fields: that is what drops its cached encodings."""
+
     id: str
     name: str
     config: cri.PodSandboxConfig

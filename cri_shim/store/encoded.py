@@ -1,0 +1,132 @@
+"""Wire bytes kept with the store's records, and responses built from them.
+
+betterproto2 encodes in pure Python (~170 µs per container), so answering
+kubelet's relist by re-encoding 1000 unchanged containers every second costs
+a core. Records cache their CRI encodings; any assignment to one of their
+fields drops the cache (records are only ever changed by assignment), and list
+responses are the cached items concatenated as repeated field 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from cri_shim.gen.runtime import v1 as cri
+
+# Record attributes that are not reflected in any encoding.
+_NOT_ENCODED = frozenset({"lock", "_list_bytes", "_status_bytes"})
+
+
+class EncodingCache:
+    """Mixin for store records: `list_bytes()`/`status_bytes()` memoize `to_cri()`/
+    `to_status()` until any field is assigned."""
+
+    _list_bytes: bytes | None = None
+    _status_bytes: bytes | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name not in _NOT_ENCODED:
+            object.__setattr__(self, "_list_bytes", None)
+            object.__setattr__(self, "_status_bytes", None)
+
+    def to_cri(self) -> Any:
+        raise NotImplementedError
+
+    def to_status(self) -> Any:
+        raise NotImplementedError
+
+    def list_bytes(self) -> bytes:
+        data = self._list_bytes
+        if data is None:
+            data = bytes(self.to_cri())
+            object.__setattr__(self, "_list_bytes", data)
+        return data
+
+    def status_bytes(self) -> bytes:
+        data = self._status_bytes
+        if data is None:
+            data = bytes(self.to_status())
+            object.__setattr__(self, "_status_bytes", data)
+        return data
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def message_field(number: int, data: bytes) -> bytes:
+    """A length-delimited field, as betterproto2 writes a message-typed one."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def repeated_field(number: int, items: Iterable[bytes]) -> bytes:
+    return b"".join(message_field(number, data) for data in items)
+
+
+class _Prebuilt:
+    """Serializes to a body assembled beforehand (grpclib's codec calls
+    SerializeToString); its Python fields stay empty, so only the wire view counts."""
+
+    _body: bytes = b""
+
+    def __bytes__(self) -> bytes:
+        return self._body
+
+    def SerializeToString(self) -> bytes:
+        return self._body
+
+
+class EncodedListContainersResponse(_Prebuilt, cri.ListContainersResponse):
+    pass
+
+
+class EncodedListPodSandboxResponse(_Prebuilt, cri.ListPodSandboxResponse):
+    pass
+
+
+class EncodedContainerStatusResponse(_Prebuilt, cri.ContainerStatusResponse):
+    pass
+
+
+class EncodedPodSandboxStatusResponse(_Prebuilt, cri.PodSandboxStatusResponse):
+    pass
+
+
+def list_containers_response(items: Iterable[EncodingCache]) -> cri.ListContainersResponse:
+    response = EncodedListContainersResponse()
+    response._body = repeated_field(1, (item.list_bytes() for item in items))
+    return response
+
+
+def list_pod_sandbox_response(items: Iterable[EncodingCache]) -> cri.ListPodSandboxResponse:
+    response = EncodedListPodSandboxResponse()
+    response._body = repeated_field(1, (item.list_bytes() for item in items))
+    return response
+
+
+def container_status_response(
+    record: EncodingCache, info: dict[str, str]
+) -> cri.ContainerStatusResponse:
+    """status (field 1) from the cache, then the verbose info map as betterproto writes it."""
+    response = EncodedContainerStatusResponse()
+    response._body = message_field(1, record.status_bytes()) + bytes(
+        cri.ContainerStatusResponse(info=info)
+    )
+    return response
+
+
+def pod_sandbox_status_response(
+    record: EncodingCache, info: dict[str, str]
+) -> cri.PodSandboxStatusResponse:
+    response = EncodedPodSandboxStatusResponse()
+    response._body = message_field(1, record.status_bytes()) + bytes(
+        cri.PodSandboxStatusResponse(info=info)
+    )
+    return response
