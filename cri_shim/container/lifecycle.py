@@ -125,6 +125,8 @@ class ContainerManager:
         self._exit_seen: dict[str, asyncio.Event] = {}
         self._early_exits: dict[str, TaskExit] = {}
         self.status_provider: Callable[[str], Awaitable[cri.PodSandboxStatus | None]] | None = None
+        # Creates in flight by name: a kubelet retry joins the first call's work.
+        self._creating: dict[str, asyncio.Task[str]] = {}
 
     def io_dir(self, container_id: str) -> Path:
         return self.env.state_dir / "containers" / container_id
@@ -181,6 +183,19 @@ class ContainerManager:
     # create
 
     async def create(self, sandbox: Sandbox, config: cri.ContainerConfig) -> str:
+        """Shielded: a caller that gives up (kubelet's timeout) does not undo the
+        work, which finishes and is handed to the retry with the same name."""
+        name = container_name(sandbox.name, config.metadata or cri.ContainerMetadata())
+        pending = self._creating.get(name)
+        if pending is None:
+            pending = asyncio.create_task(self._create_once(sandbox, config))
+            self._creating[name] = pending
+            pending.add_done_callback(lambda done: _forget_create(self._creating, name, done))
+        else:
+            log_event(log, "retried create joins the one in flight", name=name)
+        return await asyncio.shield(pending)
+
+    async def _create_once(self, sandbox: Sandbox, config: cri.ContainerConfig) -> str:
         metadata = config.metadata or cri.ContainerMetadata()
         if sandbox.state is not SandboxState.READY:
             raise failed_precondition(f"pod sandbox {sandbox.id} is not ready")
@@ -567,6 +582,15 @@ class ContainerManager:
         else:
             await self._finish(container, task.exit_code, _ns(task.exited_at))
         log_event(log, "missed exit picked up by resync", container=container_id)
+
+
+def _forget_create(
+    creating: dict[str, asyncio.Task[str]], name: str, done: asyncio.Task[str]
+) -> None:
+    if creating.get(name) is done:
+        del creating[name]
+    if not done.cancelled():
+        done.exception()  # retrieved here: the caller that would have may be gone
 
 
 def _rmtree(path: Path) -> None:

@@ -118,6 +118,8 @@ class SandboxManager:
         # Registered by the container module: stop / remove a pod's containers.
         self.stop_containers: list[PodHook] = []
         self.remove_containers: list[PodHook] = []
+        # Runs in flight by name: a kubelet retry joins the first call's work.
+        self._running: dict[str, asyncio.Task[str]] = {}
 
     def dirs(self, sandbox_id: str) -> SandboxDirs:
         return SandboxDirs(self.env.dirs_root, sandbox_id)
@@ -186,8 +188,20 @@ class SandboxManager:
     # run
 
     async def run(self, config: cri.PodSandboxConfig, runtime_handler: str) -> str:
+        """Shielded: a caller that gives up (kubelet's timeout) does not undo the
+        work, which finishes and is handed to the retry with the same name."""
         metadata = config.metadata or cri.PodSandboxMetadata()
         name = sandbox_name(metadata)
+        pending = self._running.get(name)
+        if pending is None:
+            pending = asyncio.create_task(self._run_once(name, config, runtime_handler))
+            self._running[name] = pending
+            pending.add_done_callback(lambda done: _forget_run(self._running, name, done))
+        else:
+            log_event(log, "retried run joins the one in flight", name=name)
+        return await asyncio.shield(pending)
+
+    async def _run_once(self, name: str, config: cri.PodSandboxConfig, runtime_handler: str) -> str:
         owner = self.store.names.owner(name)
         if owner is not None:
             existing = self.store.by_id.find(owner)
@@ -362,6 +376,13 @@ class SandboxManager:
             pod=sandbox.id,
             exit_code=event.exit_code,
         )
+
+
+def _forget_run(running: dict[str, asyncio.Task[str]], name: str, done: asyncio.Task[str]) -> None:
+    if running.get(name) is done:
+        del running[name]
+    if not done.cancelled():
+        done.exception()  # retrieved here: the caller that would have may be gone
 
 
 def _host_hostname() -> str:
