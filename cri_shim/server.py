@@ -263,11 +263,20 @@ class Shim:
         self.events.exit_handlers.append(self.sandbox_manager.on_task_exit)
         self.events.exit_handlers.append(self.container_manager.on_task_exit)
         self.events.oom_handlers.append(self.container_manager.on_oom)
+        sandbox_manager, container_manager = self.sandbox_manager, self.container_manager
+        resync_lock = asyncio.Lock()
+
+        async def resync() -> None:
+            """Rebuild from containerd, one pass at a time (the health watcher and
+            the event stream both ask after an outage), pods before containers."""
+            async with resync_lock:
+                await sandbox_manager.load()
+                await container_manager.load()
+
         if self.health.serving:
-            await self.sandbox_manager.load()
-            await self.container_manager.load()
-        self.health.on_reconnect(self.sandbox_manager.load)
-        self.health.on_reconnect(self.container_manager.load)
+            await resync()
+        self.health.on_reconnect(resync)
+        self.events.resync_handlers.append(resync)
         await self.events.start()
         self.metrics.register_state_provider("sandbox", self._sandbox_states)
         self.metrics.register_state_provider("container", self._container_states)

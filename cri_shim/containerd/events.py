@@ -41,6 +41,10 @@ class TaskExit:
 
 ExitHandler = Callable[[TaskExit], Awaitable[None]]
 OomHandler = Callable[[str], Awaitable[None]]
+Resync = Callable[[], Awaitable[None]]
+# After a new subscription is sent: long enough for containerd to register it,
+# so an exit is either in the stream or already visible to the resync.
+RESYNC_DELAY = 0.5
 
 
 def _type_name(type_url: str) -> str:
@@ -53,7 +57,10 @@ class EventMonitor:
         self.namespace = namespace
         self.exit_handlers: list[ExitHandler] = []
         self.oom_handlers: list[OomHandler] = []
+        # Run after a lost stream is re-established: exits in the gap never arrive.
+        self.resync_handlers: list[Resync] = []
         self._task: asyncio.Task[None] | None = None
+        self._resync_task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
     async def _dispatch(self, type_url: str, payload: bytes) -> None:
@@ -70,7 +77,17 @@ class EventMonitor:
             for oom_handler in self.oom_handlers:
                 await oom_handler(oom.container_id)
 
-    async def _subscribe_once(self) -> None:
+    async def _resync(self) -> None:
+        await asyncio.sleep(RESYNC_DELAY)
+        for handler in self.resync_handlers:
+            try:
+                await handler()
+            except Exception as err:  # the next reconnect tries again
+                log_event(
+                    log, "resync after event stream loss failed", level=logging.WARNING, error=err
+                )
+
+    async def _subscribe_once(self, resync: bool) -> None:
         request = events_service.SubscribeRequest(
             filters=[
                 f'namespace=={self.namespace},topic=="/tasks/exit"',
@@ -79,6 +96,8 @@ class EventMonitor:
         )
         stream = self.client.stream("Events.Subscribe", self.client.events.subscribe(request))
         self.subscribed.set()
+        if resync:
+            self._resync_task = asyncio.create_task(self._resync(), name="containerd-resync")
         async for envelope in stream:
             if envelope.event is None:
                 continue
@@ -89,13 +108,15 @@ class EventMonitor:
 
     async def _run(self) -> None:
         backoff = 0.2
+        lost = False
         while True:
             try:
-                await self._subscribe_once()
+                await self._subscribe_once(resync=lost)
                 backoff = 0.2
             except (ContainerdUnavailable, ContainerdError) as err:
                 self.subscribed.clear()
                 log_event(log, "event stream lost", level=logging.DEBUG, error=err)
+            lost = True
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -105,6 +126,11 @@ class EventMonitor:
             await asyncio.wait_for(self.subscribed.wait(), 5)
 
     async def stop(self) -> None:
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resync_task
+            self._resync_task = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
