@@ -19,8 +19,8 @@ _NOT_ENCODED = frozenset({"lock", "_list_bytes", "_status_bytes"})
 
 
 class EncodingCache:
-    """Mixin for store records: `list_bytes()`/`status_bytes()` memoize `to_cri()`/
-    `to_status()` until any field is assigned."""
+    """Mixin for store records: memoizes `to_cri()`/`to_status()`, already framed as
+    field 1 (where both sit in their responses), until any field is assigned."""
 
     _list_bytes: bytes | None = None
     _status_bytes: bytes | None = None
@@ -38,16 +38,18 @@ class EncodingCache:
         raise NotImplementedError
 
     def list_bytes(self) -> bytes:
+        """`to_cri()` as one item of a List response's repeated field 1."""
         data = self._list_bytes
         if data is None:
-            data = bytes(self.to_cri())
+            data = message_field(1, bytes(self.to_cri()))
             object.__setattr__(self, "_list_bytes", data)
         return data
 
     def status_bytes(self) -> bytes:
+        """`to_status()` as the `status` field (1) of a Status response."""
         data = self._status_bytes
         if data is None:
-            data = bytes(self.to_status())
+            data = message_field(1, bytes(self.to_status()))
             object.__setattr__(self, "_status_bytes", data)
         return data
 
@@ -64,10 +66,6 @@ def _varint(value: int) -> bytes:
 def message_field(number: int, data: bytes) -> bytes:
     """A length-delimited field, as betterproto2 writes a message-typed one."""
     return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def repeated_field(number: int, items: Iterable[bytes]) -> bytes:
-    return b"".join(message_field(number, data) for data in items)
 
 
 class _Prebuilt:
@@ -101,13 +99,13 @@ class EncodedPodSandboxStatusResponse(_Prebuilt, cri.PodSandboxStatusResponse):
 
 def list_containers_response(items: Iterable[EncodingCache]) -> cri.ListContainersResponse:
     response = EncodedListContainersResponse()
-    response._body = repeated_field(1, (item.list_bytes() for item in items))
+    response._body = b"".join([item.list_bytes() for item in items])
     return response
 
 
 def list_pod_sandbox_response(items: Iterable[EncodingCache]) -> cri.ListPodSandboxResponse:
     response = EncodedListPodSandboxResponse()
-    response._body = repeated_field(1, (item.list_bytes() for item in items))
+    response._body = b"".join([item.list_bytes() for item in items])
     return response
 
 
@@ -116,9 +114,9 @@ def container_status_response(
 ) -> cri.ContainerStatusResponse:
     """status (field 1) from the cache, then the verbose info map as betterproto writes it."""
     response = EncodedContainerStatusResponse()
-    response._body = message_field(1, record.status_bytes()) + bytes(
-        cri.ContainerStatusResponse(info=info)
-    )
+    response._body = record.status_bytes()
+    if info:
+        response._body += bytes(cri.ContainerStatusResponse(info=info))
     return response
 
 
@@ -126,7 +124,7 @@ def pod_sandbox_status_response(
     record: EncodingCache, info: dict[str, str]
 ) -> cri.PodSandboxStatusResponse:
     response = EncodedPodSandboxStatusResponse()
-    response._body = message_field(1, record.status_bytes()) + bytes(
-        cri.PodSandboxStatusResponse(info=info)
-    )
+    response._body = record.status_bytes()
+    if info:
+        response._body += bytes(cri.PodSandboxStatusResponse(info=info))
     return response
