@@ -27,7 +27,7 @@ from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 from cri_shim.settings import ContainerdSettings, ServerSettings, Settings, load
-from tests.pods import CNI_BIN, POD_IMAGES, write_conflist
+from tests.pods import CNI_BIN, POD_IMAGES, pod_config, write_conflist
 from tests.support.catalog import ServedCatalog, catalog
 
 REQUIRED_BINARIES = ("containerd", "runc")
@@ -219,6 +219,27 @@ async def pods(pod_shim: Shim) -> AsyncIterator[CriClient]:
     for item in listed.items:
         await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(item.id))
     client.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def busybox(pod_shim: Shim, pod_images: ServedCatalog) -> str:
+    """The busybox test image, pulled into the pod shim."""
+    ref = pod_images.local("library/busybox:latest")
+    client = CriClient.connect(pod_shim.socket_path)
+    try:
+        await client.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
+    finally:
+        client.close()
+    return ref
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pod(pods: CriClient, tmp_path: Path) -> AsyncIterator[tuple[str, cri.PodSandboxConfig]]:
+    """A running pod (id, config) with a log directory; removed afterwards."""
+    config = pod_config("ctr", log_directory=str(tmp_path / "logs"))
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+    yield reply.pod_sandbox_id, config
+    await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(reply.pod_sandbox_id))
 
 
 __all__ = [

@@ -1,12 +1,19 @@
-"""Helpers for tests that run real pods: a CNI bridge config and pod configs."""
+"""Helpers for tests that run real pods: a CNI bridge config, pod configs, and
+creating/awaiting containers through the CRI."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cri_shim.gen.runtime import v1 as cri
+
+if TYPE_CHECKING:
+    from tests.conftest import CriClient
 
 CNI_BIN = "/usr/lib/cni"
 # Images the pod tests need from the catalog: the pause image and busybox.
@@ -48,3 +55,47 @@ def write_conflist(conf_dir: Path, subnet: str, bridge: str, data_dir: Path) -> 
             }
         )
     )
+
+
+async def make_container(
+    pods: CriClient,
+    pod: tuple[str, cri.PodSandboxConfig],
+    image: str,
+    command: list[str],
+    *,
+    name: str = "app",
+    start: bool = True,
+    log_path: str = "",
+    **config: object,
+) -> str:
+    sandbox_id, sandbox_config = pod
+    reply = await pods.runtime.create_container(
+        cri.CreateContainerRequest(
+            pod_sandbox_id=sandbox_id,
+            config=cri.ContainerConfig(
+                metadata=cri.ContainerMetadata(name=name),
+                image=cri.ImageSpec(image=image),
+                command=command,
+                log_path=log_path or f"{name}.log",
+                **config,  # type: ignore[arg-type]
+            ),
+            sandbox_config=sandbox_config,
+        )
+    )
+    if start:
+        await pods.runtime.start_container(cri.StartContainerRequest(reply.container_id))
+    return reply.container_id
+
+
+async def wait_exited(
+    pods: CriClient, container_id: str, timeout: float = 15
+) -> cri.ContainerStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = (
+            await pods.runtime.container_status(cri.ContainerStatusRequest(container_id))
+        ).status
+        assert status is not None
+        if status.state == cri.ContainerState.CONTAINER_EXITED or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.1)

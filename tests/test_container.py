@@ -6,85 +6,18 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from grpclib import GRPCError
 from grpclib.const import Status
 
 from cri_shim.gen.runtime import v1 as cri
-from cri_shim.server import Shim
 
 from .conftest import CriClient
-from .pods import pod_config
-from .support.catalog import ServedCatalog
+from .pods import make_container, wait_exited
 
 LOG_LINE = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z) (stdout|stderr) ([FP]) (.*)$")
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def busybox(pod_shim: Shim, pod_images: ServedCatalog) -> str:
-    ref = pod_images.local("library/busybox:latest")
-    client = CriClient.connect(pod_shim.socket_path)
-    try:
-        await client.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
-    finally:
-        client.close()
-    return ref
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def pod(pods: CriClient, tmp_path: Path) -> AsyncIterator[tuple[str, cri.PodSandboxConfig]]:
-    config = pod_config("ctr", log_directory=str(tmp_path / "logs"))
-    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
-    yield reply.pod_sandbox_id, config
-    await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(reply.pod_sandbox_id))
-
-
-async def make_container(
-    pods: CriClient,
-    pod: tuple[str, cri.PodSandboxConfig],
-    image: str,
-    command: list[str],
-    *,
-    name: str = "app",
-    start: bool = True,
-    log_path: str = "",
-    **config: object,
-) -> str:
-    sandbox_id, sandbox_config = pod
-    reply = await pods.runtime.create_container(
-        cri.CreateContainerRequest(
-            pod_sandbox_id=sandbox_id,
-            config=cri.ContainerConfig(
-                metadata=cri.ContainerMetadata(name=name),
-                image=cri.ImageSpec(image=image),
-                command=command,
-                log_path=log_path or f"{name}.log",
-                **config,  # type: ignore[arg-type]
-            ),
-            sandbox_config=sandbox_config,
-        )
-    )
-    if start:
-        await pods.runtime.start_container(cri.StartContainerRequest(reply.container_id))
-    return reply.container_id
-
-
-async def wait_exited(
-    pods: CriClient, container_id: str, timeout: float = 15
-) -> cri.ContainerStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = (
-            await pods.runtime.container_status(cri.ContainerStatusRequest(container_id))
-        ).status
-        assert status is not None
-        if status.state == cri.ContainerState.CONTAINER_EXITED or time.monotonic() > deadline:
-            return status
-        await asyncio.sleep(0.1)
 
 
 def log_entries(path: Path) -> list[tuple[bytes, bytes, bytes]]:
