@@ -533,8 +533,9 @@ class ContainerManager:
                 self._io[record.id] = io
                 self._exit_seen[record.id] = asyncio.Event()
             elif task is not None:
-                # Exited while the shim was away: copy what its FIFOs still hold
-                # into the log, then record the real exit.
+                # Exited while the shim was away: record the real exit, copying what
+                # the FIFOs still hold (usually nothing: the runc shim closes them
+                # once the process is gone, and the kernel drops the bytes).
                 container.state = ContainerState.RUNNING
                 container.started_at = int(data.get("startedAt", 0)) or container.created_at
                 self.store.add(container)
