@@ -9,6 +9,7 @@ at once; the exit code and time are kept after the task is deleted.
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
 import logging
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cri_shim.container.cgroups import oom_kills
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.io import ContainerIO
 from cri_shim.container.rootfs import read_image_file
@@ -31,8 +33,10 @@ from cri_shim.logs import log_event
 from cri_shim.oci.container_spec import (
     ContainerSpecInput,
     SandboxView,
+    apply_linux_resources,
     build_container_spec,
     ensure_mount_source,
+    resources_from_spec,
 )
 from cri_shim.sandbox.files import SandboxDirs
 from cri_shim.sandbox.lifecycle import runtime_config
@@ -51,6 +55,7 @@ METADATA_TYPE_URL = "cri-shim.io/container-metadata/v1"
 DRAIN_SECONDS = 2.0
 START_ERROR_EXIT_CODE = 128
 UNKNOWN_EXIT_CODE = 255
+OOM_KILLED = "OOMKilled"
 
 
 @dataclass(frozen=True)
@@ -288,8 +293,7 @@ class ContainerManager:
             int(user.get("gid", 0)),
             tuple(int(g) for g in user.get("additionalGids", [])),
         )
-        linux = container.config.linux
-        container.resources = linux.resources if linux is not None else None
+        container.resources = resources_from_spec(spec)
         labels = {
             **dict(container.config.labels),
             KIND_LABEL: CONTAINER_KIND,
@@ -389,19 +393,51 @@ class ContainerManager:
 
     async def on_oom(self, container_id: str) -> None:
         container = self.store.by_id.find(container_id)
-        if container is not None and container.id == container_id:
-            container.oom_killed = True
+        if container is None or container.id != container_id:
+            return
+        container.oom_killed = True
+        log_event(log, "container OOM event", level=logging.DEBUG, container=container.id)
+        if container.state is ContainerState.EXITED and container.reason in ("Completed", "Error"):
+            # The OOM event came after the exit was recorded (containerd's
+            # events are not ordered across topics): the kill is the reason.
+            container.reason = OOM_KILLED
+            await self._persist_exit(container)
+            log_event(log, "container exit was an OOM kill", container=container.id)
+
+    async def _cgroup_oom_killed(self, container: Container) -> bool:
+        """Whether the kernel OOM-killed anything in the container's cgroup; read
+        before the task is deleted, when the cgroup still exists."""
+        try:
+            spec = await self.load_spec(container.id)
+            cgroup = str(spec.get("linux", {}).get("cgroupsPath", ""))
+            kills = await asyncio.to_thread(oom_kills, cgroup) if cgroup else None
+        except Exception as err:  # the event may still say so
+            log_event(
+                log,
+                "could not read the OOM counter",
+                level=logging.DEBUG,
+                container=container.id,
+                error=err,
+            )
+            return False
+        return bool(kills)
 
     async def _finish(self, container: Container, exit_code: int, finished_at: int) -> None:
         """Record an exit once, whichever of event stream and Stop sees it first."""
         if container.state is not ContainerState.RUNNING:
             return
+        if not container.oom_killed and exit_code != 0:
+            container.oom_killed = await self._cgroup_oom_killed(container)
+            if container.oom_killed:
+                log_event(log, "OOM kill found in the cgroup", container=container.id)
+        if container.state is not ContainerState.RUNNING:
+            return  # finished by a concurrent caller meanwhile
         container.state = ContainerState.EXITED
         container.exit_code = exit_code
         container.finished_at = finished_at
         container.pid = 0
         if container.oom_killed:
-            container.reason = "OOMKilled"
+            container.reason = OOM_KILLED
         else:
             container.reason = "Completed" if exit_code == 0 else "Error"
         seen = self._exit_seen.get(container.id)
@@ -479,6 +515,42 @@ class ContainerManager:
             raise failed_precondition(f"container {container.id} is not running")
         await io.reopen_log()
 
+    # resources
+
+    async def update_resources(
+        self, container: Container, resources: cri.LinuxContainerResources
+    ) -> None:
+        """containerd's order: the stored spec first (the source of truth, and all a
+        container that has not started needs), then the running task's cgroup;
+        a refused task update puts the old spec back."""
+        async with container.lock:
+            old = await self.load_spec(container.id)
+            new = copy.deepcopy(old)
+            new.setdefault("linux", {})
+            # May look at the cgroup tree (is swap limitable?): off the event loop.
+            await asyncio.to_thread(apply_linux_resources, new, resources)
+            await self.ops.update_spec(container.id, new)
+            self._specs[container.id] = new
+            try:
+                if container.state is ContainerState.RUNNING:
+                    applied = await self.ops.update_task_resources(
+                        container.id, new["linux"].get("resources", {})
+                    )
+                    if not applied:
+                        log_event(log, "task gone before its update", container=container.id)
+            except BaseException:
+                self._specs[container.id] = old
+                await asyncio.shield(self.ops.update_spec(container.id, old))
+                raise
+            container.resources = resources_from_spec(new)
+        log_event(
+            log,
+            "container resources updated",
+            container=container.id,
+            memory_limit=container.resources.memory_limit_in_bytes or None,
+            cpu_quota=container.resources.cpu_quota or None,
+        )
+
     def spec(self, container_id: str) -> dict[str, Any] | None:
         return self._specs.get(container_id)
 
@@ -521,8 +593,10 @@ class ContainerManager:
                 stop_signal=data.get("stopSignal", "SIGTERM"),
                 user=(int(user[0]), int(user[1]), tuple(user[2])) if user else None,
             )
-            linux = container.config.linux
-            container.resources = linux.resources if linux is not None else None
+            spec = unpack_json(record.spec)
+            if isinstance(spec, dict):
+                self._specs[record.id] = spec
+                container.resources = resources_from_spec(spec)
             task = await self.ops.task(record.id)
             if task is not None and task.status == TaskStatus.RUNNING:
                 container.state = ContainerState.RUNNING

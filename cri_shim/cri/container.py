@@ -97,6 +97,20 @@ class ContainerHandlers:
     ) -> cri.ListContainersResponse:
         return list_containers_response(self.store.list(request.filter))
 
+    async def update_container_resources(
+        self, request: cri.UpdateContainerResourcesRequest
+    ) -> cri.UpdateContainerResourcesResponse:
+        require(request.container_id, "container_id")
+        container = self.store.by_id.get(request.container_id)
+        if request.linux is None:
+            # Nothing for Linux to change (a Windows-only request): containerd's no-op.
+            return cri.UpdateContainerResourcesResponse()
+        try:
+            await self.manager.update_resources(container, request.linux)
+        except SpecError as err:
+            raise invalid_argument(str(err)) from err
+        return cri.UpdateContainerResourcesResponse()
+
     async def reopen_container_log(
         self, request: cri.ReopenContainerLogRequest
     ) -> cri.ReopenContainerLogResponse:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from cri_shim.cri.container import ContainerHandlers
 from cri_shim.cri.sandbox import SandboxHandlers
+from cri_shim.cri.stats import StatsHandlers
 from cri_shim.cri.status import StatusHandlers
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.instrument import Instrumentation
@@ -23,12 +24,15 @@ class RuntimeService(cri.RuntimeServiceBase):
         status: StatusHandlers,
         sandboxes: SandboxHandlers,
         containers: ContainerHandlers,
+        *,
+        stats: StatsHandlers,
     ) -> None:
         self._call = instrument.unary
         self._stream = instrument.server_stream
         self._status = status
         self._sandboxes = sandboxes
         self._containers = containers
+        self._stats = stats
 
     async def version(self, message: cri.VersionRequest) -> cri.VersionResponse:
         return await self._call("Version", self._status.version, message)
@@ -112,3 +116,44 @@ class RuntimeService(cri.RuntimeServiceBase):
             "GetContainerEvents", self._containers.get_container_events, message
         ):
             yield event
+
+    async def update_container_resources(
+        self, message: cri.UpdateContainerResourcesRequest
+    ) -> cri.UpdateContainerResourcesResponse:
+        return await self._call(
+            "UpdateContainerResources", self._containers.update_container_resources, message
+        )
+
+    async def container_stats(
+        self, message: cri.ContainerStatsRequest
+    ) -> cri.ContainerStatsResponse:
+        return await self._call("ContainerStats", self._stats.container_stats, message)
+
+    async def list_container_stats(
+        self, message: cri.ListContainerStatsRequest
+    ) -> cri.ListContainerStatsResponse:
+        return await self._call("ListContainerStats", self._stats.list_container_stats, message)
+
+    async def pod_sandbox_stats(
+        self, message: cri.PodSandboxStatsRequest
+    ) -> cri.PodSandboxStatsResponse:
+        return await self._call("PodSandboxStats", self._stats.pod_sandbox_stats, message)
+
+    async def list_pod_sandbox_stats(
+        self, message: cri.ListPodSandboxStatsRequest
+    ) -> cri.ListPodSandboxStatsResponse:
+        return await self._call("ListPodSandboxStats", self._stats.list_pod_sandbox_stats, message)
+
+    async def list_metric_descriptors(
+        self, message: cri.ListMetricDescriptorsRequest
+    ) -> cri.ListMetricDescriptorsResponse:
+        return await self._call(
+            "ListMetricDescriptors", self._stats.list_metric_descriptors, message
+        )
+
+    async def list_pod_sandbox_metrics(
+        self, message: cri.ListPodSandboxMetricsRequest
+    ) -> cri.ListPodSandboxMetricsResponse:
+        return await self._call(
+            "ListPodSandboxMetrics", self._stats.list_pod_sandbox_metrics, message
+        )

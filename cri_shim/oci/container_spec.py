@@ -559,11 +559,18 @@ def _apparmor(
 # ------------------------------------------------------------------ resources
 
 
-def _resources(spec: dict[str, Any], inputs: ContainerSpecInput) -> None:
-    linux_config = inputs.config.linux
-    res = linux_config.resources if linux_config is not None else None
-    if res is None:
-        return
+def apply_linux_resources(
+    spec: dict[str, Any],
+    res: cri.LinuxContainerResources,
+    *,
+    swap_available: bool | None = None,
+) -> None:
+    """Merge CRI resources into linux.resources the way containerd's WithResources
+    does: only the fields set are written, so an update keeps what it leaves out.
+
+    Shared by CreateContainer and UpdateContainerResources; oom_score_adj is not
+    a cgroup setting and stays with the caller (containerd never updates it).
+    """
     for name in ("cpu_period", "cpu_shares"):
         if getattr(res, name) < 0:
             raise SpecError(f"resources.{name} must not be negative")
@@ -578,9 +585,7 @@ def _resources(spec: dict[str, Any], inputs: ContainerSpecInput) -> None:
         cpu["cpus"] = res.cpuset_cpus
     if res.cpuset_mems:
         cpu["mems"] = res.cpuset_mems
-    swap_ok = (
-        inputs.swap_available if inputs.swap_available is not None else swap_controller_available()
-    )
+    swap_ok = swap_available if swap_available is not None else swap_controller_available()
     memory: dict[str, Any] = {}
     if res.memory_limit_in_bytes:
         memory["limit"] = res.memory_limit_in_bytes
@@ -589,20 +594,53 @@ def _resources(spec: dict[str, Any], inputs: ContainerSpecInput) -> None:
             memory["swap"] = res.memory_limit_in_bytes
     if res.memory_swap_limit_in_bytes and swap_ok:
         memory["swap"] = res.memory_swap_limit_in_bytes
-    resources = spec["linux"]["resources"]
+    resources = spec["linux"].setdefault("resources", {})
     if cpu:
-        resources["cpu"] = cpu
+        resources.setdefault("cpu", {}).update(cpu)
     if memory:
-        resources["memory"] = memory
+        resources.setdefault("memory", {}).update(memory)
     if res.hugepage_limits:
-        limits = []
+        limits = {entry["pageSize"]: entry for entry in resources.get("hugepageLimits", [])}
         for limit in res.hugepage_limits:
             if not limit.page_size:
                 raise SpecError("hugepage_limits entries need a page_size such as 2MB")
-            limits.append({"pageSize": limit.page_size, "limit": limit.limit})
-        resources["hugepageLimits"] = limits
+            limits[limit.page_size] = {"pageSize": limit.page_size, "limit": limit.limit}
+        resources["hugepageLimits"] = list(limits.values())
     if res.unified:
-        resources["unified"] = dict(res.unified)
+        resources.setdefault("unified", {}).update(res.unified)
+
+
+def resources_from_spec(spec: dict[str, Any]) -> cri.LinuxContainerResources:
+    """What ContainerStatus.resources reports: read back from the spec, as
+    containerd does, so it shows what the cgroup was really given."""
+    out = cri.LinuxContainerResources()
+    process = spec.get("process") or {}
+    if "oomScoreAdj" in process:
+        out.oom_score_adj = int(process["oomScoreAdj"])
+    resources = (spec.get("linux") or {}).get("resources") or {}
+    cpu = resources.get("cpu") or {}
+    out.cpu_period = int(cpu.get("period", 0))
+    out.cpu_quota = int(cpu.get("quota", 0))
+    out.cpu_shares = int(cpu.get("shares", 0))
+    out.cpuset_cpus = str(cpu.get("cpus", ""))
+    out.cpuset_mems = str(cpu.get("mems", ""))
+    memory = resources.get("memory") or {}
+    out.memory_limit_in_bytes = int(memory.get("limit", 0))
+    out.memory_swap_limit_in_bytes = int(memory.get("swap", 0))
+    out.hugepage_limits = [
+        cri.HugepageLimit(page_size=str(h["pageSize"]), limit=int(h.get("limit", 0)))
+        for h in resources.get("hugepageLimits") or []
+    ]
+    out.unified = {str(k): str(v) for k, v in (resources.get("unified") or {}).items()}
+    return out
+
+
+def _resources(spec: dict[str, Any], inputs: ContainerSpecInput) -> None:
+    linux_config = inputs.config.linux
+    res = linux_config.resources if linux_config is not None else None
+    if res is None:
+        return
+    apply_linux_resources(spec, res, swap_available=inputs.swap_available)
     spec["process"]["oomScoreAdj"] = clamp_oom_score_adj(
         res.oom_score_adj, inputs.oom_score_adj_floor
     )

@@ -1,0 +1,376 @@
+"""Container and pod usage for the CRI stats RPCs, figured as containerd's CRI
+plugin (and cAdvisor before it) figures them, so kubelet's summaries,
+eviction and autoscaling inputs come out the same.
+
+- cpu: cumulative usage from the cgroup; usage_nano_cores is the rate between
+  this sample and the previous one of the same container or pod (the first
+  sample answers 0, as containerd does);
+- memory: working set = usage - inactive file pages; available = limit -
+  working set, only when there is a limit;
+- writable layer: the snapshotter's usage of the container's snapshot, on the
+  snapshotter's root;
+- pods: the pod cgroup (kubelet's cgroup parent) when there is one, else the
+  sum over the pause and running containers; network counters of the pod's
+  network namespace; the process count of its running containers.
+
+Every running container's sample comes from one Tasks.Metrics call; the
+payload is decoded by type URL (cgroup v1 or v2 metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from cri_shim.container.cgroups import (
+    CgroupSample,
+    InterfaceCounters,
+    memory_limit,
+    read_net_dev,
+    read_sample,
+)
+from cri_shim.containerd.runtime import RuntimeOps
+from cri_shim.gen.containerd.types import Metric
+from cri_shim.gen.io.containerd.cgroups import v1 as cgroups_v1
+from cri_shim.gen.io.containerd.cgroups import v2 as cgroups_v2
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.logs import log_event
+from cri_shim.store.containers import Container, ContainerState, ContainerStore
+from cri_shim.store.sandboxes import Sandbox, SandboxStore
+
+log = logging.getLogger(__name__)
+
+CGROUPS_V1_METRICS = "io.containerd.cgroups.v1.Metrics"
+CGROUPS_V2_METRICS = "io.containerd.cgroups.v2.Metrics"
+DEFAULT_INTERFACE = "eth0"
+# Snapshots.Usage walks the writable layer: bound how many walk at once.
+CONCURRENT_USAGE_CALLS = 8
+POD_KEY_PREFIX = "pod/"
+
+
+def _u64(value: int) -> cri.UInt64Value:
+    return cri.UInt64Value(value=max(0, value))
+
+
+def _ns(moment: datetime.datetime | None) -> int:
+    return int(moment.timestamp() * 1_000_000_000) if moment is not None else time.time_ns()
+
+
+# ------------------------------------------------------------------ decoding
+
+
+def sample_from_v1(metrics: cgroups_v1.Metrics, timestamp_ns: int) -> CgroupSample:
+    cpu = metrics.cpu.usage if metrics.cpu is not None else None
+    memory = metrics.memory
+    usage = memory.usage if memory is not None else None
+    return CgroupSample(
+        timestamp_ns=timestamp_ns,
+        cpu_ns=cpu.total if cpu is not None else None,
+        memory_usage=usage.usage if usage is not None else None,
+        inactive_file=memory.total_inactive_file if memory is not None else 0,
+        rss=memory.total_rss if memory is not None else 0,
+        page_faults=memory.total_pg_fault if memory is not None else 0,
+        major_page_faults=memory.total_pg_maj_fault if memory is not None else 0,
+        memory_limit=memory_limit(usage.limit) if usage is not None else None,
+        pids=metrics.pids.current if metrics.pids is not None else None,
+    )
+
+
+def sample_from_v2(metrics: cgroups_v2.Metrics, timestamp_ns: int) -> CgroupSample:
+    cpu = metrics.cpu
+    memory = metrics.memory
+    return CgroupSample(
+        timestamp_ns=timestamp_ns,
+        cpu_ns=cpu.usage_usec * 1000 if cpu is not None else None,
+        memory_usage=memory.usage if memory is not None else None,
+        inactive_file=memory.inactive_file if memory is not None else 0,
+        rss=memory.anon if memory is not None else 0,
+        page_faults=memory.pgfault if memory is not None else 0,
+        major_page_faults=memory.pgmajfault if memory is not None else 0,
+        memory_limit=memory_limit(memory.usage_limit) if memory is not None else None,
+        swap_usage=memory.swap_usage if memory is not None else None,
+        swap_limit=memory_limit(memory.swap_limit) if memory is not None else None,
+        pids=metrics.pids.current if metrics.pids is not None else None,
+    )
+
+
+def sample_from_metric(metric: Metric) -> CgroupSample | None:
+    """Decode one Tasks.Metrics entry by its payload's type URL; None if unknown."""
+    data = metric.data
+    if data is None:
+        return None
+    kind = data.type_url.rsplit("/", 1)[-1]
+    timestamp = _ns(metric.timestamp)
+    if kind == CGROUPS_V1_METRICS:
+        return sample_from_v1(cgroups_v1.Metrics.parse(data.value), timestamp)
+    if kind == CGROUPS_V2_METRICS:
+        return sample_from_v2(cgroups_v2.Metrics.parse(data.value), timestamp)
+    log_event(log, "unknown task metrics type", level=logging.DEBUG, container=metric.id, type=kind)
+    return None
+
+
+def sum_samples(samples: Iterable[CgroupSample], timestamp_ns: int) -> CgroupSample:
+    """A pod without a cgroup of its own: its containers' usage added up."""
+    items = list(samples)
+
+    def total(values: Iterable[int | None]) -> int | None:
+        present = [v for v in values if v is not None]
+        return sum(present) if present else None
+
+    return CgroupSample(
+        timestamp_ns=timestamp_ns,
+        cpu_ns=total(s.cpu_ns for s in items),
+        memory_usage=total(s.memory_usage for s in items),
+        inactive_file=sum(s.inactive_file for s in items),
+        rss=sum(s.rss for s in items),
+        page_faults=sum(s.page_faults for s in items),
+        major_page_faults=sum(s.major_page_faults for s in items),
+        pids=total(s.pids for s in items),
+    )
+
+
+# --------------------------------------------------------------- CRI figures
+
+
+class CpuRates:
+    """usage_nano_cores needs two samples: the previous one per container (and
+    per pod) is kept here, as containerd keeps it in its stores.
+
+    kubelet asks for pod and container stats within milliseconds of each other;
+    a rate over such a sliver is mostly noise, so a sample closer than
+    `min_window_ns` to the kept one is measured against the sample before it
+    and not kept.
+    """
+
+    def __init__(self, min_window_ns: int = 500_000_000) -> None:
+        self.min_window_ns = min_window_ns
+        # key -> the kept samples, newest last (time ns, usage ns), and the last rate
+        self._samples: dict[str, list[tuple[int, int]]] = {}
+        self._rate: dict[str, int] = {}
+
+    def nano_cores(self, key: str, timestamp_ns: int, usage_ns: int) -> int:
+        kept = self._samples.setdefault(key, [])
+        if not kept:
+            kept.append((timestamp_ns, usage_ns))
+            self._rate[key] = 0
+            return 0  # one sample: no rate yet (containerd answers 0 too)
+        if timestamp_ns - kept[-1][0] >= self.min_window_ns:
+            base = kept[-1]
+            kept[:] = [base, (timestamp_ns, usage_ns)]
+        elif len(kept) > 1 and timestamp_ns > kept[-1][0]:
+            base = kept[-2]
+        else:
+            return self._rate[key]  # too close (or older): the last answer stands
+        then, used = base
+        elapsed = timestamp_ns - then
+        # A counter that went down (pod sum after a container left) restarts the rate.
+        rate = (usage_ns - used) * 1_000_000_000 // elapsed if usage_ns >= used else 0
+        self._rate[key] = rate
+        return rate
+
+    def keep_only(self, keys: set[str]) -> None:
+        for key in [k for k in self._samples if k not in keys]:
+            del self._samples[key]
+            self._rate.pop(key, None)
+
+
+def cpu_usage(sample: CgroupSample, rates: CpuRates, key: str) -> cri.CpuUsage | None:
+    if sample.cpu_ns is None:
+        return None
+    return cri.CpuUsage(
+        timestamp=sample.timestamp_ns,
+        usage_core_nano_seconds=_u64(sample.cpu_ns),
+        usage_nano_cores=_u64(rates.nano_cores(key, sample.timestamp_ns, sample.cpu_ns)),
+    )
+
+
+def memory_usage(sample: CgroupSample) -> cri.MemoryUsage | None:
+    if sample.memory_usage is None:
+        return None
+    usage = sample.memory_usage
+    working_set = usage - sample.inactive_file if sample.inactive_file < usage else 0
+    available = None
+    if sample.memory_limit is not None:
+        available = _u64(sample.memory_limit - working_set)
+    return cri.MemoryUsage(
+        timestamp=sample.timestamp_ns,
+        working_set_bytes=_u64(working_set),
+        available_bytes=available,
+        usage_bytes=_u64(usage),
+        rss_bytes=_u64(sample.rss),
+        page_faults=_u64(sample.page_faults),
+        major_page_faults=_u64(sample.major_page_faults),
+    )
+
+
+def swap_usage(sample: CgroupSample) -> cri.SwapUsage | None:
+    if sample.swap_usage is None:
+        return None
+    available = None
+    if sample.swap_limit is not None:
+        available = _u64(sample.swap_limit - sample.swap_usage)
+    return cri.SwapUsage(
+        timestamp=sample.timestamp_ns,
+        swap_usage_bytes=_u64(sample.swap_usage),
+        swap_available_bytes=available,
+    )
+
+
+def _interface(counters: InterfaceCounters) -> cri.NetworkInterfaceUsage:
+    return cri.NetworkInterfaceUsage(
+        name=counters.name,
+        rx_bytes=_u64(counters.rx_bytes),
+        rx_errors=_u64(counters.rx_errors),
+        tx_bytes=_u64(counters.tx_bytes),
+        tx_errors=_u64(counters.tx_errors),
+    )
+
+
+def network_usage(interfaces: list[InterfaceCounters], timestamp_ns: int) -> cri.NetworkUsage:
+    """eth0 (the CNI's interface) is the default; the others, loopback aside, follow."""
+    default = next((i for i in interfaces if i.name == DEFAULT_INTERFACE), None)
+    return cri.NetworkUsage(
+        timestamp=timestamp_ns,
+        default_interface=_interface(default) if default is not None else None,
+        interfaces=[_interface(i) for i in interfaces if i.name not in ("lo", DEFAULT_INTERFACE)],
+    )
+
+
+def container_attributes(container: Container) -> cri.ContainerAttributes:
+    return cri.ContainerAttributes(
+        id=container.id,
+        metadata=container.metadata,
+        labels=dict(container.config.labels),
+        annotations=dict(container.config.annotations),
+    )
+
+
+def sandbox_attributes(sandbox: Sandbox) -> cri.PodSandboxAttributes:
+    return cri.PodSandboxAttributes(
+        id=sandbox.id,
+        metadata=sandbox.metadata,
+        labels=dict(sandbox.config.labels),
+        annotations=dict(sandbox.config.annotations),
+    )
+
+
+# ----------------------------------------------------------------- collector
+
+
+@dataclass
+class StatsCollector:
+    """Gathers samples from containerd and the pod cgroups and keeps the
+    previous CPU sample of each container and pod."""
+
+    ops: RuntimeOps
+    containers: ContainerStore
+    sandboxes: SandboxStore
+    snapshot_root: Callable[[], Awaitable[str]]
+
+    def __post_init__(self) -> None:
+        self.rates = CpuRates()
+        self._usage_calls = asyncio.Semaphore(CONCURRENT_USAGE_CALLS)
+
+    async def samples(self, ids: Iterable[str]) -> dict[str, CgroupSample]:
+        """The current sample of each running task among `ids` (one containerd call)."""
+        found: dict[str, CgroupSample] = {}
+        for metric in await self.ops.task_metrics(sorted(set(ids))):
+            sample = sample_from_metric(metric)
+            if sample is not None:
+                found[metric.id] = sample
+        return found
+
+    async def writable_layer(self, container_id: str) -> cri.FilesystemUsage:
+        async with self._usage_calls:
+            usage = await self.ops.snapshot_usage(container_id)
+        used, inodes = usage if usage is not None else (0, 0)
+        return cri.FilesystemUsage(
+            timestamp=time.time_ns(),
+            fs_id=cri.FilesystemIdentifier(mountpoint=await self.snapshot_root()),
+            used_bytes=_u64(used),
+            inodes_used=_u64(inodes),
+        )
+
+    async def container_stats(
+        self, container: Container, sample: CgroupSample | None
+    ) -> cri.ContainerStats:
+        """Stats of one container; without a sample (no task) only its layer."""
+        stats = cri.ContainerStats(
+            attributes=container_attributes(container),
+            writable_layer=await self.writable_layer(container.id),
+        )
+        if sample is not None:
+            stats.cpu = cpu_usage(sample, self.rates, container.id)
+            stats.memory = memory_usage(sample)
+            stats.swap = swap_usage(sample)
+        return stats
+
+    async def list_container_stats(self, containers: list[Container]) -> list[cri.ContainerStats]:
+        """Running containers only: those are the ones containerd has metrics for."""
+        running = [c for c in containers if c.state is ContainerState.RUNNING]
+        samples = await self.samples(c.id for c in running)
+        answered = [c for c in running if c.id in samples]
+        result = await asyncio.gather(*(self.container_stats(c, samples[c.id]) for c in answered))
+        self._forget_gone()
+        return list(result)
+
+    async def pod_stats(
+        self, sandbox: Sandbox, samples: dict[str, CgroupSample]
+    ) -> cri.PodSandboxStats:
+        """One pod's stats from samples of its pause and running containers."""
+        now = time.time_ns()
+        running = [
+            c for c in self.containers.in_sandbox(sandbox.id) if c.state is ContainerState.RUNNING
+        ]
+        parts = [samples[c.id] for c in running if c.id in samples]
+        pod_sample = await self._pod_cgroup_sample(sandbox, now)
+        if pod_sample is None:
+            pause = samples.get(sandbox.id)
+            pod_sample = sum_samples([*parts, *([pause] if pause else [])], now)
+        linux = cri.LinuxPodSandboxStats(
+            cpu=cpu_usage(pod_sample, self.rates, POD_KEY_PREFIX + sandbox.id),
+            memory=memory_usage(pod_sample),
+            containers=list(
+                await asyncio.gather(
+                    *(self.container_stats(c, samples[c.id]) for c in running if c.id in samples)
+                )
+            ),
+        )
+        pids = [p.pids for p in parts if p.pids is not None]
+        if pids:
+            linux.process = cri.ProcessUsage(timestamp=now, process_count=_u64(sum(pids)))
+        if not sandbox.host_network and sandbox.pid > 0:
+            interfaces = await asyncio.to_thread(read_net_dev, sandbox.pid)
+            if interfaces:
+                linux.network = network_usage(interfaces, now)
+        return cri.PodSandboxStats(attributes=sandbox_attributes(sandbox), linux=linux)
+
+    async def list_pod_stats(self, sandboxes: list[Sandbox]) -> list[cri.PodSandboxStats]:
+        ids = [s.id for s in sandboxes]
+        for sandbox in sandboxes:
+            ids += [
+                c.id
+                for c in self.containers.in_sandbox(sandbox.id)
+                if c.state is ContainerState.RUNNING
+            ]
+        samples = await self.samples(ids)
+        result = await asyncio.gather(*(self.pod_stats(s, samples) for s in sandboxes))
+        self._forget_gone()
+        return list(result)
+
+    async def _pod_cgroup_sample(self, sandbox: Sandbox, now: int) -> CgroupSample | None:
+        linux = sandbox.config.linux
+        parent = linux.cgroup_parent if linux is not None else ""
+        if not parent:
+            return None
+        return await asyncio.to_thread(read_sample, parent, now)
+
+    def _forget_gone(self) -> None:
+        """Drop the previous samples of containers and pods that no longer exist."""
+        keys = {c.id for c in self.containers.by_id}
+        keys |= {POD_KEY_PREFIX + s.id for s in self.sandboxes.by_id}
+        self.rates.keep_only(keys)

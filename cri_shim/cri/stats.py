@@ -1,0 +1,91 @@
+"""ContainerStats, ListContainerStats, PodSandboxStats, ListPodSandboxStats,
+ListMetricDescriptors and ListPodSandboxMetrics.
+
+The figures come from `container/stats.py`. Lists follow containerd: running
+containers and ready pods only, unknown filter ids match nothing. A single
+ContainerStats of a container without a task answers its writable layer
+(containerd fails the call instead).
+
+ListMetricDescriptors and ListPodSandboxMetrics answer empty lists, as
+containerd 2 does: the cAdvisor-style metrics they would carry are only read
+by kubelet's PodAndContainerStatsFromCRI feature gate, and an empty answer
+tells kubelet there are none rather than that the runtime is broken.
+"""
+
+from __future__ import annotations
+
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from cri_shim.container.stats import StatsCollector
+from cri_shim.errors import require
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.store.containers import ContainerStore
+from cri_shim.store.sandboxes import SandboxState, SandboxStore
+
+
+class StatsHandlers:
+    def __init__(
+        self, containers: ContainerStore, sandboxes: SandboxStore, collector: StatsCollector
+    ) -> None:
+        self.containers = containers
+        self.sandboxes = sandboxes
+        self.collector = collector
+
+    async def container_stats(
+        self, request: cri.ContainerStatsRequest
+    ) -> cri.ContainerStatsResponse:
+        require(request.container_id, "container_id")
+        container = self.containers.by_id.get(request.container_id)
+        samples = await self.collector.samples([container.id])
+        stats = await self.collector.container_stats(container, samples.get(container.id))
+        return cri.ContainerStatsResponse(stats=stats)
+
+    async def list_container_stats(
+        self, request: cri.ListContainerStatsRequest
+    ) -> cri.ListContainerStatsResponse:
+        wanted = request.filter or cri.ContainerStatsFilter()
+        containers = self.containers.list(
+            cri.ContainerFilter(
+                id=wanted.id,
+                pod_sandbox_id=wanted.pod_sandbox_id,
+                label_selector=dict(wanted.label_selector),
+            )
+        )
+        return cri.ListContainerStatsResponse(
+            stats=await self.collector.list_container_stats(containers)
+        )
+
+    async def pod_sandbox_stats(
+        self, request: cri.PodSandboxStatsRequest
+    ) -> cri.PodSandboxStatsResponse:
+        require(request.pod_sandbox_id, "pod_sandbox_id")
+        sandbox = self.sandboxes.by_id.get(request.pod_sandbox_id)
+        if sandbox.state is not SandboxState.READY:
+            # containerd's answer too: kubelet treats it as transient.
+            raise GRPCError(Status.UNAVAILABLE, f"pod sandbox {sandbox.id} is not ready")
+        stats = await self.collector.list_pod_stats([sandbox])
+        return cri.PodSandboxStatsResponse(stats=stats[0])
+
+    async def list_pod_sandbox_stats(
+        self, request: cri.ListPodSandboxStatsRequest
+    ) -> cri.ListPodSandboxStatsResponse:
+        wanted = request.filter or cri.PodSandboxStatsFilter()
+        sandboxes = self.sandboxes.list(
+            cri.PodSandboxFilter(
+                id=wanted.id,
+                state=cri.PodSandboxStateValue(state=cri.PodSandboxState.SANDBOX_READY),
+                label_selector=dict(wanted.label_selector),
+            )
+        )
+        return cri.ListPodSandboxStatsResponse(stats=await self.collector.list_pod_stats(sandboxes))
+
+    async def list_metric_descriptors(
+        self, request: cri.ListMetricDescriptorsRequest
+    ) -> cri.ListMetricDescriptorsResponse:
+        return cri.ListMetricDescriptorsResponse(descriptors=[])
+
+    async def list_pod_sandbox_metrics(
+        self, request: cri.ListPodSandboxMetricsRequest
+    ) -> cri.ListPodSandboxMetricsResponse:
+        return cri.ListPodSandboxMetricsResponse(pod_metrics=[])

@@ -1,0 +1,575 @@
+"""Stats, UpdateContainerResources and OOM kills on real containerd + runc,
+plus the cgroup/metrics decoding they rest on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from cri_shim.container.cgroups import (
+    CgroupSample,
+    expand_slice,
+    oom_kills,
+    read_net_dev,
+    read_sample,
+    relative_path,
+)
+from cri_shim.container.stats import (
+    CGROUPS_V2_METRICS,
+    CpuRates,
+    memory_usage,
+    sample_from_metric,
+    sum_samples,
+)
+from cri_shim.gen.containerd.types import Metric
+from cri_shim.gen.google.protobuf import Any as AnyMessage
+from cri_shim.gen.io.containerd.cgroups import v2 as cgroups_v2
+from cri_shim.gen.runtime import v1 as cri
+from cri_shim.host import CGROUP_ROOT, cgroup_v2_unified
+from cri_shim.server import Shim
+
+from .conftest import CriClient
+from .pods import make_container, pod_config, wait_exited
+
+MIB = 1 << 20
+BUSY = ["sh", "-c", "dd if=/dev/zero of=/scratch bs=1M count=4 2>/dev/null; while :; do :; done"]
+
+Pod = tuple[str, cri.PodSandboxConfig]
+
+
+def cgroup_file(shim: Shim, container_id: str, controller: str, name: str) -> Path:
+    """A file of the container's own cgroup, found through its spec's cgroupsPath."""
+    assert shim.container_manager is not None
+    spec = shim.container_manager.spec(container_id)
+    assert spec is not None
+    relative = relative_path(spec["linux"]["cgroupsPath"]).lstrip("/")
+    if cgroup_v2_unified():
+        return CGROUP_ROOT / relative / name
+    return CGROUP_ROOT / controller / relative / name
+
+
+async def container_stats(pods: CriClient, container_id: str) -> cri.ContainerStats:
+    reply = await pods.runtime.container_stats(cri.ContainerStatsRequest(container_id))
+    assert reply.stats is not None
+    return reply.stats
+
+
+async def status_of(pods: CriClient, container_id: str) -> cri.ContainerStatus:
+    reply = await pods.runtime.container_status(cri.ContainerStatusRequest(container_id))
+    assert reply.status is not None
+    return reply.status
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def other_pod(pods: CriClient, tmp_path: Path) -> AsyncIterator[Pod]:
+    config = pod_config("other", log_directory=str(tmp_path / "other-logs"), labels={"pod": "b"})
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+    yield reply.pod_sandbox_id, config
+    await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(reply.pod_sandbox_id))
+
+
+# ------------------------------------------------------------- container stats
+
+
+async def test_busy_container_cpu_memory_and_writable_layer(
+    pods: CriClient, pod: Pod, busybox: str
+) -> None:
+    container = await make_container(
+        pods, pod, busybox, BUSY, name="busy", labels={"app": "busy"}, annotations={"a": "1"}
+    )
+    await asyncio.sleep(1.0)
+    first = await container_stats(pods, container)
+    await asyncio.sleep(1.0)
+    second = await container_stats(pods, container)
+
+    assert second.attributes is not None
+    assert second.attributes.id == container
+    assert second.attributes.metadata is not None and second.attributes.metadata.name == "busy"
+    assert second.attributes.labels == {"app": "busy"}
+    assert second.attributes.annotations == {"a": "1"}
+    assert first.cpu is not None and second.cpu is not None
+    assert first.cpu.usage_core_nano_seconds is not None
+    assert second.cpu.usage_core_nano_seconds is not None
+    assert second.cpu.usage_core_nano_seconds.value > first.cpu.usage_core_nano_seconds.value
+    assert second.cpu.timestamp > first.cpu.timestamp > 0
+    assert second.cpu.usage_nano_cores is not None
+    # The rate between the two samples (a loaded machine may give the spinner little).
+    used = second.cpu.usage_core_nano_seconds.value - first.cpu.usage_core_nano_seconds.value
+    elapsed = second.cpu.timestamp - first.cpu.timestamp
+    assert second.cpu.usage_nano_cores.value == used * 1_000_000_000 // elapsed > 0
+    memory = second.memory
+    assert memory is not None and memory.working_set_bytes is not None
+    assert memory.usage_bytes is not None and memory.rss_bytes is not None
+    assert 0 < memory.working_set_bytes.value <= memory.usage_bytes.value
+    assert memory.page_faults is not None and memory.page_faults.value > 0
+    assert memory.available_bytes is None  # no limit, nothing to be available against
+    layer = second.writable_layer
+    assert layer is not None and layer.used_bytes is not None and layer.fs_id is not None
+    assert layer.used_bytes.value >= 4 * MIB
+    assert layer.inodes_used is not None and layer.inodes_used.value >= 1
+    assert layer.fs_id.mountpoint.endswith("io.containerd.snapshotter.v1.overlayfs")
+
+
+async def test_memory_limit_gives_available_bytes(pods: CriClient, pod: Pod, busybox: str) -> None:
+    resources = cri.LinuxContainerResources(memory_limit_in_bytes=64 * MIB)
+    container = await make_container(
+        pods,
+        pod,
+        busybox,
+        ["sleep", "3600"],
+        name="limited",
+        linux=cri.LinuxContainerConfig(resources=resources),
+    )
+    memory = (await container_stats(pods, container)).memory
+    assert memory is not None and memory.available_bytes is not None
+    assert memory.working_set_bytes is not None
+    assert memory.available_bytes.value + memory.working_set_bytes.value == 64 * MIB
+
+
+async def test_created_container_has_only_its_layer(
+    pods: CriClient, pod: Pod, busybox: str
+) -> None:
+    container = await make_container(pods, pod, busybox, ["true"], name="idle", start=False)
+    stats = await container_stats(pods, container)
+    assert stats.attributes is not None and stats.attributes.id == container
+    assert stats.cpu is None and stats.memory is None
+    assert stats.writable_layer is not None
+    listed = await pods.runtime.list_container_stats(
+        cri.ListContainerStatsRequest(cri.ContainerStatsFilter(id=container))
+    )
+    assert listed.stats == []  # containerd lists running containers only
+
+
+async def test_list_container_stats_filters(
+    pods: CriClient, pod: Pod, other_pod: Pod, busybox: str
+) -> None:
+    sleep = ["sleep", "3600"]
+    a = await make_container(pods, pod, busybox, sleep, name="a", labels={"tier": "web"})
+    b = await make_container(pods, pod, busybox, sleep, name="b", labels={"tier": "db"})
+    c = await make_container(pods, other_pod, busybox, sleep, name="c", labels={"tier": "web"})
+    done = await make_container(pods, pod, busybox, ["true"], name="done")
+    await wait_exited(pods, done)
+
+    async def ids(**wanted: object) -> set[str]:
+        reply = await pods.runtime.list_container_stats(
+            cri.ListContainerStatsRequest(cri.ContainerStatsFilter(**wanted))  # type: ignore[arg-type]
+        )
+        assert all(s.cpu is not None and s.memory is not None for s in reply.stats)
+        return {s.attributes.id for s in reply.stats if s.attributes is not None}
+
+    everything = await ids()
+    assert {a, b, c} <= everything and done not in everything
+    assert await ids(id=a) == {a}
+    assert await ids(id=a[:12]) == {a}
+    assert await ids(pod_sandbox_id=pod[0]) == {a, b}
+    assert await ids(pod_sandbox_id=other_pod[0][:12]) == {c}
+    assert await ids(label_selector={"tier": "web"}) >= {a, c}
+    assert b not in await ids(label_selector={"tier": "web"})
+    assert await ids(pod_sandbox_id=pod[0], label_selector={"tier": "web"}) == {a}
+    assert await ids(id="f" * 64) == set()
+    assert await ids(pod_sandbox_id="f" * 64) == set()
+
+
+# ------------------------------------------------------------------- pod stats
+
+
+async def test_pod_stats_with_network_traffic(
+    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
+) -> None:
+    container = await make_container(pods, pod, busybox, BUSY, name="pinger")
+    gateway = pod_shim.test_subnet_prefix + "1"  # type: ignore[attr-defined]
+    ping = await pods.runtime.exec_sync(
+        cri.ExecSyncRequest(container, cmd=["ping", "-c", "3", "-i", "0.2", gateway], timeout=10)
+    )
+    assert ping.exit_code == 0, ping.stdout + ping.stderr
+    await pods.runtime.pod_sandbox_stats(cri.PodSandboxStatsRequest(pod[0]))
+    await asyncio.sleep(1.0)
+    reply = await pods.runtime.pod_sandbox_stats(cri.PodSandboxStatsRequest(pod[0]))
+    stats = reply.stats
+    assert stats is not None and stats.attributes is not None and stats.linux is not None
+    assert stats.attributes.id == pod[0]
+    assert stats.attributes.metadata is not None
+    assert stats.attributes.metadata.name == pod[1].metadata.name  # type: ignore[union-attr]
+    linux = stats.linux
+    network = linux.network
+    assert network is not None and network.default_interface is not None
+    eth0 = network.default_interface
+    assert eth0.name == "eth0"
+    assert eth0.rx_bytes is not None and eth0.tx_bytes is not None
+    assert eth0.rx_bytes.value >= 3 * 64 and eth0.tx_bytes.value >= 3 * 64
+    assert eth0.rx_errors is not None and eth0.rx_errors.value == 0
+    assert all(i.name != "lo" for i in network.interfaces)
+    assert linux.cpu is not None and linux.cpu.usage_core_nano_seconds is not None
+    assert linux.cpu.usage_nano_cores is not None and linux.cpu.usage_nano_cores.value > 0
+    assert linux.memory is not None and linux.memory.working_set_bytes is not None
+    assert linux.memory.working_set_bytes.value > 0
+    assert linux.process is not None and linux.process.process_count is not None
+    assert linux.process.process_count.value >= 1
+    assert [c.attributes.id for c in linux.containers if c.attributes] == [container]
+
+    listed = await pods.runtime.list_pod_sandbox_stats(
+        cri.ListPodSandboxStatsRequest(cri.PodSandboxStatsFilter(id=pod[0][:12]))
+    )
+    assert [s.attributes.id for s in listed.stats if s.attributes] == [pod[0]]
+    everything = await pods.runtime.list_pod_sandbox_stats(cri.ListPodSandboxStatsRequest())
+    assert pod[0] in {s.attributes.id for s in everything.stats if s.attributes}
+
+
+async def test_list_pod_stats_label_filter_and_not_ready(
+    pods: CriClient, pod: Pod, other_pod: Pod
+) -> None:
+    by_label = await pods.runtime.list_pod_sandbox_stats(
+        cri.ListPodSandboxStatsRequest(cri.PodSandboxStatsFilter(label_selector={"pod": "b"}))
+    )
+    assert [s.attributes.id for s in by_label.stats if s.attributes] == [other_pod[0]]
+    await pods.runtime.stop_pod_sandbox(cri.StopPodSandboxRequest(other_pod[0]))
+    everything = await pods.runtime.list_pod_sandbox_stats(cri.ListPodSandboxStatsRequest())
+    assert other_pod[0] not in {s.attributes.id for s in everything.stats if s.attributes}
+    with pytest.raises(GRPCError) as caught:
+        await pods.runtime.pod_sandbox_stats(cri.PodSandboxStatsRequest(other_pod[0]))
+    assert caught.value.status is Status.UNAVAILABLE
+
+
+async def test_pod_stats_read_the_pod_cgroup(pods: CriClient, tmp_path: Path, busybox: str) -> None:
+    parent = f"/crishim-stats-{random.randrange(1 << 30)}"
+    config = pod_config(
+        "cgroup",
+        log_directory=str(tmp_path / "logs"),
+        linux=cri.LinuxPodSandboxConfig(cgroup_parent=parent),
+    )
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+    try:
+        pod = (reply.pod_sandbox_id, config)
+        await make_container(pods, pod, busybox, BUSY, name="spin")
+        await asyncio.sleep(1.0)
+        stats = await pods.runtime.pod_sandbox_stats(cri.PodSandboxStatsRequest(pod[0]))
+        linux = stats.stats.linux if stats.stats is not None else None
+        assert linux is not None and linux.cpu is not None and linux.memory is not None
+        pod_cgroup = read_sample(parent, time.time_ns())
+        assert pod_cgroup is not None and pod_cgroup.cpu_ns is not None
+        reported = linux.cpu.usage_core_nano_seconds
+        assert reported is not None
+        # Read from the pod cgroup a moment ago: at most what the cgroup says now.
+        assert 0 < reported.value <= pod_cgroup.cpu_ns
+        assert len(linux.containers) == 1
+    finally:
+        await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(reply.pod_sandbox_id))
+        for controller in ("", "cpu", "cpuacct", "memory", "pids", "cpuset", "blkio", "devices"):
+            for directory in (
+                CGROUP_ROOT / controller / parent.lstrip("/"),
+                CGROUP_ROOT / parent.lstrip("/"),
+            ):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+
+
+# ------------------------------------------------------- UpdateContainerResources
+
+
+async def test_update_resources_of_a_running_container(
+    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
+) -> None:
+    resources = cri.LinuxContainerResources(memory_limit_in_bytes=64 * MIB, cpu_shares=512)
+    container = await make_container(
+        pods,
+        pod,
+        busybox,
+        ["sleep", "3600"],
+        name="resized",
+        linux=cri.LinuxContainerConfig(resources=resources),
+    )
+    limit_file = cgroup_file(pod_shim, container, "memory", "memory.limit_in_bytes")
+    assert int(limit_file.read_text()) == 64 * MIB
+    await pods.runtime.update_container_resources(
+        cri.UpdateContainerResourcesRequest(
+            container,
+            linux=cri.LinuxContainerResources(
+                memory_limit_in_bytes=96 * MIB, cpu_period=100_000, cpu_quota=50_000
+            ),
+        )
+    )
+    assert int(limit_file.read_text()) == 96 * MIB
+    quota = cgroup_file(pod_shim, container, "cpu", "cpu.cfs_quota_us")
+    assert int(quota.read_text()) == 50_000
+    shares = cgroup_file(pod_shim, container, "cpu", "cpu.shares")
+    assert int(shares.read_text()) == 512  # not named by the update: kept
+    inside = await pods.runtime.exec_sync(
+        cri.ExecSyncRequest(
+            container, cmd=["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"], timeout=10
+        )
+    )
+    assert inside.stdout.strip() == str(96 * MIB).encode()
+    status = await status_of(pods, container)
+    linux = status.resources.linux if status.resources is not None else None
+    assert linux is not None
+    assert (linux.memory_limit_in_bytes, linux.cpu_quota, linux.cpu_period, linux.cpu_shares) == (
+        96 * MIB,
+        50_000,
+        100_000,
+        512,
+    )
+    # The stored spec is the source of truth: a restarted shim reads it back.
+    assert pod_shim.container_manager is not None
+    record = await pod_shim.container_manager.ops.get_container(container)
+    assert record is not None and b'"limit": 100663296' in record.spec.value  # type: ignore[union-attr]
+
+
+async def test_update_resources_before_start_lands_at_start(
+    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
+) -> None:
+    container = await make_container(
+        pods, pod, busybox, ["sleep", "3600"], name="later", start=False
+    )
+    await pods.runtime.update_container_resources(
+        cri.UpdateContainerResourcesRequest(
+            container, linux=cri.LinuxContainerResources(memory_limit_in_bytes=48 * MIB)
+        )
+    )
+    status = await status_of(pods, container)
+    assert status.resources is not None and status.resources.linux is not None
+    assert status.resources.linux.memory_limit_in_bytes == 48 * MIB
+    await pods.runtime.start_container(cri.StartContainerRequest(container))
+    limit_file = cgroup_file(pod_shim, container, "memory", "memory.limit_in_bytes")
+    assert int(limit_file.read_text()) == 48 * MIB
+
+
+async def test_refused_update_keeps_the_old_spec(
+    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
+) -> None:
+    container = await make_container(pods, pod, busybox, ["sleep", "3600"], name="refused")
+    with pytest.raises(GRPCError):
+        # A cpuset naming a CPU this machine lacks: runc (the kernel) refuses it.
+        await pods.runtime.update_container_resources(
+            cri.UpdateContainerResourcesRequest(
+                container, linux=cri.LinuxContainerResources(cpuset_cpus="4095")
+            )
+        )
+    status = await status_of(pods, container)
+    linux = status.resources.linux if status.resources is not None else None
+    assert linux is None or linux.cpuset_cpus == ""
+    assert pod_shim.container_manager is not None
+    spec = await pod_shim.container_manager.load_spec(container)
+    assert "cpus" not in spec["linux"]["resources"].get("cpu", {})
+
+
+# ------------------------------------------------------------------------- OOM
+
+
+async def test_oom_killed_container(pods: CriClient, pod: Pod, busybox: str) -> None:
+    resources = cri.LinuxContainerResources(memory_limit_in_bytes=24 * MIB)
+    container = await make_container(
+        pods,
+        pod,
+        busybox,
+        ["sh", "-c", "head -c 200m /dev/zero | tail"],
+        name="hog",
+        linux=cri.LinuxContainerConfig(resources=resources),
+    )
+    status = await wait_exited(pods, container, timeout=30)
+    assert status.state == cri.ContainerState.CONTAINER_EXITED
+    assert (status.reason, status.exit_code) == ("OOMKilled", 137)
+
+
+async def test_oom_kill_found_in_the_cgroup_without_the_event(
+    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
+) -> None:
+    """The exit is handled before any TaskOOM event: the cgroup's own OOM
+    counter, read before the task is deleted, still names the kill."""
+    assert pod_shim.events is not None and pod_shim.container_manager is not None
+    handlers = pod_shim.events.oom_handlers
+    handlers.remove(pod_shim.container_manager.on_oom)
+    try:
+        resources = cri.LinuxContainerResources(memory_limit_in_bytes=24 * MIB)
+        container = await make_container(
+            pods,
+            pod,
+            busybox,
+            ["sh", "-c", "head -c 200m /dev/zero | tail"],
+            name="quiet-hog",
+            linux=cri.LinuxContainerConfig(resources=resources),
+        )
+        status = await wait_exited(pods, container, timeout=30)
+    finally:
+        handlers.append(pod_shim.container_manager.on_oom)
+    assert (status.reason, status.exit_code) == ("OOMKilled", 137)
+
+
+async def test_oom_event_after_the_exit_still_counts(
+    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
+) -> None:
+    container = await make_container(pods, pod, busybox, ["sh", "-c", "exit 1"], name="late")
+    status = await wait_exited(pods, container)
+    assert status.reason == "Error"
+    assert pod_shim.container_manager is not None
+    await pod_shim.container_manager.on_oom(container)  # the TaskOOM event, arriving late
+    status = await status_of(pods, container)
+    assert (status.reason, status.exit_code) == ("OOMKilled", 1)
+
+
+# ---------------------------------------------------------------- bad requests
+
+
+async def test_bad_requests(pods: CriClient, pod: Pod) -> None:
+    calls = [
+        (pods.runtime.container_stats, cri.ContainerStatsRequest(""), Status.INVALID_ARGUMENT),
+        (pods.runtime.container_stats, cri.ContainerStatsRequest("f" * 64), Status.NOT_FOUND),
+        (pods.runtime.pod_sandbox_stats, cri.PodSandboxStatsRequest(""), Status.INVALID_ARGUMENT),
+        (pods.runtime.pod_sandbox_stats, cri.PodSandboxStatsRequest("f" * 64), Status.NOT_FOUND),
+        (
+            pods.runtime.update_container_resources,
+            cri.UpdateContainerResourcesRequest(""),
+            Status.INVALID_ARGUMENT,
+        ),
+        (
+            pods.runtime.update_container_resources,
+            cri.UpdateContainerResourcesRequest("f" * 64, linux=cri.LinuxContainerResources()),
+            Status.NOT_FOUND,
+        ),
+    ]
+    for method, request, expected in calls:
+        with pytest.raises(GRPCError) as caught:
+            await method(request)  # type: ignore[operator]
+        assert caught.value.status is expected, (request, caught.value)
+    descriptors = await pods.runtime.list_metric_descriptors(cri.ListMetricDescriptorsRequest())
+    assert descriptors.descriptors == []
+    metrics = await pods.runtime.list_pod_sandbox_metrics(cri.ListPodSandboxMetricsRequest())
+    assert metrics.pod_metrics == []
+
+
+async def test_negative_resources_are_refused(pods: CriClient, pod: Pod, busybox: str) -> None:
+    container = await make_container(pods, pod, busybox, ["sleep", "3600"], name="neg")
+    with pytest.raises(GRPCError) as caught:
+        await pods.runtime.update_container_resources(
+            cri.UpdateContainerResourcesRequest(
+                container, linux=cri.LinuxContainerResources(cpu_shares=-2)
+            )
+        )
+    assert caught.value.status is Status.INVALID_ARGUMENT
+
+
+# ------------------------------------------------------------------ decoding
+
+
+def test_slices_and_cgroup_paths() -> None:
+    assert expand_slice("kubepods-burstable-pod1.slice") == (
+        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice"
+    )
+    assert expand_slice("-.slice") == "/"
+    assert relative_path("kubepods-pod1.slice:cri-containerd:abc") == (
+        "/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope"
+    )
+    assert relative_path("system.slice") == "/system.slice"
+    assert relative_path("/kubepods/burstable/pod1") == "/kubepods/burstable/pod1"
+    assert relative_path("/kubepods.slice/kubepods-x.slice") == "/kubepods.slice/kubepods-x.slice"
+
+
+def test_read_sample_v1_and_v2(tmp_path: Path) -> None:
+    v1 = tmp_path / "v1"
+    for controller, files in {
+        "cpuacct": {"cpuacct.usage": "123456"},
+        "memory": {
+            "memory.usage_in_bytes": "1000",
+            "memory.limit_in_bytes": str(9223372036854771712),
+            "memory.stat": "total_inactive_file 300\ntotal_rss 500\ntotal_pgfault 7\n",
+            "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        },
+        "pids": {"pids.current": "3"},
+    }.items():
+        directory = v1 / controller / "pod"
+        directory.mkdir(parents=True)
+        for name, text in files.items():
+            (directory / name).write_text(text + "\n")
+    sample = read_sample("/pod", 5, root=v1)
+    assert sample == CgroupSample(
+        timestamp_ns=5,
+        cpu_ns=123456,
+        memory_usage=1000,
+        inactive_file=300,
+        rss=500,
+        page_faults=7,
+        pids=3,
+    )
+    assert oom_kills("/pod", root=v1) == 2
+    assert read_sample("/missing", 5, root=v1) is None
+
+    v2 = tmp_path / "v2"
+    (v2 / "pod").mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("cpu memory pids\n")
+    for name, text in {
+        "cpu.stat": "usage_usec 10\nuser_usec 5\n",
+        "memory.current": "2000",
+        "memory.max": "4096",
+        "memory.stat": "anon 100\ninactive_file 2500\npgfault 1\npgmajfault 0\n",
+        "memory.swap.current": "0",
+        "memory.swap.max": "max",
+        "memory.events": "oom 1\noom_kill 1\n",
+        "pids.current": "1",
+    }.items():
+        (v2 / "pod" / name).write_text(text + "\n")
+    sample2 = read_sample("pod", 9, root=v2)
+    assert sample2 is not None
+    assert (sample2.cpu_ns, sample2.memory_limit, sample2.swap_limit) == (10_000, 4096, None)
+    usage = memory_usage(sample2)
+    assert usage is not None and usage.working_set_bytes is not None
+    assert usage.working_set_bytes.value == 0  # inactive file above usage: never negative
+    assert usage.available_bytes is not None and usage.available_bytes.value == 4096
+    assert oom_kills("pod", root=v2) == 1
+
+
+def test_net_dev(tmp_path: Path) -> None:
+    (tmp_path / "42" / "net").mkdir(parents=True)
+    (tmp_path / "42" / "net" / "dev").write_text(
+        "Inter-|   Receive                            |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes ...\n"
+        "    lo:     100       1    0    0    0     0          0         0      100"
+        "       1    0    0    0     0       0          0\n"
+        "  eth0:    5000      20    1    0    0     0          0         0     3000"
+        "      10    2    0    0     0       0          0\n"
+    )
+    counters = {c.name: c for c in read_net_dev(42, proc=tmp_path)}
+    eth0 = counters["eth0"]
+    assert (eth0.rx_bytes, eth0.rx_errors, eth0.tx_bytes, eth0.tx_errors) == (5000, 1, 3000, 2)
+    assert read_net_dev(43, proc=tmp_path) == []
+
+
+def test_cpu_rates_and_sums() -> None:
+    second = 1_000_000_000
+    rates = CpuRates(min_window_ns=second // 2)
+    assert rates.nano_cores("c", 1 * second, 0) == 0  # first sample: no rate yet
+    assert rates.nano_cores("c", 1 * second + 1000, 10) == 0  # too close, nothing before it
+    assert rates.nano_cores("c", 2 * second, 500_000_000) == 500_000_000
+    # 10 ms later: measured from the sample before, over 1.01 s, and not kept.
+    assert rates.nano_cores("c", 2 * second + 10_000_000, 510_000_000) == 504_950_495
+    assert rates.nano_cores("c", 2 * second, 900_000_000) == 504_950_495  # no time passed
+    assert rates.nano_cores("c", 3 * second, 1_500_000_000) == 1_000_000_000
+    assert rates.nano_cores("c", 4 * second, 100) == 0  # counter went down
+    rates.keep_only(set())
+    assert rates.nano_cores("c", 5 * second, 200) == 0
+    total = sum_samples(
+        [CgroupSample(1, cpu_ns=5, memory_usage=10, pids=1), CgroupSample(1, cpu_ns=7)], 3
+    )
+    assert (total.cpu_ns, total.memory_usage, total.pids, total.timestamp_ns) == (12, 10, 1, 3)
+
+
+def test_v2_metrics_decode_by_type_url() -> None:
+    payload = cgroups_v2.Metrics(
+        cpu=cgroups_v2.CpuStat(usage_usec=3),
+        memory=cgroups_v2.MemoryStat(usage=50, inactive_file=10, anon=20, usage_limit=1 << 63),
+        pids=cgroups_v2.PidsStat(current=2),
+    )
+    metric = Metric(id="x", data=AnyMessage(type_url=CGROUPS_V2_METRICS, value=bytes(payload)))
+    sample = sample_from_metric(metric)
+    assert sample is not None
+    assert (sample.cpu_ns, sample.memory_usage, sample.rss, sample.pids) == (3000, 50, 20, 2)
+    assert sample.memory_limit is None  # "max" as the kernel reports it
+    unknown = Metric(id="x", data=AnyMessage(type_url="example.com/Other", value=b""))
+    assert sample_from_metric(unknown) is None
