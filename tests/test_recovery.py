@@ -11,7 +11,7 @@ import random
 import re
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pytest_asyncio
 
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.containerd.runtime import RuntimeOps
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.runtime import v1 as cri
@@ -274,3 +275,33 @@ async def test_restart_and_containerd_crash_lose_nothing(
 
 async def _negate(pending: object) -> bool:
     return not await pending  # type: ignore[misc]
+
+
+async def test_leases_of_a_killed_create_are_released(containerd: EmbeddedContainerd) -> None:
+    """A shim killed between Snapshots.Prepare and Containers.Create leaves a
+    lease holding an active snapshot; the next start releases it."""
+    client = ContainerdClient(containerd.address, "crishim-leases")
+    ops = RuntimeOps(client, systemd_cgroup=False)
+    try:
+        leased = ops.creation_lease()
+        lease = await leased.__aenter__()  # never exited: the "kill"
+        await ops.prepare_snapshot("half-made", "", lease=lease)
+
+        async def active() -> list[str]:
+            names = []
+            async for reply in client.snapshots.list(
+                snapshots_v1.ListSnapshotsRequest(snapshotter="overlayfs")
+            ):
+                names += [i.name for i in reply.info if i.kind == snapshots_v1.Kind.ACTIVE]
+            return names
+
+        assert "half-made" in await active()
+        assert await ops.release_stale_creation_leases() == 1
+        assert await wait_for(lambda: _negate(_contains(active(), "half-made")), timeout=10)
+        assert await ops.release_stale_creation_leases() == 0
+    finally:
+        client.close()
+
+
+async def _contains(pending: Awaitable[list[str]], item: str) -> bool:
+    return item in await pending
