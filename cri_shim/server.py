@@ -22,6 +22,7 @@ from grpclib.server import Server, Stream
 
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.lifecycle import ContainerEnvironment, ContainerManager
+from cri_shim.container.stats import StatsCollector
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.containerd.events import EventMonitor
@@ -32,6 +33,7 @@ from cri_shim.cri.image import ImageHandlers
 from cri_shim.cri.image_service import ImageService
 from cri_shim.cri.runtime_service import RuntimeService
 from cri_shim.cri.sandbox import SandboxHandlers
+from cri_shim.cri.stats import StatsHandlers
 from cri_shim.cri.status import RuntimeFacts, StatusHandlers
 from cri_shim.gen.google.protobuf import Empty
 from cri_shim.host import (
@@ -191,6 +193,7 @@ class Shim:
         await self.pod_cidrs.load()
         cgroup_driver = detect_cgroup_driver(settings.runtime.cgroup_driver)
         sandboxes, containers = await self._start_runtime(cgroup_driver)
+        stats = self._stats_handlers()
         facts = RuntimeFacts(
             recursive_read_only_mounts=recursive_readonly_supported(),
             supplemental_groups_policy=True,
@@ -200,7 +203,7 @@ class Shim:
         )
         self._server = CriServer(
             [
-                RuntimeService(self.instrument, status, sandboxes, containers),
+                RuntimeService(self.instrument, status, sandboxes, containers, stats=stats),
                 ImageService(self.instrument, ImageHandlers(self.images)),
             ]
         )
@@ -289,6 +292,17 @@ class Shim:
                 self.containers, self.sandboxes, self.container_manager, self.container_events
             ),
         )
+
+    def _stats_handlers(self) -> StatsHandlers:
+        """Stats read the stores, containerd's task metrics and snapshot usage."""
+        assert self.container_manager is not None and self.images is not None
+        collector = StatsCollector(
+            self.container_manager.ops,
+            self.containers,
+            self.sandboxes,
+            self.images.usage.mountpoint,
+        )
+        return StatsHandlers(self.containers, self.sandboxes, collector)
 
     def _container_states(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -15,7 +15,7 @@ import json
 import os
 import secrets
 import signal as signals
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +28,12 @@ from cri_shim.gen.containerd.services.containers import v1 as containers_v1
 from cri_shim.gen.containerd.services.leases import v1 as leases_v1
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
-from cri_shim.gen.containerd.types import Mount
+from cri_shim.gen.containerd.types import Metric, Mount
 from cri_shim.gen.containerd.v1 import types as task_types
 from cri_shim.gen.google.protobuf import Any as AnyMessage
 
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+LINUX_RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
 RUNC_RUNTIME = "io.containerd.runc.v2"
 SNAPSHOTTER = "overlayfs"
@@ -401,3 +402,63 @@ class RuntimeOps:
                 raise
             return ExitInfo(reply.exit_status, reply.exited_at)
         return None
+
+    # resources, metrics, usage
+
+    async def update_spec(self, container_id: str, spec: dict[str, Any]) -> None:
+        """Replace the container's stored OCI spec (its source of truth for limits)."""
+        from cri_shim.gen.google.protobuf import FieldMask
+
+        container = containers_v1.Container(id=container_id, spec=pack_json(SPEC_TYPE_URL, spec))
+        await self.client.call(
+            "Containers.Update",
+            self.client.containers.update(
+                containers_v1.UpdateContainerRequest(
+                    container=container, update_mask=FieldMask(paths=["spec"])
+                )
+            ),
+        )
+
+    async def update_task_resources(self, container_id: str, resources: dict[str, Any]) -> bool:
+        """Apply OCI linux.resources to a running task; False when it is gone."""
+        try:
+            await self.client.call(
+                "Tasks.Update",
+                self.client.tasks.update(
+                    tasks_v1.UpdateTaskRequest(
+                        container_id=container_id,
+                        resources=pack_json(LINUX_RESOURCES_TYPE_URL, resources),
+                    )
+                ),
+            )
+        except ContainerdError as err:
+            if _missing(err) or "process already finished" in err.detail:
+                return False
+            raise
+        return True
+
+    async def task_metrics(self, container_ids: Iterable[str]) -> list[Metric]:
+        """One cgroup sample per running task of these containers, in one call
+        (containerd ORs the filters); no ids means no call."""
+        filters = [f"id=={container_id}" for container_id in container_ids]
+        if not filters:
+            return []
+        reply = await self.client.call(
+            "Tasks.Metrics", self.client.tasks.metrics(tasks_v1.MetricsRequest(filters=filters))
+        )
+        return list(reply.metrics)
+
+    async def snapshot_usage(self, key: str) -> tuple[int, int] | None:
+        """(bytes, inodes) used by a snapshot; None when it does not exist."""
+        try:
+            reply = await self.client.call(
+                "Snapshots.Usage",
+                self.client.snapshots.usage(
+                    snapshots_v1.UsageRequest(snapshotter=SNAPSHOTTER, key=key)
+                ),
+            )
+        except ContainerdError as err:
+            if _missing(err):
+                return None
+            raise
+        return reply.size, reply.inodes
