@@ -16,7 +16,9 @@ mirror). The same CRI client code drives both with the same workload:
   created but not started: starting 1000 runc tasks on 2 cores takes minutes
   and List/Status cost does not depend on the task running.
 
-Runtimes run one after the other (containerd first), never at once. Prints
+Both are up for the whole run but called one at a time: every phase runs on
+both back to back, the order alternating per round, so load from elsewhere on
+the machine falls on both alike. Prints
 p50/p99 per operation and the ratio cri-shim/containerd, the shim's RSS idle
 and at the largest container count, writes JSON and a PNG chart. This is a
 benchmark, not a test, and asserts nothing.
@@ -184,12 +186,11 @@ class Workload:
         self.times.setdefault(op, []).append(time.perf_counter() - started)
         return result
 
-    async def pull(self, rounds: int) -> None:
+    async def pull_once(self, *, last: bool) -> None:
         spec = cri.ImageSpec(image=self.image)
-        for i in range(rounds):
-            await self.timed("PullImage", self.client.image.pull_image(cri.PullImageRequest(spec)))
-            if i < rounds - 1:
-                await self.client.image.remove_image(cri.RemoveImageRequest(spec))
+        await self.timed("PullImage", self.client.image.pull_image(cri.PullImageRequest(spec)))
+        if not last:
+            await self.client.image.remove_image(cri.RemoveImageRequest(spec))
 
     async def run_pod(self) -> tuple[str, cri.PodSandboxConfig]:
         self.pod_count += 1
@@ -260,34 +261,37 @@ class Workload:
         await asyncio.gather(*(one(i) for i in range(have, want)))
         return want
 
-    async def scale(
-        self, level: int, rounds: int, pods: list[tuple[str, cri.PodSandboxConfig]]
-    ) -> None:
+    async def level_ids(self, level: int) -> list[str]:
         listed = await self.rt.list_containers(cri.ListContainersRequest())
         ids = [c.id for c in listed.containers]
         assert len(ids) == level, (len(ids), level)
-        for _ in range(rounds):
-            for method, request in (
-                ("ListContainers", cri.ListContainersRequest()),
-                ("ListPodSandbox", cri.ListPodSandboxRequest()),
-                ("ContainerStatus", cri.ContainerStatusRequest(random.choice(ids))),
-                ("PodSandboxStatus", cri.PodSandboxStatusRequest(random.choice(pods)[0])),
-            ):
-                await self.timed(f"{method}@{level} raw", raw_call(self.client, method, request))
-            await self.timed(
-                f"ListContainers@{level}", self.rt.list_containers(cri.ListContainersRequest())
-            )
-            await self.timed(
-                f"ListPodSandbox@{level}", self.rt.list_pod_sandbox(cri.ListPodSandboxRequest())
-            )
-            await self.timed(
-                f"ContainerStatus@{level}",
-                self.rt.container_status(cri.ContainerStatusRequest(random.choice(ids))),
-            )
-            await self.timed(
-                f"PodSandboxStatus@{level}",
-                self.rt.pod_sandbox_status(cri.PodSandboxStatusRequest(random.choice(pods)[0])),
-            )
+        return ids
+
+    async def scale_round(
+        self, level: int, ids: list[str], pods: list[tuple[str, cri.PodSandboxConfig]]
+    ) -> None:
+        """One List/Status round, undecoded ("raw") and through the decoding client."""
+        for method, request in (
+            ("ListContainers", cri.ListContainersRequest()),
+            ("ListPodSandbox", cri.ListPodSandboxRequest()),
+            ("ContainerStatus", cri.ContainerStatusRequest(random.choice(ids))),
+            ("PodSandboxStatus", cri.PodSandboxStatusRequest(random.choice(pods)[0])),
+        ):
+            await self.timed(f"{method}@{level} raw", raw_call(self.client, method, request))
+        await self.timed(
+            f"ListContainers@{level}", self.rt.list_containers(cri.ListContainersRequest())
+        )
+        await self.timed(
+            f"ListPodSandbox@{level}", self.rt.list_pod_sandbox(cri.ListPodSandboxRequest())
+        )
+        await self.timed(
+            f"ContainerStatus@{level}",
+            self.rt.container_status(cri.ContainerStatusRequest(random.choice(ids))),
+        )
+        await self.timed(
+            f"PodSandboxStatus@{level}",
+            self.rt.pod_sandbox_status(cri.PodSandboxStatusRequest(random.choice(pods)[0])),
+        )
 
     async def cleanup(self, pods: list[tuple[str, cri.PodSandboxConfig]]) -> None:
         sem = asyncio.Semaphore(4)
@@ -301,39 +305,48 @@ class Workload:
 
 
 async def drive(
-    name: str,
-    client: CriClient,
-    image: str,
-    logs: Path,
-    levels: list[int],
-    rounds: int,
-    rss: Callable[[], int] | None,
+    works: dict[str, Workload], levels: list[int], rounds: int, rss: Callable[[], int]
 ) -> dict[str, Any]:
-    print(f"[{name}] pull, 20 concurrent pods, lifecycle", flush=True)
-    work = Workload(client, image, name, logs)
-    await work.pull(3)
-    # Warm-up (connections, first sandbox): not counted.
-    warm = await work.run_pod()
-    await work.rt.remove_pod_sandbox(cri.RemovePodSandboxRequest(warm[0]))
-    work.times.pop("RunPodSandbox", None)
-    memory: dict[str, int] = {}
-    if rss is not None:
-        memory["idle_kib"] = rss()
-    wall = await work.concurrent_pods(status_calls=rounds // 4 or 1)
-    pods: list[tuple[str, cri.PodSandboxConfig]] = []
+    """Every phase on both runtimes back to back, the order alternating per round, so
+    load from elsewhere on the machine falls on both alike."""
+    names = list(works)
+
+    def order(round_: int) -> list[Workload]:
+        return [works[n] for n in (names if round_ % 2 == 0 else names[::-1])]
+
+    print("pull, 20 concurrent pods, lifecycle", flush=True)
+    for round_ in range(3):
+        for work in order(round_):
+            await work.pull_once(last=round_ == 2)
+    for work in works.values():  # warm-up (connections, first sandbox): not counted
+        warm = await work.run_pod()
+        await work.rt.remove_pod_sandbox(cri.RemovePodSandboxRequest(warm[0]))
+        work.times.pop("RunPodSandbox", None)
+    memory = {"idle_kib": rss()}
+    walls = {}
+    for work in order(0):
+        walls[work.tag] = await work.concurrent_pods(status_calls=rounds // 4 or 1)
+    pods: dict[str, list[tuple[str, cri.PodSandboxConfig]]] = {n: [] for n in names}
     have = 0
     for level in levels:
-        t0 = time.perf_counter()
-        have = await work.fill(pods, have, level)
-        print(
-            f"[{name}] {level} containers ({len(pods)} pods) in {time.perf_counter() - t0:.1f}s",
-            flush=True,
-        )
-        await work.scale(level, rounds, pods)
-    if rss is not None:
-        memory[f"at_{levels[-1]}_kib"] = rss()
-    await work.cleanup(pods)
-    return {"times": work.times, "pods20_wall_s": wall, "rss": memory}
+        for name, work in works.items():
+            t0 = time.perf_counter()
+            await work.fill(pods[name], have, level)
+            took = time.perf_counter() - t0
+            print(
+                f"[{name}] {level} containers ({len(pods[name])} pods) in {took:.1f}s", flush=True
+            )
+        have = level
+        ids = {n: await w.level_ids(level) for n, w in works.items()}
+        for round_ in range(rounds):
+            for work in order(round_):
+                await work.scale_round(level, ids[work.tag], pods[work.tag])
+    memory[f"at_{levels[-1]}_kib"] = rss()
+    for name, work in works.items():
+        await work.cleanup(pods[name])
+    return {
+        name: {"times": work.times, "pods20_wall_s": walls[name]} for name, work in works.items()
+    } | {"rss": memory}
 
 
 def summarize(times: Timings) -> dict[str, dict[str, float]]:
@@ -425,23 +438,12 @@ async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) 
                 base / name / "cni", f"10.237.{octet + i}.0/24", bridge, base / name / "ipam"
             )
 
-        # containerd's own CRI.
+        # containerd's own CRI, and cri-shim in a subprocess over a containerd without it.
         cri_daemon = CriContainerd(
             base / "containerd" / "d", base / "containerd" / "cni", hosts_dir
         )
         daemons.append(cri_daemon)
         await cri_daemon.start()
-        client = CriClient.connect(cri_daemon.address)
-        try:
-            results["containerd"] = await drive(
-                "containerd", client, image, base / "containerd" / "logs", levels, rounds, None
-            )
-        finally:
-            client.close()
-        await cri_daemon.stop()
-        daemons.remove(cri_daemon)
-
-        # cri-shim in a subprocess over a containerd without CRI.
         plain = EmbeddedContainerd(base / "shim" / "d", restart=False)
         daemons.append(plain)
         await plain.start()
@@ -450,19 +452,16 @@ async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) 
             ["--config", str(config)], base / "shim" / "cri.sock", base / "shim" / "shim.log"
         )
         pid = shim.process.pid
-        client = CriClient.connect(shim.socket)
+        clients = [CriClient.connect(cri_daemon.address), CriClient.connect(shim.socket)]
         try:
-            results["cri-shim"] = await drive(
-                "cri-shim",
-                client,
-                image,
-                base / "shim" / "logs",
-                levels,
-                rounds,
-                lambda: rss_kib(pid),
-            )
+            works = {
+                name: Workload(client, image, name, base / name / "logs")
+                for name, client in zip(("containerd", "cri-shim"), clients, strict=True)
+            }
+            results = await drive(works, levels, rounds, lambda: rss_kib(pid))
         finally:
-            client.close()
+            for client in clients:
+                client.close()
     finally:
         if shim is not None and shim.process.returncode is None:
             shim.process.send_signal(signal.SIGTERM)
@@ -497,9 +496,9 @@ async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) 
         "rounds": rounds,
         "list_containers_started": False,
         "table": table,
-        "pods20_wall_s": {k: v["pods20_wall_s"] for k, v in results.items()},
-        "shim_rss_kib": results["cri-shim"]["rss"],
-        "raw_s": {k: v["times"] for k, v in results.items()},
+        "pods20_wall_s": {k: results[k]["pods20_wall_s"] for k in ("containerd", "cri-shim")},
+        "shim_rss_kib": results["rss"],
+        "raw_s": {k: results[k]["times"] for k in ("containerd", "cri-shim")},
     }
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     report["chart"] = chart(
