@@ -299,3 +299,19 @@ async def test_broken_network_config_fails_clearly_and_leaves_nothing(
         client.close()
         await shim.stop()
         subprocess.run(["ip", "link", "delete", "crishimbad0"], check=False, capture_output=True)
+
+
+async def test_port_mappings_are_validated(pods: CriClient) -> None:
+    """Found by the fuzzer: an unknown protocol number used to crash RunPodSandbox."""
+    bad = [
+        cri.PortMapping(protocol=30, container_port=80, host_port=8080),  # type: ignore[arg-type]
+        cri.PortMapping(protocol=cri.Protocol.TCP, container_port=70000, host_port=8080),
+        cri.PortMapping(protocol=cri.Protocol.UDP, container_port=53, host_port=-1),
+    ]
+    for mapping in bad:
+        with pytest.raises(GRPCError) as caught:
+            await pods.runtime.run_pod_sandbox(
+                cri.RunPodSandboxRequest(config=pod_config("ports-bad", port_mappings=[mapping]))
+            )
+        assert caught.value.status is Status.INVALID_ARGUMENT
+        assert "port_mappings[0]" in (caught.value.message or "")

@@ -23,6 +23,7 @@ from cri_shim.store.sandboxes import SandboxStore
 
 KNOWN_HANDLERS = ("", "runc")
 MAX_NAME_LENGTH = 253
+MAX_PORT = 65535
 
 
 def _validate_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfig:
@@ -40,6 +41,18 @@ def _validate_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfi
                 f"config.metadata.{field} is {len(value)} characters; "
                 f"at most {MAX_NAME_LENGTH} allowed"
             )
+    for index, mapping in enumerate(config.port_mappings):
+        if mapping.protocol not in (cri.Protocol.TCP, cri.Protocol.UDP, cri.Protocol.SCTP):
+            raise invalid_argument(
+                f"config.port_mappings[{index}].protocol {int(mapping.protocol)} is not "
+                "TCP, UDP or SCTP"
+            )
+        for field in ("container_port", "host_port"):
+            port = getattr(mapping, field)
+            if not 0 <= port <= MAX_PORT:
+                raise invalid_argument(
+                    f"config.port_mappings[{index}].{field} {port} is outside 0-{MAX_PORT}"
+                )
     if config.log_directory and not config.log_directory.startswith("/"):
         raise invalid_argument(
             f"config.log_directory {config.log_directory!r} must be an absolute path"
