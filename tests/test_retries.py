@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from grpclib import GRPCError
+from grpclib.const import Status
 
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
@@ -45,8 +47,12 @@ async def test_timed_out_run_and_create_are_reused(
     config = pod_config(name, log_directory=str(tmp_path / "logs"))
     caplog.set_level(logging.INFO, logger="cri_shim")
 
-    with pytest.raises(TimeoutError):
+    # Whichever side notices the deadline first: the client (TimeoutError) or the
+    # server, which answers DEADLINE_EXCEEDED from the grpc-timeout header.
+    with pytest.raises((TimeoutError, GRPCError)) as caught:
         await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config), timeout=0.05)
+    if isinstance(caught.value, GRPCError):
+        assert caught.value.status is Status.DEADLINE_EXCEEDED
     await asyncio.sleep(settle)
     pod_id = (
         await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
@@ -64,7 +70,7 @@ async def test_timed_out_run_and_create_are_reused(
         sandbox_config=config,
     )
     # A create can beat even this deadline; then the retry finds it CREATED.
-    with contextlib.suppress(TimeoutError):
+    with contextlib.suppress(TimeoutError, GRPCError):
         await pods.runtime.create_container(request, timeout=0.01)
     await asyncio.sleep(settle)
     container_id = (await pods.runtime.create_container(request)).container_id
