@@ -35,6 +35,7 @@ from cri_shim.cri.runtime_service import RuntimeService
 from cri_shim.cri.sandbox import SandboxHandlers
 from cri_shim.cri.stats import StatsHandlers
 from cri_shim.cri.status import RuntimeFacts, StatusHandlers
+from cri_shim.cri.streaming import StreamingHandlers
 from cri_shim.gen.google.protobuf import Empty
 from cri_shim.host import (
     CgroupDriver,
@@ -55,6 +56,9 @@ from cri_shim.sandbox.lifecycle import SandboxEnvironment, SandboxManager
 from cri_shim.settings import Settings, SettingsError
 from cri_shim.store.containers import ContainerStore
 from cri_shim.store.sandboxes import SandboxStore
+from cri_shim.streaming.exec import StreamRuntime
+from cri_shim.streaming.portforward import PodConnector
+from cri_shim.streaming.server import StreamingServer
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +151,7 @@ class Shim:
         self.events: EventMonitor | None = None
         self.metrics_server: MetricsServer | None = None
         self.metrics_port: int | None = None  # the bound port once serving (config may say 0)
+        self.streaming: StreamingServer | None = None
 
     async def _connect_containerd(self) -> ContainerdClient:
         config = self.settings.containerd
@@ -194,6 +199,7 @@ class Shim:
         cgroup_driver = detect_cgroup_driver(settings.runtime.cgroup_driver)
         sandboxes, containers = await self._start_runtime(cgroup_driver)
         stats = self._stats_handlers()
+        streaming = await self._start_streaming()
         facts = RuntimeFacts(
             recursive_read_only_mounts=recursive_readonly_supported(),
             supplemental_groups_policy=True,
@@ -203,7 +209,14 @@ class Shim:
         )
         self._server = CriServer(
             [
-                RuntimeService(self.instrument, status, sandboxes, containers, stats=stats),
+                RuntimeService(
+                    self.instrument,
+                    status,
+                    sandboxes,
+                    containers,
+                    stats=stats,
+                    streaming=streaming,
+                ),
                 ImageService(self.instrument, ImageHandlers(self.images)),
             ]
         )
@@ -304,6 +317,16 @@ class Shim:
         )
         return StatsHandlers(self.containers, self.sandboxes, collector)
 
+    async def _start_streaming(self) -> StreamingHandlers:
+        """Exec/Attach/PortForward URLs point at our own streaming HTTP server."""
+        assert self.container_manager is not None
+        runtime = StreamRuntime(self.container_manager, self.containers)
+        self.streaming = StreamingServer(
+            self.settings.streaming, runtime, PodConnector(self.sandboxes)
+        )
+        await self.streaming.start()
+        return StreamingHandlers(self.containers, self.sandboxes, self.streaming)
+
     def _container_states(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for container in self.containers.by_id:
@@ -372,6 +395,9 @@ class Shim:
             self._server = None
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(self.socket_path.unlink)
+        if self.streaming is not None:
+            await self.streaming.stop()
+            self.streaming = None
         if self.events is not None:
             await self.events.stop()
         await self.network.stop()

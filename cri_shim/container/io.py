@@ -25,7 +25,7 @@ from cri_shim.logs import log_event
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
-# Subscribers (attach clients) get raw bytes per stream name.
+# Subscribers (attach clients) get raw bytes per stream name, then b"" at its end.
 Listener = Callable[[str, bytes], None]
 
 
@@ -69,6 +69,63 @@ class FifoReader:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class FifoWriter:
+    """Non-blocking writes to a FIFO with asyncio (stdin of a container or exec).
+
+    `close()` may come while a write waits for room (a process that does not
+    read its stdin): the write then fails with BrokenPipeError instead of
+    touching a closed, possibly reused, descriptor.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+        self._waiter: asyncio.Future[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    async def write(self, data: bytes) -> None:
+        async with self._lock:
+            view = memoryview(data)
+            while view:
+                fd = self._fd
+                if fd is None:
+                    raise BrokenPipeError("stdin is closed")
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    await self._writable(fd)
+
+    async def _writable(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        loop.add_writer(fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+                loop.remove_writer(fd)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            asyncio.get_running_loop().remove_writer(fd)
+            _wake(waiter)
+        os.close(fd)
 
 
 class LogFile:
@@ -121,10 +178,13 @@ class ContainerIO:
         self.stdout_path = directory / "stdout"
         self.stderr_path = None if tty else directory / "stderr"
         self.log = LogFile(Path(log_path)) if log_path else None
+        self.tty = tty
         self.listeners: list[Listener] = []
+        # Output streams whose copier has not reached EOF yet (attach waits on these).
+        self.open_streams: set[str] = set()
         self._readers: list[FifoReader] = []
         self._copiers: list[asyncio.Task[None]] = []
-        self._stdin_fd: int | None = None
+        self._stdin: FifoWriter | None = None
 
     def stdio(self) -> tuple[str, str, str]:
         return (
@@ -142,9 +202,9 @@ class ContainerIO:
     async def open(self, *, fresh: bool = True) -> None:
         """Create the FIFOs and start copying; `fresh=False` re-attaches to a running task."""
         await asyncio.to_thread(self._prepare)
-        if self.stdin_path is not None and self._stdin_fd is None:
+        if self.stdin_path is not None and self._stdin is None:
             # Read+write keeps the pipe open for later attach clients; the shim reads.
-            self._stdin_fd = os.open(self.stdin_path, os.O_RDWR | os.O_NONBLOCK)
+            self._stdin = FifoWriter(os.open(self.stdin_path, os.O_RDWR | os.O_NONBLOCK))
         if self.log is not None:
             await self.log.create()
         streams = [("stdout", self.stdout_path)]
@@ -154,6 +214,7 @@ class ContainerIO:
             reader = FifoReader(path, hold_open=fresh)
             await reader.connect()
             self._readers.append(reader)
+            self.open_streams.add(name)
             self._copiers.append(
                 asyncio.create_task(self._copy(name, reader), name=f"log-{self.container_id[:12]}")
             )
@@ -192,6 +253,25 @@ class ContainerIO:
             )
         finally:
             reader.close()
+            self.open_streams.discard(stream)
+            for listener in list(self.listeners):
+                listener(stream, b"")
+
+    @property
+    def has_stdin(self) -> bool:
+        """True while the container's stdin can still be written (attach)."""
+        return self._stdin is not None and not self._stdin.closed
+
+    async def write_stdin(self, data: bytes) -> None:
+        """Feed the container's stdin; BrokenPipeError once it has been closed."""
+        if self._stdin is None:
+            raise BrokenPipeError("container has no stdin")
+        await self._stdin.write(data)
+
+    def close_stdin(self) -> None:
+        """Drop our end of stdin: with the shim's own end closed (CloseIO) the process sees EOF."""
+        if self._stdin is not None:
+            self._stdin.close()
 
     async def drained(self, timeout: float) -> bool:
         """Wait for every copier to reach EOF; False when the timeout hit first."""
@@ -214,9 +294,9 @@ class ContainerIO:
         for reader in self._readers:
             reader.close()
         self._readers.clear()
-        if self._stdin_fd is not None:
-            os.close(self._stdin_fd)
-            self._stdin_fd = None
+        if self._stdin is not None:
+            self._stdin.close()
+            self._stdin = None
         if self.log is not None:
             await self.log.close()
 

@@ -136,6 +136,10 @@ class ContainerManager:
     def io_dir(self, container_id: str) -> Path:
         return self.env.state_dir / "containers" / container_id
 
+    def container_io(self, container_id: str) -> ContainerIO | None:
+        """The stdio of a running container (attach joins it); None when it has none."""
+        return self._io.get(container_id)
+
     # persistence
 
     def _metadata(self, container: Container) -> dict[str, Any]:

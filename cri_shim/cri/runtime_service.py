@@ -13,6 +13,7 @@ from cri_shim.cri.container import ContainerHandlers
 from cri_shim.cri.sandbox import SandboxHandlers
 from cri_shim.cri.stats import StatsHandlers
 from cri_shim.cri.status import StatusHandlers
+from cri_shim.cri.streaming import StreamingHandlers
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.instrument import Instrumentation
 
@@ -26,6 +27,7 @@ class RuntimeService(cri.RuntimeServiceBase):
         containers: ContainerHandlers,
         *,
         stats: StatsHandlers,
+        streaming: StreamingHandlers,
     ) -> None:
         self._call = instrument.unary
         self._stream = instrument.server_stream
@@ -33,6 +35,7 @@ class RuntimeService(cri.RuntimeServiceBase):
         self._sandboxes = sandboxes
         self._containers = containers
         self._stats = stats
+        self._streaming = streaming
 
     async def version(self, message: cri.VersionRequest) -> cri.VersionResponse:
         return await self._call("Version", self._status.version, message)
@@ -108,6 +111,15 @@ class RuntimeService(cri.RuntimeServiceBase):
 
     async def exec_sync(self, message: cri.ExecSyncRequest) -> cri.ExecSyncResponse:
         return await self._call("ExecSync", self._containers.exec_sync, message)
+
+    async def exec(self, message: cri.ExecRequest) -> cri.ExecResponse:
+        return await self._call("Exec", self._streaming.exec, message)
+
+    async def attach(self, message: cri.AttachRequest) -> cri.AttachResponse:
+        return await self._call("Attach", self._streaming.attach, message)
+
+    async def port_forward(self, message: cri.PortForwardRequest) -> cri.PortForwardResponse:
+        return await self._call("PortForward", self._streaming.port_forward, message)
 
     async def get_container_events(
         self, message: cri.GetEventsRequest

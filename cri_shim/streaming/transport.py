@@ -1,0 +1,191 @@
+"""Byte channels a SPDY connection runs over.
+
+SPDY needs nothing but an ordered byte stream in each direction. On the
+server that is either an HTTP connection taken over after a `101 Switching
+Protocols` reply, or the binary messages of a WebSocket (crictl's
+`SPDY/3.1+portforward.k8s.io` tunnelling); tests and our Python client use
+plain asyncio streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any, Protocol
+
+from aiohttp import web
+
+
+class ByteChannel(Protocol):
+    async def read(self) -> bytes:
+        """The next bytes that arrived; b"" once the peer closed (or the channel broke)."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send bytes in order; raises ConnectionError once the channel is gone."""
+        ...
+
+    async def close(self) -> None:
+        """Close both directions; idempotent."""
+        ...
+
+
+class StreamChannel:
+    """An asyncio (reader, writer) pair as a ByteChannel."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self) -> bytes:
+        try:
+            return await self._reader.read(256 * 1024)
+        except (ConnectionError, OSError):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        if self._writer.is_closing():
+            raise ConnectionResetError("channel closed")
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.wait_closed()
+
+
+# Bytes taken from the socket and not yet read before the socket is paused.
+_READ_HIGH_WATER = 1024 * 1024
+# Seconds a closed connection may take to flush what it still has to send.
+_FLUSH_GRACE = 5.0
+
+
+class _RawParser:
+    """What aiohttp calls with the bytes that follow an accepted upgrade."""
+
+    def __init__(self, owner: UpgradedChannel) -> None:
+        self._owner = owner
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self._owner._arrived(data)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._owner._arrived(b"")
+
+
+class UpgradedChannel:
+    """The raw connection under an aiohttp request once `101` has been sent.
+
+    This is how aiohttp's own WebSocketResponse takes a connection over: a
+    parser installed on the request's protocol receives every later byte, and
+    writes go straight to the transport with the protocol's drain. Reading is
+    paused while more than `_READ_HIGH_WATER` bytes wait to be read, so a
+    slow consumer pushes back on the peer instead of growing memory.
+    """
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        protocol: Any = request.protocol
+        self._protocol = protocol
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._closed = False
+        protocol.set_parser(_RawParser(self))
+
+    def _arrived(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self._size += len(data)
+            if self._size > _READ_HIGH_WATER and not self._paused:
+                self._paused = True
+                transport = self._request.transport
+                if transport is not None:
+                    transport.pause_reading()
+        else:
+            self._eof = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        while not self._chunks:
+            if self._eof or self._closed:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        if self._paused and self._size <= _READ_HIGH_WATER // 2:
+            self._paused = False
+            transport = self._request.transport
+            if transport is not None and not self._closed:
+                transport.resume_reading()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        transport = self._request.transport
+        if transport is None or transport.is_closing() or self._closed:
+            raise ConnectionResetError("connection closed")
+        transport.write(data)
+        # aiohttp's protocol implements asyncio flow control for its transport.
+        await self._protocol._drain_helper()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        transport = self._request.transport
+        if transport is not None:
+            transport.close()
+            if transport.get_write_buffer_size():
+                # close() waits to flush; a peer that stopped reading must not keep it open.
+                asyncio.get_running_loop().call_later(_FLUSH_GRACE, transport.abort)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class WebSocketChannel:
+    """The binary messages of a WebSocket as one byte stream (SPDY tunnelled in WebSocket)."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self._ws = ws
+        self._lock = asyncio.Lock()
+
+    async def read(self) -> bytes:
+        from aiohttp import WSMsgType
+
+        while True:
+            try:
+                message = await self._ws.receive()
+            except (TimeoutError, ConnectionError, RuntimeError):
+                return b""
+            if message.type is WSMsgType.BINARY:
+                data: bytes = message.data
+                if data:
+                    return data
+                continue
+            if message.type in (WSMsgType.PING, WSMsgType.PONG):
+                continue
+            # Text is not part of the tunnelling protocol; close, error, closed end it.
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        if self._ws.closed:
+            raise ConnectionResetError("websocket closed")
+        async with self._lock:
+            await self._ws.send_bytes(data)
+
+    async def close(self) -> None:
+        if not self._ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._ws.close()
