@@ -142,6 +142,11 @@ class Shim:
             "1 while containerd answers its health check.",
             lambda: 1.0 if self.health is not None and self.health.serving else 0.0,
         )
+        self.metrics.register_gauge(
+            "cri_shim_streaming_sessions",
+            "Exec, attach and port-forward connections being served.",
+            lambda: float(self.streaming.sessions) if self.streaming is not None else 0.0,
+        )
         self.sandboxes = SandboxStore()
         self.containers = ContainerStore()
         self.container_events = ContainerEventBus()
@@ -321,8 +326,9 @@ class Shim:
         """Exec/Attach/PortForward URLs point at our own streaming HTTP server."""
         assert self.container_manager is not None
         runtime = StreamRuntime(self.container_manager, self.containers)
+        config = self.settings.streaming
         self.streaming = StreamingServer(
-            self.settings.streaming, runtime, PodConnector(self.sandboxes)
+            config, runtime, PodConnector(self.sandboxes), idle_timeout=config.idle_timeout
         )
         await self.streaming.start()
         return StreamingHandlers(self.containers, self.sandboxes, self.streaming)

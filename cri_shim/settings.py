@@ -49,6 +49,9 @@ class StreamingSettings:
     port: int = 0
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # Seconds an exec/attach/port-forward connection may pass without traffic (kubelet: 4 h);
+    # 0 never closes an idle one.
+    idle_timeout: float = 14400.0
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ async def test_attach_stdin_once_ends_the_container(
 
 
 async def test_attach_two_clients_share_output_and_detach(
-    pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str
+    pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str, pod_shim: Shim
 ) -> None:
     script = 'while read line; do echo "got $line"; done'
     container = await make_container(
@@ -305,6 +305,7 @@ async def test_attach_two_clients_share_output_and_detach(
         assert writer.stdin is not None and writer.stdout is not None
         assert watcher.stdout is not None
         await asyncio.sleep(0.3)
+        assert b"cri_shim_streaming_sessions 2.0" in pod_shim.metrics.render()
         await writer.stdin.write(b"one\n")
         assert await writer.stdout.read() == b"got one\n"
         assert await watcher.stdout.read() == b"got one\n"

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import signal as signals
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ from cri_shim.streaming.remotecommand import (
 
 log = logging.getLogger(__name__)
 
-# How long output may keep arriving after the process exited (a child holding stdout).
+# After the process exited, its output is relayed for as long as it keeps coming;
+# silence this long means a child holds the pipe open and the session ends.
 DRAIN_SECONDS = 2.0
 # Output an attach client may fall behind by before it is disconnected.
 ATTACH_BACKLOG = 8 * 1024 * 1024
@@ -59,17 +61,44 @@ def _with_env(env: list[str], name: str, value: str) -> list[str]:
     return [item for item in env if not item.startswith(prefix)] + [prefix + value]
 
 
-async def _pump_output(reader: FifoReader, sink: OutputSink | None) -> None:
+class _Activity:
+    """When output last moved, so the drain after exit can tell slow from silent."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.writing = 0  # pumps blocked on a slow client are not silent
+
+    def silent_for(self) -> float:
+        return 0.0 if self.writing else time.monotonic() - self.last
+
+
+async def _pump_output(reader: FifoReader, sink: OutputSink | None, activity: _Activity) -> None:
     """Copy a FIFO to the client; once the client is gone keep draining, so the
     process never blocks on a full pipe."""
     failed = sink is None
     while chunk := await reader.read():
+        activity.last = time.monotonic()
         if not failed:
             assert sink is not None
+            activity.writing += 1
             try:
                 await sink.write(chunk)
             except (ConnectionError, OSError):
                 failed = True
+            finally:
+                activity.writing -= 1
+                activity.last = time.monotonic()
+
+
+async def _drain(outputs: list[asyncio.Task[None]], activity: _Activity) -> None:
+    """Let the output pumps finish after the process exited, as long as output moves
+    (a slow client must not lose the end of it); give up after DRAIN_SECONDS of silence."""
+    pending = {task for task in outputs if not task.done()}
+    while pending:
+        silent = activity.silent_for()
+        if silent >= DRAIN_SECONDS:
+            return
+        _, pending = await asyncio.wait(pending, timeout=DRAIN_SECONDS - silent)
 
 
 class StreamRuntime:
@@ -187,8 +216,9 @@ class StreamRuntime:
                 reader.release_placeholder()
             log_event(log, "exec started", tty=streams.tty, cmd=" ".join(cmd)[:200], **fields)
             sinks = [streams.stdout, streams.stderr]
+            activity = _Activity()
             outputs = [
-                asyncio.create_task(_pump_output(reader, sink))
+                asyncio.create_task(_pump_output(reader, sink, activity))
                 for reader, sink in zip(readers, sinks, strict=False)
             ]
             tasks += outputs
@@ -207,8 +237,7 @@ class StreamRuntime:
             exit_info = await waiter
             exited = True
             # Output still in flight after exit; a child holding the pipes must not stall us.
-            if outputs:
-                await asyncio.wait(outputs, timeout=DRAIN_SECONDS)
+            await _drain(outputs, activity)
             code = exit_info.exit_code if exit_info is not None else -1
             log_event(log, "exec finished", exit_code=code, **fields)
             return StreamStatus.exited(code, cmd)

@@ -321,7 +321,8 @@ class StreamingServer:
                     failure=failure,
                     idle_timeout=self.idle_timeout,
                     **fields,
-                )
+                ),
+                **fields,
             )
             return ws
         protocol, refused = _negotiate_spdy(request, remotecommand.SPDY_PROTOCOLS)
@@ -372,7 +373,8 @@ class StreamingServer:
                     connect,
                     idle_timeout=self.idle_timeout,
                     **fields,
-                )
+                ),
+                **fields,
             )
             return ws
         protocol, refused = _negotiate_spdy(request, portforward.SPDY_PROTOCOLS)
@@ -440,14 +442,15 @@ class StreamingServer:
         )
         conn.start()
         try:
-            await self._serve(serve(conn))
+            await self._serve(serve(conn), **fields)
         finally:
             await conn.close()
 
-    async def _serve(self, work: Awaitable[None]) -> None:
+    async def _serve(self, work: Awaitable[None], **fields: Any) -> None:
         """Run one session as a tracked task, so that stop() can end it."""
         task = asyncio.ensure_future(work)
         self._sessions.add(task)
+        started = time.monotonic()
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -459,3 +462,4 @@ class StreamingServer:
             raise
         finally:
             self._sessions.discard(task)
+            log_event(log, "stream closed", seconds=round(time.monotonic() - started, 3), **fields)

@@ -191,18 +191,24 @@ async def spdy_command(
     stderr: bool = True,
     tty: bool = False,
     sizes: Iterable[tuple[int, int]] = (),
+    timeout: float = 120,
 ) -> CommandResult:
     """Run a remote command to the end: send stdin (then close it), collect everything."""
     session = await open_spdy_command(
         url, protocols=protocols, stdin=stdin is not None, stdout=stdout, stderr=stderr, tty=tty
     )
-    try:
+
+    async def run() -> CommandResult:
         for width, height in sizes:
             await session.send_size(width, height)
         if session.stdin is not None and stdin is not None:
             await session.stdin.write(stdin)
             await session.stdin.close()
         return await session.collect()
+
+    try:
+        # A hang is a failure, not a stuck test run.
+        return await asyncio.wait_for(run(), timeout)
     finally:
         await session.close()
 
@@ -273,10 +279,12 @@ async def ws_command(
     protocol: str = "v5.channel.k8s.io",
     stdin: bytes | None = None,
     sizes: Iterable[tuple[int, int]] = (),
+    timeout: float = 120,
 ) -> CommandResult:
     http, ws = await open_ws(url, [protocol] if protocol else [])
     session = WsSession(http, ws, ws.protocol or "")
-    try:
+
+    async def run() -> CommandResult:
         for width, height in sizes:
             await session.send(4, json.dumps({"Width": width, "Height": height}).encode())
         if stdin is not None:
@@ -285,6 +293,9 @@ async def ws_command(
             if session.protocol == "v5.channel.k8s.io":
                 await session.close_channel(0)
         return await session.receive_all()
+
+    try:
+        return await asyncio.wait_for(run(), timeout)
     finally:
         await session.close()
 
