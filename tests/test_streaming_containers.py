@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -18,7 +19,7 @@ from grpclib.const import Status
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
-from .conftest import CriClient
+from .conftest import CriClient, wait_for
 from .pods import make_container, wait_exited
 from .streaming_pods import (
     ECHO_PORT,
@@ -480,3 +481,33 @@ async def test_port_forward_websocket_channels(pods: CriClient, echo_pod: str) -
         assert b"error forwarding port 9999" in received[3]
     finally:
         await http.close()
+
+
+async def test_attach_client_too_slow_is_dropped_and_the_log_goes_on(
+    pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str, pod_shim: Shim
+) -> None:
+    script = "while :; do head -c 200000 /dev/zero | tr '\\0' a; echo; done"
+    container = await make_container(pods, pod, busybox, ["sh", "-c", script], name="loud")
+    status = (await pods.runtime.container_status(cri.ContainerStatusRequest(container))).status
+    assert status is not None
+    log_path = Path(status.log_path)
+    streaming = pod_shim.streaming
+    assert streaming is not None
+    # A client that never reads: its buffers fill, then the server's backlog for it.
+    # (Its own reader is paused by back-pressure too, so the server is what we watch.)
+    session = await open_spdy_command(await attach_url(pods, container, stdout=True), stderr=False)
+    try:
+        async def attached() -> bool:
+            return streaming.runtime.active == 1
+
+        async def dropped() -> bool:
+            return streaming.runtime.active == 0
+
+        assert await wait_for(attached, 10, interval=0.01)
+        assert await wait_for(dropped, 90)
+        size = log_path.stat().st_size
+        await asyncio.sleep(1.0)
+        assert log_path.stat().st_size > size  # the container's log never stalled
+    finally:
+        await session.close()
+        await pods.runtime.stop_container(cri.StopContainerRequest(container, timeout=0))

@@ -48,6 +48,8 @@ STREAM_STDERR = "stderr"
 STREAM_RESIZE = "resize"
 
 STREAM_CREATION_TIMEOUT = 30.0
+# Seconds the outcome may take to reach a client before the connection is closed anyway.
+FINISH_GRACE = 10.0
 # Resize messages are tiny; anything bigger is not a terminal size.
 MAX_RESIZE_MESSAGE = 4096
 
@@ -325,8 +327,8 @@ async def serve_spdy(
         tty=options.tty,
         resize=terminal_sizes(found.resize) if found.resize is not None else None,
     )
-    try:
-        status = await run_session(session, streams, conn.closed, failure=failure, **fields)
+
+    async def finish(status: StreamStatus | None) -> None:
         if status is not None and found.error is not None:
             payload = encode_status(protocol, status)
             with contextlib.suppress(StreamClosed):
@@ -335,5 +337,11 @@ async def serve_spdy(
         for stream in (found.stdout, found.stderr, found.error):
             if stream is not None:
                 await stream.close()
+
+    try:
+        status = await run_session(session, streams, conn.closed, failure=failure, **fields)
+        # A client that stopped reading does not get to keep the connection open.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finish(status), FINISH_GRACE)
     finally:
         await conn.close()

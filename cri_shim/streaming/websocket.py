@@ -304,8 +304,8 @@ async def serve_remotecommand(
         if status is not None:
             payload = remotecommand.encode_status(protocol, status)
             if payload:
-                with contextlib.suppress(ConnectionError):
-                    await conn.send(ERROR, payload)
+                with contextlib.suppress(ConnectionError, TimeoutError):
+                    await asyncio.wait_for(conn.send(ERROR, payload), remotecommand.FINISH_GRACE)
     except ConnectionError:
         pass
     finally:
