@@ -289,24 +289,26 @@ class StreamingServer:
         failure: str,
         **fields: Any,
     ) -> web.StreamResponse:
+        def serving(protocol: str) -> Callable[[SpdyConnection], Awaitable[None]]:
+            async def serve(conn: SpdyConnection) -> None:
+                await remotecommand.serve_spdy(
+                    conn,
+                    protocol,
+                    options,
+                    session,
+                    failure=failure,
+                    creation_timeout=self.creation_timeout,
+                    **fields,
+                )
+
+            return serve
+
         if websocket.is_websocket(request):
             requested = websocket.requested_protocols(request)
             tunnel = websocket.tunnelled_protocol(requested, remotecommand.SPDY_PROTOCOLS)
             if tunnel is not None:
                 inner = tunnel[len(websocket.TUNNEL_PREFIX) :]
-
-                async def over_tunnel(conn: SpdyConnection) -> None:
-                    await remotecommand.serve_spdy(
-                        conn,
-                        inner,
-                        options,
-                        session,
-                        failure=failure,
-                        creation_timeout=self.creation_timeout,
-                        **fields,
-                    )
-
-                return await self._tunnel(request, tunnel, None, over_tunnel, **fields)
+                return await self._tunnel(request, tunnel, None, serving(inner), **fields)
             protocol = websocket.negotiate(requested, websocket.REMOTECOMMAND_PROTOCOLS)
             if protocol is None:
                 return websocket.refuse(requested, websocket.REMOTECOMMAND_PROTOCOLS)
@@ -329,19 +331,7 @@ class StreamingServer:
         if refused is not None:
             return refused
         assert protocol is not None
-
-        async def serve(conn: SpdyConnection) -> None:
-            await remotecommand.serve_spdy(
-                conn,
-                protocol,
-                options,
-                session,
-                failure=failure,
-                creation_timeout=self.creation_timeout,
-                **fields,
-            )
-
-        return await self._upgrade_spdy(request, protocol, None, serve, **fields)
+        return await self._upgrade_spdy(request, protocol, None, serving(protocol), **fields)
 
     async def _port_forward(self, request: web.Request) -> web.StreamResponse:
         cached: cri.PortForwardRequest = self._consume(request, cri.PortForwardRequest)

@@ -29,12 +29,11 @@ import logging
 import struct
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from cri_shim.logs import log_event
-from cri_shim.streaming.transport import ByteChannel
+from cri_shim.streaming.transport import ByteChannel, InboundBuffer
 
 log = logging.getLogger(__name__)
 
@@ -491,11 +490,7 @@ class SpdyStream:
         self.conn = conn
         self.id = stream_id
         self.headers = headers
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._readable = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
+        self.inbound = InboundBuffer(STREAM_BUFFER)
         self.remote_closed = False  # FIN or RST from the peer, or connection gone
         self.local_closed = False  # FIN or RST sent by us
         self.was_reset = False
@@ -508,17 +503,12 @@ class SpdyStream:
     # peer -> us
 
     def _deliver(self, data: bytes) -> None:
-        if data and not self.remote_closed:
-            self._chunks.append(data)
-            self._buffered += len(data)
-            if self._buffered > STREAM_BUFFER:
-                self._drained.clear()
-        self._readable.set()
+        if not self.remote_closed:
+            self.inbound.put(data)
 
     def _finish_remote(self) -> None:
         self.remote_closed = True
-        self._readable.set()
-        self._drained.set()
+        self.inbound.end()
 
     def _reset(self) -> None:
         self.was_reset = True
@@ -529,15 +519,9 @@ class SpdyStream:
 
     async def read(self) -> bytes:
         """Next data from the peer; b"" after its FIN, a reset or the connection's end."""
-        while not self._chunks:
-            if self.remote_closed:
-                return b""
-            self._readable.clear()
-            await self._readable.wait()
-        data = self._chunks.popleft()
-        self._buffered -= len(data)
-        if self._buffered <= STREAM_BUFFER:
-            self._drained.set()
+        data = await self.inbound.get()
+        if not data:
+            return b""
         self._unacked += len(data)
         if self._unacked >= INITIAL_WINDOW // 2 and not self.remote_closed:
             grant, self._unacked = self._unacked, 0
@@ -729,9 +713,9 @@ class SpdyConnection:
             stream = self._streams.get(frame.stream_id)
             if stream is None or stream.remote_closed:
                 return  # gone already (reset, or never existed): dropped, as spdystream does
-            if stream._buffered > STREAM_BUFFER:
+            if stream.inbound.full:
                 # The consumer is behind: stop reading the socket until it catches up.
-                await stream._drained.wait()
+                await stream.inbound.drained()
             stream._deliver(frame.data)
             if frame.flags & FLAG_FIN:
                 stream._finish_remote()

@@ -31,6 +31,56 @@ class ByteChannel(Protocol):
         ...
 
 
+class InboundBuffer:
+    """What a peer sent on one stream or channel and no reader has taken yet.
+
+    Unbounded by itself: the connection's reader waits for `drained()` before
+    delivering more once `full`, so back-pressure reaches the peer through TCP.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self.ended = False
+
+    @property
+    def full(self) -> bool:
+        return self._size > self.limit
+
+    async def drained(self) -> None:
+        await self._drained.wait()
+
+    def put(self, data: bytes) -> None:
+        if data and not self.ended:
+            self._chunks.append(data)
+            self._size += len(data)
+            if self.full:
+                self._drained.clear()
+            self._ready.set()
+
+    def end(self) -> None:
+        """No more data will come; readers get what is left, then b""."""
+        self.ended = True
+        self._ready.set()
+        self._drained.set()
+
+    async def get(self) -> bytes:
+        while not self._chunks:
+            if self.ended:
+                return b""
+            self._ready.clear()
+            await self._ready.wait()
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        if not self.full:
+            self._drained.set()
+        return data
+
+
 class StreamChannel:
     """An asyncio (reader, writer) pair as a ByteChannel."""
 

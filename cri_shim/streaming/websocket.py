@@ -23,7 +23,6 @@ import binascii
 import contextlib
 import logging
 import time
-from collections import deque
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -31,6 +30,7 @@ from aiohttp import WSMsgType, web
 from cri_shim.logs import log_event
 from cri_shim.streaming import portforward, remotecommand
 from cri_shim.streaming.remotecommand import RemoteStreams, Session, StreamOptions
+from cri_shim.streaming.transport import InboundBuffer
 
 log = logging.getLogger(__name__)
 
@@ -119,37 +119,19 @@ class Channel:
         self.conn = conn
         self.number = number
         self.readable = readable
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-        self._ready = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
-        self.eof = False
+        self.inbound = InboundBuffer(CHANNEL_BUFFER)
 
     def _deliver(self, data: bytes) -> None:
-        if self.readable and not self.eof and data:
-            self._chunks.append(data)
-            self._size += len(data)
-            if self._size > CHANNEL_BUFFER:
-                self._drained.clear()
-            self._ready.set()
+        if self.readable:
+            self.inbound.put(data)
 
     def close_read(self) -> None:
-        self.eof = True
-        self._ready.set()
-        self._drained.set()
+        self.inbound.end()
 
     async def read(self) -> bytes:
-        while not self._chunks:
-            if self.eof or not self.readable:
-                return b""
-            self._ready.clear()
-            await self._ready.wait()
-        data = self._chunks.popleft()
-        self._size -= len(data)
-        if self._size <= CHANNEL_BUFFER:
-            self._drained.set()
-        return data
+        if not self.readable:
+            return b""
+        return await self.inbound.get()
 
     async def write(self, data: bytes) -> None:
         await self.conn.send(self.number, data)
@@ -233,8 +215,8 @@ class ChannelConnection:
                         log_event(log, "bad base64 frame", level=logging.WARNING, conn=self.name)
                         continue
                 channel = self.channels[number]
-                if channel._size > CHANNEL_BUFFER:
-                    await channel._drained.wait()
+                if channel.inbound.full:
+                    await channel.inbound.drained()
                 channel._deliver(data)
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
