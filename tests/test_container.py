@@ -12,7 +12,10 @@ import pytest
 from grpclib import GRPCError
 from grpclib.const import Status
 
+from cri_shim.container.lifecycle import METADATA_EXTENSION
+from cri_shim.containerd.runtime import unpack_json
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.server import Shim
 
 from .conftest import CriClient
 from .pods import make_container, wait_exited
@@ -49,6 +52,35 @@ async def test_lifecycle_exit_codes_and_reasons(
     with pytest.raises(GRPCError) as caught:
         await pods.runtime.container_status(cri.ContainerStatusRequest(ok))
     assert caught.value.status is Status.NOT_FOUND
+
+
+async def test_exit_is_recorded_in_containerd_before_the_task_is_deleted(
+    pods: CriClient,
+    pod: tuple[str, cri.PodSandboxConfig],
+    busybox: str,
+    pod_shim: Shim,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shim killed right after deleting an exited task must still find the exit
+    code on restart, so the record has to be written first."""
+    manager = pod_shim.container_manager
+    assert manager is not None
+    ops = manager.ops
+    recorded: dict[str, object] = {}
+    delete_task = ops.delete_task
+
+    async def checking_delete_task(container_id: str) -> None:
+        record = await ops.get_container(container_id)
+        if record is not None:
+            data = unpack_json(record.extensions.get(METADATA_EXTENSION))
+            recorded[container_id] = data.get("exitCode") if "finishedAt" in data else None
+        await delete_task(container_id)
+
+    monkeypatch.setattr(ops, "delete_task", checking_delete_task)
+    quitter = await make_container(pods, pod, busybox, ["sh", "-c", "exit 7"], name="quitter")
+    status = await wait_exited(pods, quitter)
+    assert status.exit_code == 7
+    assert recorded[quitter] == 7
 
 
 async def test_stop_sends_sigterm_then_kills(

@@ -331,13 +331,7 @@ class ContainerManager:
             sandbox = self.sandboxes.by_id.find(container.sandbox_id)
             if sandbox is None or sandbox.state is not SandboxState.READY:
                 raise failed_precondition(f"pod sandbox {container.sandbox_id} is not ready")
-            io = ContainerIO(
-                self.io_dir(container.id) / "io",
-                container.id,
-                stdin=container.config.stdin,
-                tty=container.config.tty,
-                log_path=container.log_path,
-            )
+            io = self._container_io(container)
             self._io[container.id] = io
             self._exit_seen[container.id] = asyncio.Event()
             try:
@@ -447,12 +441,14 @@ class ContainerManager:
         seen = self._exit_seen.get(container.id)
         if seen is not None:
             seen.set()
+        # Recorded before the task goes: a shim killed in between still finds the
+        # exit code (in the record, or in the stopped task) when it starts again.
+        await self._persist_exit(container)
         await self.ops.delete_task(container.id)
         io = self._io.pop(container.id, None)
         if io is not None:
             await io.drained(DRAIN_SECONDS)
             await io.close()
-        await self._persist_exit(container)
         self._publish(container, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
         log_event(
             log,
