@@ -63,9 +63,7 @@ def differences(left: Path, right: Path) -> list[str]:
     def walk(cmp: filecmp.dircmp[str], prefix: str) -> None:
         found.extend(f"only in committed: {prefix}{n}" for n in cmp.left_only)
         found.extend(f"only in regenerated: {prefix}{n}" for n in cmp.right_only)
-        _, mismatch, errors = filecmp.cmpfiles(
-            cmp.left, cmp.right, cmp.common_files, shallow=False
-        )
+        _, mismatch, errors = filecmp.cmpfiles(cmp.left, cmp.right, cmp.common_files, shallow=False)
         found.extend(f"differs: {prefix}{n}" for n in mismatch + errors)
         for name, sub in cmp.subdirs.items():
             if name != "__pycache__":

@@ -29,6 +29,7 @@ from cri_shim.server import Shim
 from cri_shim.settings import ContainerdSettings, ServerSettings, Settings, load
 from tests.pods import CNI_BIN, POD_IMAGES, pod_config, write_conflist
 from tests.support.catalog import ServedCatalog, catalog
+from tests.support.reaper import reap
 
 REQUIRED_BINARIES = ("containerd", "runc")
 
@@ -70,6 +71,8 @@ async def containerd(session_dir: Path) -> AsyncIterator[EmbeddedContainerd]:
     await daemon.start()
     yield daemon
     await daemon.stop()
+    # Only a failed test leaves containers behind; they must not outlive the run.
+    await asyncio.to_thread(reap, session_dir)
 
 
 def make_settings(base: Path, containerd_address: str, **overrides: object) -> Settings:

@@ -497,6 +497,7 @@ async def test_attach_client_too_slow_is_dropped_and_the_log_goes_on(
     # (Its own reader is paused by back-pressure too, so the server is what we watch.)
     session = await open_spdy_command(await attach_url(pods, container, stdout=True), stderr=False)
     try:
+
         async def attached() -> bool:
             return streaming.runtime.active == 1
 
