@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from cri_shim.gen.runtime import v1 as cri
 
 # Record attributes that are not reflected in any encoding.
-_NOT_ENCODED = frozenset({"lock", "_list_bytes", "_status_bytes"})
+_NOT_ENCODED = frozenset({"lock", "stop_complete", "_list_bytes", "_status_bytes"})
 
 
 class EncodingCache:
