@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import signal
@@ -270,7 +271,9 @@ class Workload:
     async def scale_round(
         self, level: int, ids: list[str], pods: list[tuple[str, cri.PodSandboxConfig]]
     ) -> None:
-        """One List/Status round, undecoded ("raw") and through the decoding client."""
+        """One List/Status round, undecoded ("raw") and through the decoding client, and
+        an empty Version call: the per-call floor of each server."""
+        await self.timed("Version", self.rt.version(cri.VersionRequest()))
         for method, request in (
             ("ListContainers", cri.ListContainersRequest()),
             ("ListPodSandbox", cri.ListPodSandboxRequest()),
@@ -305,7 +308,11 @@ class Workload:
 
 
 async def drive(
-    works: dict[str, Workload], levels: list[int], rounds: int, rss: Callable[[], int]
+    works: dict[str, Workload],
+    levels: list[int],
+    rounds: int,
+    lifecycle_rounds: int,
+    rss: Callable[[], int],
 ) -> dict[str, Any]:
     """Every phase on both runtimes back to back, the order alternating per round, so
     load from elsewhere on the machine falls on both alike."""
@@ -323,9 +330,10 @@ async def drive(
         await work.rt.remove_pod_sandbox(cri.RemovePodSandboxRequest(warm[0]))
         work.times.pop("RunPodSandbox", None)
     memory = {"idle_kib": rss()}
-    walls = {}
-    for work in order(0):
-        walls[work.tag] = await work.concurrent_pods(status_calls=rounds // 4 or 1)
+    walls: dict[str, list[float]] = {n: [] for n in names}
+    for round_ in range(lifecycle_rounds):
+        for work in order(round_):
+            walls[work.tag].append(await work.concurrent_pods(status_calls=rounds // 4 or 1))
     pods: dict[str, list[tuple[str, cri.PodSandboxConfig]]] = {n: [] for n in names}
     have = 0
     for level in levels:
@@ -345,7 +353,8 @@ async def drive(
     for name, work in works.items():
         await work.cleanup(pods[name])
     return {
-        name: {"times": work.times, "pods20_wall_s": walls[name]} for name, work in works.items()
+        name: {"times": work.times, "pods20_wall_s": statistics.median(walls[name])}
+        for name, work in works.items()
     } | {"rss": memory}
 
 
@@ -412,8 +421,12 @@ def chart(path: Path, rows: list[tuple[str, float, float]]) -> str:
     return "chart written with matplotlib"
 
 
-async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) -> dict[str, Any]:
+async def main(
+    levels: list[int], rounds: int, lifecycle_rounds: int, json_path: Path, png_path: Path
+) -> dict[str, Any]:
     base = short_tempdir("crishim-vs-")
+    load_before = os.getloadavg()
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     wanted = [e for e in catalog() if any(n in POD_IMAGES for n in e.names())]
     served = ServedCatalog(entries=wanted)
     await served.start()
@@ -458,7 +471,7 @@ async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) 
                 name: Workload(client, image, name, base / name / "logs")
                 for name, client in zip(("containerd", "cri-shim"), clients, strict=True)
             }
-            results = await drive(works, levels, rounds, lambda: rss_kib(pid))
+            results = await drive(works, levels, rounds, lifecycle_rounds, lambda: rss_kib(pid))
         finally:
             for client in clients:
                 client.close()
@@ -494,6 +507,11 @@ async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) 
     report = {
         "levels": levels,
         "rounds": rounds,
+        "lifecycle_rounds": lifecycle_rounds,
+        "started_at": started_at,
+        # 1/5/15-minute load averages: the other work the machine was doing.
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
         "list_containers_started": False,
         "table": table,
         "pods20_wall_s": {k: results[k]["pods20_wall_s"] for k in ("containerd", "cri-shim")},
@@ -513,11 +531,17 @@ def cli() -> None:
     )
     parser.add_argument("--containers", default="100,500,1000", help="List/Status levels")
     parser.add_argument("--rounds", type=int, default=40, help="calls per op per level")
+    parser.add_argument(
+        "--lifecycle-rounds",
+        type=int,
+        default=3,
+        help="times the 20-pod lifecycle phase runs (20 samples per op each)",
+    )
     parser.add_argument("--json", type=Path, default=Path("cri_vs_containerd.json"))
     parser.add_argument("--png", type=Path, default=Path("cri_vs_containerd.png"))
     args = parser.parse_args()
     levels = sorted(int(x) for x in args.containers.split(","))
-    report = asyncio.run(main(levels, args.rounds, args.json, args.png))
+    report = asyncio.run(main(levels, args.rounds, args.lifecycle_rounds, args.json, args.png))
     print()
     print("| op | containerd p50 / p99 ms | cri-shim p50 / p99 ms | ratio p50 / p99 |")
     print("| --- | --- | --- | --- |")
@@ -531,6 +555,11 @@ def cli() -> None:
     print(
         f"\n20 concurrent RunPodSandbox wall: containerd {walls['containerd']:.2f}s, "
         f"cri-shim {walls['cri-shim']:.2f}s"
+    )
+    print(
+        f"started {report['started_at']}; load average before "
+        f"{'/'.join(f'{x:.2f}' for x in report['load_before'])}, after "
+        f"{'/'.join(f'{x:.2f}' for x in report['load_after'])}"
     )
     rss = report["shim_rss_kib"]
     print(f"cri-shim RSS: {', '.join(f'{k} {v / 1024:.1f} MiB' for k, v in rss.items())}")
