@@ -22,6 +22,7 @@ from cri_shim.concurrency import run_all
 from cri_shim.containerd.events import TaskExit
 from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
 from cri_shim.errors import already_exists
+from cri_shim.gen.containerd.types import Mount
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import log_event
 from cri_shim.network.cni import DnsConfig, PodNetwork, PodNetworkRequest, PortMapping
@@ -262,12 +263,6 @@ class SandboxManager:
             sandbox.netns_path = await self.network.create_netns()
             netns = sandbox.netns_path
             undo.append(lambda: self.network.remove_netns(netns))
-            request = network_request(sandbox)
-            undo.append(lambda: self.network.teardown(request))
-            result = await self.network.setup(request)
-            sandbox.ip = result.ip
-            sandbox.additional_ips = list(result.additional_ips)
-        sandbox.network_ready = True
 
         spec = build_sandbox_spec(
             SandboxSpecInput(
@@ -281,13 +276,30 @@ class SandboxManager:
                 oom_score_adj_floor=self.env.oom_score_adj_floor,
             )
         )
-        async with self.ops.creation_lease() as lease:
-            undo.append(lambda: self.ops.remove_snapshot(sandbox.id))
-            mounts = await self.ops.prepare_snapshot(sandbox.id, image.chain_id, lease=lease)
-            await self._create_pause_container(sandbox, spec, lease, undo)
-        undo.append(lambda: self._kill_and_delete_task(sandbox.id))
-        await self.ops.create_task(sandbox.id, mounts)
-        sandbox.pid = await self.ops.start_task(sandbox.id)
+        # CNI ADD and the pause container's create (snapshot, record, runc create) need
+        # only the pinned namespace, not each other: they run at once, and the pause
+        # process is started once both are done, so it still runs on a wired network.
+        mounts: list[Mount] = []
+
+        async def create_pause() -> None:
+            async with self.ops.creation_lease() as lease:
+                undo.append(lambda: self.ops.remove_snapshot(sandbox.id))
+                mounts[:] = await self.ops.prepare_snapshot(sandbox.id, image.chain_id, lease=lease)
+                await self._create_pause_container(sandbox, spec, lease, undo)
+            undo.append(lambda: self._kill_and_delete_task(sandbox.id))
+            await self.ops.create_task(sandbox.id, mounts)
+
+        await run_all(self._set_up_network(sandbox, undo), create_pause())
+        sandbox.network_ready = True
+
+        async def start() -> None:
+            sandbox.pid = await self.ops.start_task(sandbox.id)
+
+        if sandbox.host_network:
+            await start()
+        else:
+            # The record was written before CNI said the IP; a restart reads it from there.
+            await run_all(self._persist(sandbox), start())
         sandbox.state = SandboxState.READY
         self.store.add(sandbox)
         log_event(
@@ -298,6 +310,17 @@ class SandboxManager:
             ip=sandbox.ip,
             pid=sandbox.pid,
         )
+
+    async def _set_up_network(
+        self, sandbox: Sandbox, undo: list[Callable[[], Awaitable[None]]]
+    ) -> None:
+        if sandbox.host_network:
+            return
+        request = network_request(sandbox)
+        undo.append(lambda: self.network.teardown(request))
+        result = await self.network.setup(request)
+        sandbox.ip = result.ip
+        sandbox.additional_ips = list(result.additional_ips)
 
     async def _create_pause_container(
         self,
