@@ -1,7 +1,7 @@
 """CRI latency: cri-shim against containerd's built-in CRI plugin, one machine, one run.
 
-    python -m tests.benchmarks.cri_vs_containerd [--containers 100,500,1000] [--rounds 20]
-        [--json out.json] [--png out.png]
+    python -m tests.benchmarks.cri_vs_containerd [--containers 100,500,1000] [--rounds 40]
+        [--lifecycle-rounds 3] [--json out.json] [--png out.png]
 
 Two private containerd 1.6 daemons: one with its own CRI plugin (its grpc
 socket is the CRI endpoint), one without it and driven by `cri-shim serve` in
@@ -12,7 +12,10 @@ mirror). The same CRI client code drives both with the same workload:
 * PullImage of busybox from the local registry (pull, remove, again);
 * 20 RunPodSandbox at once, then per pod Create/Start/Status/ExecSync/Stop/
   Remove of a `sleep 3600` container, PodSandboxStatus, Stop/RemovePodSandbox;
-* List/Status at 100, 500, 1000 containers (20 per pod). These containers are
+  the whole phase repeated `--lifecycle-rounds` times;
+* an empty Version call per List/Status round: each server's per-call floor;
+* List/Status at 100, 500, 1000 containers (20 per pod; their pods started
+  one at a time, a row of its own). These containers are
   created but not started: starting 1000 runc tasks on 2 cores takes minutes
   and List/Status cost does not depend on the task running.
 
@@ -193,11 +196,11 @@ class Workload:
         if not last:
             await self.client.image.remove_image(cri.RemoveImageRequest(spec))
 
-    async def run_pod(self) -> tuple[str, cri.PodSandboxConfig]:
+    async def run_pod(self, op: str = "RunPodSandbox") -> tuple[str, cri.PodSandboxConfig]:
         self.pod_count += 1
         config = pod_config(self.tag, self.pod_count, self.logs)
         reply = await self.timed(
-            "RunPodSandbox", self.rt.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+            op, self.rt.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
         )
         return reply.pod_sandbox_id, config
 
@@ -249,7 +252,7 @@ class Workload:
 
         async def one(index: int) -> None:
             while len(pods) <= index // PER_POD:
-                pods.append(await self.run_pod())
+                pods.append(await self.run_pod("RunPodSandbox one at a time"))
             pod_id, config = pods[index // PER_POD]
             async with sem:
                 await self.rt.create_container(
@@ -258,7 +261,7 @@ class Workload:
 
         for index in range(have, want):  # pods first, in order, then containers in parallel
             while len(pods) <= index // PER_POD:
-                pods.append(await self.run_pod())
+                pods.append(await self.run_pod("RunPodSandbox one at a time"))
         await asyncio.gather(*(one(i) for i in range(have, want)))
         return want
 
