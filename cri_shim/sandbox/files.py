@@ -21,12 +21,12 @@ SHM_SIZE = "65536k"
 SHM_FLAGS = 0x2 | 0x4 | 0x8
 SHM_DATA = f"mode=1777,size={SHM_SIZE}".encode()
 MNT_DETACH = 0x2
-
-_libc = ctypes.CDLL(None, use_errno=True)
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 HOST_HOSTS = Path("/etc/hosts")
 # resolv.conf limits glibc honours; kubelet validates the same ones.
 MAX_DNS_SEARCHES = 32
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class SandboxFilesError(ValueError):
