@@ -32,6 +32,12 @@ _QUIET = {
     "RuntimeConfig",
     "ListPodSandbox",
     "ListContainers",
+    "StreamPodSandboxes",
+    "StreamContainers",
+    "StreamContainerStats",
+    "StreamPodSandboxStats",
+    "StreamPodSandboxMetrics",
+    "StreamImages",
     "PodSandboxStatus",
     "ContainerStatus",
     "ContainerStats",
@@ -104,13 +110,17 @@ class Instrumentation:
         response: Any = None,
     ) -> None:
         elapsed = time.perf_counter() - started
-        # Create calls only learn their id from the response (RunPodSandbox, CreateContainer).
-        ids = request_ids(response) | request_ids(request)
         status = Status.OK
         if err is None:
             level = logging.DEBUG if rpc in _QUIET else logging.INFO
-            log_event(log, "rpc", level=level, rpc=rpc, duration_ms=round(elapsed * 1000, 3), **ids)
+            if log.isEnabledFor(level):  # the ids cost more than the rest of this wrapper
+                # Create calls only learn their id from the response (RunPodSandbox, ...).
+                ids = request_ids(response) | request_ids(request)
+                log_event(
+                    log, "rpc", level=level, rpc=rpc, duration_ms=round(elapsed * 1000, 3), **ids
+                )
         else:
+            ids = request_ids(response) | request_ids(request)
             assert isinstance(err, GRPCError)
             status = err.status
             internal = status in (Status.INTERNAL, Status.UNKNOWN)

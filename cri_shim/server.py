@@ -55,6 +55,7 @@ from cri_shim.network.readiness import NetworkReadiness
 from cri_shim.sandbox.lifecycle import SandboxEnvironment, SandboxManager
 from cri_shim.settings import Settings, SettingsError
 from cri_shim.store.containers import ContainerStore
+from cri_shim.store.encoded import BatchLimits
 from cri_shim.store.sandboxes import SandboxStore
 from cri_shim.streaming.exec import StreamRuntime
 from cri_shim.streaming.portforward import PodConnector
@@ -125,6 +126,10 @@ class Shim:
         self.settings = settings
         self.socket_path = Path(settings.server.socket)
         self.instrument = Instrumentation()
+        self.batch_limits = BatchLimits(
+            max_items=settings.server.stream_batch_items,
+            max_bytes=settings.server.stream_batch_bytes,
+        )
         self.embedded: EmbeddedContainerd | None = None
         self.client: ContainerdClient | None = None
         self.health: ContainerdHealth | None = None
@@ -222,7 +227,7 @@ class Shim:
                     stats=stats,
                     streaming=streaming,
                 ),
-                ImageService(self.instrument, ImageHandlers(self.images)),
+                ImageService(self.instrument, ImageHandlers(self.images, self.batch_limits)),
             ]
         )
         await self._server.start(path=str(self.socket_path))
@@ -305,9 +310,18 @@ class Shim:
         self.metrics.register_state_provider("sandbox", self._sandbox_states)
         self.metrics.register_state_provider("container", self._container_states)
         return (
-            SandboxHandlers(self.sandboxes, self.sandbox_manager, settings.runtime.default_runtime),
+            SandboxHandlers(
+                self.sandboxes,
+                self.sandbox_manager,
+                settings.runtime.default_runtime,
+                self.batch_limits,
+            ),
             ContainerHandlers(
-                self.containers, self.sandboxes, self.container_manager, self.container_events
+                self.containers,
+                self.sandboxes,
+                self.container_manager,
+                self.container_events,
+                self.batch_limits,
             ),
         )
 
@@ -320,7 +334,7 @@ class Shim:
             self.sandboxes,
             self.images.usage.mountpoint,
         )
-        return StatsHandlers(self.containers, self.sandboxes, collector)
+        return StatsHandlers(self.containers, self.sandboxes, collector, self.batch_limits)
 
     async def _start_streaming(self) -> StreamingHandlers:
         """Exec/Attach/PortForward URLs point at our own streaming HTTP server."""

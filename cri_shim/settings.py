@@ -29,6 +29,10 @@ class ServerSettings:
     socket_mode: int = 0o660
     # Seconds in-flight calls get to finish after SIGTERM before they are cancelled.
     shutdown_grace: float = 10.0
+    # Bounds of one message of the Stream* list RPCs (containerd's defaults): at most this
+    # many items, and this many bytes (kubelet's default max receive is 16 MiB).
+    stream_batch_items: int = 5000
+    stream_batch_bytes: int = 15 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log.format": ("text", "json"),
 }
 
+# Integer keys with a floor: below it the setting cannot work.
+_MINIMUM: dict[str, int] = {
+    "server.stream_batch_items": 1,
+    "server.stream_batch_bytes": 1024,
+}
+
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
     """Coerce a TOML, env or flag value to the field's declared type."""
@@ -261,6 +271,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             allowed = _CHOICES.get(key)
             if allowed is not None and converted not in allowed:
                 raise SettingsError(f"config key {key!r} must be one of {', '.join(allowed)}")
+            floor = _MINIMUM.get(key)
+            if floor is not None and converted < floor:
+                raise SettingsError(f"config key {key!r} must be at least {floor}")
             kwargs[f.name] = converted
     return cls(**kwargs)
 

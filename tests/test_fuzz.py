@@ -234,10 +234,18 @@ def container_configs(target: Target) -> st.SearchStrategy[cri.ContainerConfig]:
 Call = Callable[[CriClient], Awaitable[Any]]
 
 
+async def drain(stream: AsyncIterator[Any]) -> int:
+    """A server stream read to its end (the fuzz cares about its status only)."""
+    return len([batch async for batch in stream])
+
+
 def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
     """(rpc name, coroutine factory) for one random request."""
     rt = lambda name, make: make.map(lambda req: (name, lambda c: getattr(c.runtime, name)(req)))  # noqa: E731
     im = lambda name, make: make.map(lambda req: (name, lambda c: getattr(c.image, name)(req)))  # noqa: E731
+    rts = lambda name, make: make.map(  # noqa: E731
+        lambda req: (name, lambda c: drain(getattr(c.runtime, name)(req)))
+    )
     some_id = ids(target)
     return st.one_of(
         rt("version", st.builds(cri.VersionRequest, version=text)),
@@ -342,6 +350,63 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
             ),
         ),
         rt("pod_sandbox_stats", st.builds(cri.PodSandboxStatsRequest, pod_sandbox_id=some_id)),
+        rts(
+            "stream_containers",
+            st.builds(
+                cri.StreamContainersRequest,
+                filter=st.one_of(
+                    st.none(),
+                    st.builds(
+                        cri.ContainerFilter,
+                        id=some_id,
+                        pod_sandbox_id=some_id,
+                        state=st.one_of(st.none(), st.builds(cri.ContainerStateValue, state=enum)),
+                        label_selector=labels,
+                    ),
+                ),
+            ),
+        ),
+        rts(
+            "stream_pod_sandboxes",
+            st.builds(
+                cri.StreamPodSandboxesRequest,
+                filter=st.one_of(
+                    st.none(),
+                    st.builds(
+                        cri.PodSandboxFilter,
+                        id=some_id,
+                        state=st.one_of(st.none(), st.builds(cri.PodSandboxStateValue, state=enum)),
+                        label_selector=labels,
+                    ),
+                ),
+            ),
+        ),
+        rts(
+            "stream_container_stats",
+            st.builds(
+                cri.StreamContainerStatsRequest,
+                filter=st.one_of(
+                    st.none(),
+                    st.builds(
+                        cri.ContainerStatsFilter,
+                        id=some_id,
+                        pod_sandbox_id=some_id,
+                        label_selector=labels,
+                    ),
+                ),
+            ),
+        ),
+        rts(
+            "stream_pod_sandbox_stats",
+            st.builds(
+                cri.StreamPodSandboxStatsRequest,
+                filter=st.one_of(
+                    st.none(),
+                    st.builds(cri.PodSandboxStatsFilter, id=some_id, label_selector=labels),
+                ),
+            ),
+        ),
+        rts("stream_pod_sandbox_metrics", st.builds(cri.StreamPodSandboxMetricsRequest)),
         rt(
             "exec",
             st.builds(
@@ -413,6 +478,16 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
             ),
         ),
         im("image_fs_info", st.builds(cri.ImageFsInfoRequest)),
+        st.builds(
+            cri.StreamImagesRequest,
+            filter=st.one_of(
+                st.none(),
+                st.builds(
+                    cri.ImageFilter,
+                    image=st.one_of(st.none(), st.builds(cri.ImageSpec, image=text)),
+                ),
+            ),
+        ).map(lambda req: ("stream_images", lambda c: drain(c.image.stream_images(req)))),
         im(
             "pull_image",
             st.builds(

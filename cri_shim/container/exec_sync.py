@@ -58,6 +58,13 @@ def process_spec(
     return process
 
 
+def _make_fifos(directory: Path, *paths: Path) -> None:
+    """The exec's dir and FIFOs in one thread hop (each hop is a loop round-trip)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        make_fifo(path)
+
+
 async def exec_sync(
     ops: RuntimeOps,
     container_id: str,
@@ -68,10 +75,8 @@ async def exec_sync(
 ) -> ExecResult:
     exec_id = "exec-" + secrets.token_hex(8)
     directory = work_dir / exec_id
-    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
     stdout_path, stderr_path = directory / "stdout", directory / "stderr"
-    await asyncio.to_thread(make_fifo, stdout_path)
-    await asyncio.to_thread(make_fifo, stderr_path)
+    await asyncio.to_thread(_make_fifos, directory, stdout_path, stderr_path)
     readers = [FifoReader(stdout_path, hold_open=True), FifoReader(stderr_path, hold_open=True)]
     out, err = bytearray(), bytearray()
     collectors: list[asyncio.Task[None]] = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cri_shim.concurrency import run_all
 from cri_shim.container.cgroups import oom_kills
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.io import ContainerIO
@@ -27,6 +28,7 @@ from cri_shim.container.rootfs import read_image_file
 from cri_shim.containerd.events import TaskExit
 from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
 from cri_shim.errors import already_exists, failed_precondition, invalid_argument, not_found
+from cri_shim.gen.containerd.types import Mount
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.store import ImageStore
 from cri_shim.logs import log_event
@@ -129,6 +131,13 @@ class ContainerManager:
         self._specs: dict[str, dict[str, Any]] = {}
         self._exit_seen: dict[str, asyncio.Event] = {}
         self._early_exits: dict[str, TaskExit] = {}
+        # Set once an exit is fully recorded (task deleted, output drained, persisted).
+        self._finished: dict[str, asyncio.Event] = {}
+        # Containers whose task an exit record already deleted: Remove skips that call.
+        self._task_deleted: set[str] = set()
+        # Rootfs mounts from CreateContainer's Prepare, so StartContainer needs no
+        # second Prepare/Mounts round-trip (after a restart it asks containerd).
+        self._mounts: dict[str, list[Mount]] = {}
         self.status_provider: Callable[[str], Awaitable[cri.PodSandboxStatus | None]] | None = None
         # Creates in flight by name: a kubelet retry joins the first call's work.
         self._creating: dict[str, asyncio.Task[str]] = {}
@@ -315,6 +324,7 @@ class ContainerManager:
             lease=lease,
         )
         self._specs[container.id] = spec
+        self._mounts[container.id] = mounts
 
     async def _forget(self, container: Container) -> None:
         await self.ops.delete_container(container.id)
@@ -336,7 +346,9 @@ class ContainerManager:
             self._exit_seen[container.id] = asyncio.Event()
             try:
                 await io.open()
-                mounts = await self.ops.prepare_snapshot(container.id, "")
+                mounts = self._mounts.pop(container.id, None) or await self.ops.prepare_snapshot(
+                    container.id, ""
+                )
                 stdin, stdout, stderr = io.stdio()
                 await self.ops.create_task(
                     container.id,
@@ -424,12 +436,19 @@ class ContainerManager:
         """Record an exit once, whichever of event stream and Stop sees it first."""
         if container.state is not ContainerState.RUNNING:
             return
+        finished = self._finished.setdefault(container.id, asyncio.Event())
         if not container.oom_killed and exit_code != 0:
             container.oom_killed = await self._cgroup_oom_killed(container)
             if container.oom_killed:
                 log_event(log, "OOM kill found in the cgroup", container=container.id)
         if container.state is not ContainerState.RUNNING:
             return  # finished by a concurrent caller meanwhile
+        try:
+            await self._record_exit(container, exit_code, finished_at)
+        finally:
+            finished.set()
+
+    async def _record_exit(self, container: Container, exit_code: int, finished_at: int) -> None:
         container.state = ContainerState.EXITED
         container.exit_code = exit_code
         container.finished_at = finished_at
@@ -445,6 +464,7 @@ class ContainerManager:
         # exit code (in the record, or in the stopped task) when it starts again.
         await self._persist_exit(container)
         await self.ops.delete_task(container.id)
+        self._task_deleted.add(container.id)
         io = self._io.pop(container.id, None)
         if io is not None:
             await io.drained(DRAIN_SECONDS)
@@ -461,7 +481,15 @@ class ContainerManager:
     # stop / remove
 
     async def stop(self, container: Container, timeout: int) -> None:
-        """Stop signal, then SIGKILL after `timeout` seconds; a no-op once exited."""
+        """Stop signal, then SIGKILL after `timeout` seconds. Returns once the exit is
+        fully recorded (task deleted, as containerd's StopContainer does), also when
+        the event stream got there first: RemoveContainer then finds nothing to wait on."""
+        await self._stop(container, timeout)
+        finished = self._finished.get(container.id)
+        if finished is not None:
+            await finished.wait()
+
+    async def _stop(self, container: Container, timeout: int) -> None:
         if container.state is not ContainerState.RUNNING:
             return
         seen = self._exit_seen.setdefault(container.id, asyncio.Event())
@@ -478,8 +506,15 @@ class ContainerManager:
                     timeout_s=timeout,
                 )
         if container.state is ContainerState.RUNNING:
-            await self.ops.kill(container.id, signals.SIGKILL, all_processes=True)
-            exit_info = await self.ops.wait(container.id)
+            # Wait is asked first, so its round-trip overlaps the kill's (and no exit
+            # can fall between the two), as containerd's own client does.
+            waiting = asyncio.ensure_future(self.ops.wait(container.id))
+            try:
+                await self.ops.kill(container.id, signals.SIGKILL, all_processes=True)
+            except BaseException:
+                waiting.cancel()
+                raise
+            exit_info = await waiting
             if exit_info is not None:
                 await self._finish(container, exit_info.exit_code, _ns(exit_info.exited_at))
             elif container.state is ContainerState.RUNNING:
@@ -488,15 +523,20 @@ class ContainerManager:
     async def remove(self, container: Container) -> None:
         await self.stop(container, 0)
         async with container.lock:
-            await self.ops.delete_task(container.id)
+            if container.id not in self._task_deleted:
+                await self.ops.delete_task(container.id)
             io = self._io.pop(container.id, None)
             if io is not None:
                 await io.close()
-            await self._forget(container)
-            await asyncio.to_thread(_rmtree, self.io_dir(container.id))
+            await run_all(
+                self._forget(container), asyncio.to_thread(_rmtree, self.io_dir(container.id))
+            )
             self.store.remove(container)
             self._specs.pop(container.id, None)
             self._exit_seen.pop(container.id, None)
+            self._finished.pop(container.id, None)
+            self._task_deleted.discard(container.id)
+            self._mounts.pop(container.id, None)
         self._publish(container, cri.ContainerEventType.CONTAINER_DELETED_EVENT)
         log_event(log, "container removed", container=container.id)
 
@@ -504,8 +544,7 @@ class ContainerManager:
         await asyncio.gather(*(self.stop(c, 0) for c in self.store.in_sandbox(sandbox.id)))
 
     async def remove_pod(self, sandbox: Sandbox) -> None:
-        for container in self.store.in_sandbox(sandbox.id):
-            await self.remove(container)
+        await run_all(*(self.remove(c) for c in self.store.in_sandbox(sandbox.id)))
 
     # logs
 

@@ -1,6 +1,6 @@
 """CreateContainer, StartContainer, StopContainer, RemoveContainer,
-ContainerStatus, ListContainers, UpdateContainerResources, ReopenContainerLog,
-ExecSync and GetContainerEvents.
+ContainerStatus, ListContainers, StreamContainers, UpdateContainerResources,
+ReopenContainerLog, ExecSync and GetContainerEvents.
 
 Status and List answer from the in-memory store; Stop and Remove of an
 unknown id succeed so kubelet's retries after restarts never fail.
@@ -21,7 +21,14 @@ from cri_shim.errors import failed_precondition, invalid_argument, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.oci.errors import SpecError
 from cri_shim.store.containers import ContainerState, ContainerStore
-from cri_shim.store.encoded import container_status_response, list_containers_response
+from cri_shim.store.encoded import (
+    BatchLimits,
+    EncodedStreamContainersResponse,
+    batches,
+    container_status_response,
+    list_containers_response,
+    prebuilt,
+)
 from cri_shim.store.sandboxes import SandboxStore
 
 MAX_NAME_LENGTH = 253
@@ -34,8 +41,10 @@ class ContainerHandlers:
         sandboxes: SandboxStore,
         manager: ContainerManager,
         events: ContainerEventBus,
+        limits: BatchLimits | None = None,
     ) -> None:
         self.store = store
+        self.limits = limits or BatchLimits()
         self.sandboxes = sandboxes
         self.manager = manager
         self.events = events
@@ -96,6 +105,15 @@ class ContainerHandlers:
         self, request: cri.ListContainersRequest
     ) -> cri.ListContainersResponse:
         return list_containers_response(self.store.list(request.filter))
+
+    async def stream_containers(
+        self, request: cri.StreamContainersRequest
+    ) -> AsyncIterator[cri.StreamContainersResponse]:
+        """ListContainers in bounded batches; the items are taken (from the encoding
+        cache) before the first send, so the stream is one consistent snapshot."""
+        items = [c.list_bytes() for c in self.store.list(request.filter)]
+        for body in batches(items, self.limits):
+            yield prebuilt(EncodedStreamContainersResponse, body)
 
     async def update_container_resources(
         self, request: cri.UpdateContainerResourcesRequest

@@ -1,4 +1,5 @@
-"""CRI image RPCs: ListImages, ImageStatus, PullImage, RemoveImage, ImageFsInfo.
+"""CRI image RPCs: ListImages, StreamImages, ImageStatus, PullImage, RemoveImage,
+ImageFsInfo.
 
 Queries are answered from the in-memory image store; pulls and removals go
 through the image manager, which keeps containerd and the store in step. The
@@ -9,7 +10,7 @@ and no image; verbose status: the image config as JSON under "info").
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from cri_shim.errors import invalid_argument, require
@@ -17,6 +18,13 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.manager import ImageManager
 from cri_shim.images.store import ImageRecord
 from cri_shim.registry.types import Credentials
+from cri_shim.store.encoded import (
+    BatchLimits,
+    EncodedStreamImagesResponse,
+    batches,
+    framed,
+    prebuilt,
+)
 
 
 def to_cri_image(record: ImageRecord) -> cri.Image:
@@ -99,17 +107,29 @@ def _spec_image(spec: cri.ImageSpec | None) -> str:
 
 
 class ImageHandlers:
-    def __init__(self, manager: ImageManager) -> None:
+    def __init__(self, manager: ImageManager, limits: BatchLimits | None = None) -> None:
         self.manager = manager
+        self.limits = limits or BatchLimits()
 
-    async def list_images(self, request: cri.ListImagesRequest) -> cri.ListImagesResponse:
-        wanted = _spec_image(request.filter.image) if request.filter is not None else ""
+    def _records(self, filter_: cri.ImageFilter | None) -> list[ImageRecord]:
+        wanted = _spec_image(filter_.image) if filter_ is not None else ""
         if wanted:
             found = self.manager.store.get(wanted)
-            records = [found] if found is not None else []
-        else:
-            records = self.manager.store.list()
-        return cri.ListImagesResponse(images=[to_cri_image(r) for r in records])
+            return [found] if found is not None else []
+        return list(self.manager.store.list())
+
+    async def list_images(self, request: cri.ListImagesRequest) -> cri.ListImagesResponse:
+        return cri.ListImagesResponse(
+            images=[to_cri_image(r) for r in self._records(request.filter)]
+        )
+
+    async def stream_images(
+        self, request: cri.StreamImagesRequest
+    ) -> AsyncIterator[cri.StreamImagesResponse]:
+        """ListImages in bounded batches, each image encoded once."""
+        images = [to_cri_image(r) for r in self._records(request.filter)]
+        for body in batches(framed(images), self.limits):
+            yield prebuilt(EncodedStreamImagesResponse, body)
 
     async def image_status(self, request: cri.ImageStatusRequest) -> cri.ImageStatusResponse:
         record = self.manager.store.get(_spec_image(request.image))

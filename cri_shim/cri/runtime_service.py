@@ -74,6 +74,14 @@ class RuntimeService(cri.RuntimeServiceBase):
     ) -> cri.ListPodSandboxResponse:
         return await self._call("ListPodSandbox", self._sandboxes.list_pod_sandbox, message)
 
+    async def stream_pod_sandboxes(
+        self, message: cri.StreamPodSandboxesRequest
+    ) -> AsyncIterator[cri.StreamPodSandboxesResponse]:
+        async for batch in self._stream(
+            "StreamPodSandboxes", self._sandboxes.stream_pod_sandboxes, message
+        ):
+            yield batch
+
     async def create_container(
         self, message: cri.CreateContainerRequest
     ) -> cri.CreateContainerResponse:
@@ -96,6 +104,14 @@ class RuntimeService(cri.RuntimeServiceBase):
         self, message: cri.ListContainersRequest
     ) -> cri.ListContainersResponse:
         return await self._call("ListContainers", self._containers.list_containers, message)
+
+    async def stream_containers(
+        self, message: cri.StreamContainersRequest
+    ) -> AsyncIterator[cri.StreamContainersResponse]:
+        async for batch in self._stream(
+            "StreamContainers", self._containers.stream_containers, message
+        ):
+            yield batch
 
     async def container_status(
         self, message: cri.ContainerStatusRequest
@@ -146,6 +162,14 @@ class RuntimeService(cri.RuntimeServiceBase):
     ) -> cri.ListContainerStatsResponse:
         return await self._call("ListContainerStats", self._stats.list_container_stats, message)
 
+    async def stream_container_stats(
+        self, message: cri.StreamContainerStatsRequest
+    ) -> AsyncIterator[cri.StreamContainerStatsResponse]:
+        async for batch in self._stream(
+            "StreamContainerStats", self._stats.stream_container_stats, message
+        ):
+            yield batch
+
     async def pod_sandbox_stats(
         self, message: cri.PodSandboxStatsRequest
     ) -> cri.PodSandboxStatsResponse:
@@ -155,6 +179,14 @@ class RuntimeService(cri.RuntimeServiceBase):
         self, message: cri.ListPodSandboxStatsRequest
     ) -> cri.ListPodSandboxStatsResponse:
         return await self._call("ListPodSandboxStats", self._stats.list_pod_sandbox_stats, message)
+
+    async def stream_pod_sandbox_stats(
+        self, message: cri.StreamPodSandboxStatsRequest
+    ) -> AsyncIterator[cri.StreamPodSandboxStatsResponse]:
+        async for batch in self._stream(
+            "StreamPodSandboxStats", self._stats.stream_pod_sandbox_stats, message
+        ):
+            yield batch
 
     async def list_metric_descriptors(
         self, message: cri.ListMetricDescriptorsRequest
@@ -169,3 +201,11 @@ class RuntimeService(cri.RuntimeServiceBase):
         return await self._call(
             "ListPodSandboxMetrics", self._stats.list_pod_sandbox_metrics, message
         )
+
+    async def stream_pod_sandbox_metrics(
+        self, message: cri.StreamPodSandboxMetricsRequest
+    ) -> AsyncIterator[cri.StreamPodSandboxMetricsResponse]:
+        async for batch in self._stream(
+            "StreamPodSandboxMetrics", self._stats.stream_pod_sandbox_metrics, message
+        ):
+            yield batch

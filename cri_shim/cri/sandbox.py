@@ -1,4 +1,5 @@
-"""RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox.
+"""RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox,
+StreamPodSandboxes.
 
 Status and List answer from the in-memory store. Stop and Remove of an
 unknown id succeed: kubelet retries them after restarts and must not be told
@@ -8,6 +9,7 @@ a pod it is cleaning up "does not exist".
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 from grpclib import GRPCError
 from grpclib.const import Status
@@ -18,7 +20,14 @@ from cri_shim.network.cni import CniError, CniNotReady
 from cri_shim.oci.sandbox_spec import SpecError
 from cri_shim.sandbox.files import SandboxFilesError
 from cri_shim.sandbox.lifecycle import SandboxManager
-from cri_shim.store.encoded import list_pod_sandbox_response, pod_sandbox_status_response
+from cri_shim.store.encoded import (
+    BatchLimits,
+    EncodedStreamPodSandboxesResponse,
+    batches,
+    list_pod_sandbox_response,
+    pod_sandbox_status_response,
+    prebuilt,
+)
 from cri_shim.store.sandboxes import SandboxStore
 
 KNOWN_HANDLERS = ("", "runc")
@@ -65,8 +74,15 @@ def _validate_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfi
 
 
 class SandboxHandlers:
-    def __init__(self, store: SandboxStore, manager: SandboxManager, default_runtime: str) -> None:
+    def __init__(
+        self,
+        store: SandboxStore,
+        manager: SandboxManager,
+        default_runtime: str,
+        limits: BatchLimits | None = None,
+    ) -> None:
         self.store = store
+        self.limits = limits or BatchLimits()
         self.manager = manager
         self.default_runtime = default_runtime
 
@@ -118,3 +134,11 @@ class SandboxHandlers:
         self, request: cri.ListPodSandboxRequest
     ) -> cri.ListPodSandboxResponse:
         return list_pod_sandbox_response(self.store.list(request.filter))
+
+    async def stream_pod_sandboxes(
+        self, request: cri.StreamPodSandboxesRequest
+    ) -> AsyncIterator[cri.StreamPodSandboxesResponse]:
+        """ListPodSandbox in bounded batches, from one snapshot of cached encodings."""
+        items = [s.list_bytes() for s in self.store.list(request.filter)]
+        for body in batches(items, self.limits):
+            yield prebuilt(EncodedStreamPodSandboxesResponse, body)

@@ -1,5 +1,6 @@
 """ContainerStats, ListContainerStats, PodSandboxStats, ListPodSandboxStats,
-ListMetricDescriptors and ListPodSandboxMetrics.
+ListMetricDescriptors and ListPodSandboxMetrics, and the Stream* variants of
+the three lists (the same answer, in bounded batches).
 
 The figures come from `container/stats.py`. Lists follow containerd: running
 containers and ready pods only, unknown filter ids match nothing. A single
@@ -14,20 +15,35 @@ tells kubelet there are none rather than that the runtime is broken.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from grpclib import GRPCError
 from grpclib.const import Status
 
 from cri_shim.container.stats import StatsCollector
 from cri_shim.errors import require
 from cri_shim.gen.runtime import v1 as cri
-from cri_shim.store.containers import ContainerStore
-from cri_shim.store.sandboxes import SandboxState, SandboxStore
+from cri_shim.store.containers import Container, ContainerStore
+from cri_shim.store.encoded import (
+    BatchLimits,
+    EncodedStreamContainerStatsResponse,
+    EncodedStreamPodSandboxStatsResponse,
+    batches,
+    framed,
+    prebuilt,
+)
+from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore
 
 
 class StatsHandlers:
     def __init__(
-        self, containers: ContainerStore, sandboxes: SandboxStore, collector: StatsCollector
+        self,
+        containers: ContainerStore,
+        sandboxes: SandboxStore,
+        collector: StatsCollector,
+        limits: BatchLimits | None = None,
     ) -> None:
+        self.limits = limits or BatchLimits()
         self.containers = containers
         self.sandboxes = sandboxes
         self.collector = collector
@@ -41,20 +57,41 @@ class StatsHandlers:
         stats = await self.collector.container_stats(container, samples.get(container.id))
         return cri.ContainerStatsResponse(stats=stats)
 
-    async def list_container_stats(
-        self, request: cri.ListContainerStatsRequest
-    ) -> cri.ListContainerStatsResponse:
-        wanted = request.filter or cri.ContainerStatsFilter()
-        containers = self.containers.list(
+    def _stats_containers(self, wanted: cri.ContainerStatsFilter | None) -> list[Container]:
+        wanted = wanted or cri.ContainerStatsFilter()
+        return self.containers.list(
             cri.ContainerFilter(
                 id=wanted.id,
                 pod_sandbox_id=wanted.pod_sandbox_id,
                 label_selector=dict(wanted.label_selector),
             )
         )
+
+    def _stats_sandboxes(self, wanted: cri.PodSandboxStatsFilter | None) -> list[Sandbox]:
+        wanted = wanted or cri.PodSandboxStatsFilter()
+        return self.sandboxes.list(
+            cri.PodSandboxFilter(
+                id=wanted.id,
+                state=cri.PodSandboxStateValue(state=cri.PodSandboxState.SANDBOX_READY),
+                label_selector=dict(wanted.label_selector),
+            )
+        )
+
+    async def list_container_stats(
+        self, request: cri.ListContainerStatsRequest
+    ) -> cri.ListContainerStatsResponse:
+        containers = self._stats_containers(request.filter)
         return cri.ListContainerStatsResponse(
             stats=await self.collector.list_container_stats(containers)
         )
+
+    async def stream_container_stats(
+        self, request: cri.StreamContainerStatsRequest
+    ) -> AsyncIterator[cri.StreamContainerStatsResponse]:
+        """Collected once like ListContainerStats, each item encoded once, then batched."""
+        stats = await self.collector.list_container_stats(self._stats_containers(request.filter))
+        for body in batches(framed(stats), self.limits):
+            yield prebuilt(EncodedStreamContainerStatsResponse, body)
 
     async def pod_sandbox_stats(
         self, request: cri.PodSandboxStatsRequest
@@ -70,15 +107,15 @@ class StatsHandlers:
     async def list_pod_sandbox_stats(
         self, request: cri.ListPodSandboxStatsRequest
     ) -> cri.ListPodSandboxStatsResponse:
-        wanted = request.filter or cri.PodSandboxStatsFilter()
-        sandboxes = self.sandboxes.list(
-            cri.PodSandboxFilter(
-                id=wanted.id,
-                state=cri.PodSandboxStateValue(state=cri.PodSandboxState.SANDBOX_READY),
-                label_selector=dict(wanted.label_selector),
-            )
-        )
+        sandboxes = self._stats_sandboxes(request.filter)
         return cri.ListPodSandboxStatsResponse(stats=await self.collector.list_pod_stats(sandboxes))
+
+    async def stream_pod_sandbox_stats(
+        self, request: cri.StreamPodSandboxStatsRequest
+    ) -> AsyncIterator[cri.StreamPodSandboxStatsResponse]:
+        stats = await self.collector.list_pod_stats(self._stats_sandboxes(request.filter))
+        for body in batches(framed(stats), self.limits):
+            yield prebuilt(EncodedStreamPodSandboxStatsResponse, body)
 
     async def list_metric_descriptors(
         self, request: cri.ListMetricDescriptorsRequest
@@ -89,3 +126,11 @@ class StatsHandlers:
         self, request: cri.ListPodSandboxMetricsRequest
     ) -> cri.ListPodSandboxMetricsResponse:
         return cri.ListPodSandboxMetricsResponse(pod_metrics=[])
+
+    async def stream_pod_sandbox_metrics(
+        self, request: cri.StreamPodSandboxMetricsRequest
+    ) -> AsyncIterator[cri.StreamPodSandboxMetricsResponse]:
+        """No metrics (see ListPodSandboxMetrics): the stream ends without a message,
+        as containerd's does for an empty result."""
+        for _ in ():
+            yield cri.StreamPodSandboxMetricsResponse()

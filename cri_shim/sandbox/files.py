@@ -5,7 +5,9 @@ shared memory). They live in the sandbox's directory under the state dir."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -15,10 +17,16 @@ from cri_shim.logs import log_event
 log = logging.getLogger(__name__)
 
 SHM_SIZE = "65536k"
+# <sys/mount.h>: nosuid, nodev, noexec; MNT_DETACH is umount -l.
+SHM_FLAGS = 0x2 | 0x4 | 0x8
+SHM_DATA = f"mode=1777,size={SHM_SIZE}".encode()
+MNT_DETACH = 0x2
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 HOST_HOSTS = Path("/etc/hosts")
 # resolv.conf limits glibc honours; kubelet validates the same ones.
 MAX_DNS_SEARCHES = 32
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class SandboxFilesError(ValueError):
@@ -59,41 +67,43 @@ class SandboxDirs:
             self.resolv_conf.write_text("")
 
     async def create(self, hostname: str, dns: cri.DnsConfig | None, private_shm: bool) -> None:
-        await asyncio.to_thread(self._write_files, hostname, dns)
-        if private_shm and not await self._shm_mounted():
-            await _run(
+        await asyncio.to_thread(self._create_sync, hostname, dns, private_shm)
+
+    def _create_sync(self, hostname: str, dns: cri.DnsConfig | None, private_shm: bool) -> None:
+        """Files and the shm mount in one thread hop, the mount by syscall: a `mount`
+        process costs a fork and exec (~5 ms) on every RunPodSandbox."""
+        self._write_files(hostname, dns)
+        if private_shm and not self._shm_mounted():
+            _call(
                 "mount",
-                "-t",
-                "tmpfs",
-                "-o",
-                f"nosuid,nodev,noexec,mode=1777,size={SHM_SIZE}",
-                "shm",
-                str(self.shm),
+                _libc.mount(b"shm", bytes(self.shm), b"tmpfs", ctypes.c_ulong(SHM_FLAGS), SHM_DATA),
+                self.shm,
             )
 
-    async def _shm_mounted(self) -> bool:
-        mounts = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+    def _shm_mounted(self) -> bool:
         target = str(self.shm)
-        return any(line.split()[4] == target for line in mounts.splitlines())
+        with open("/proc/self/mountinfo") as mounts:
+            return any(line.split()[4] == target for line in mounts)
+
+    def _release_shm_sync(self) -> None:
+        if self._shm_mounted():
+            _call("umount", _libc.umount2(bytes(self.shm), ctypes.c_int(MNT_DETACH)), self.shm)
 
     async def release_shm(self) -> None:
         """Unmount the pod's /dev/shm (idempotent)."""
-        if await self._shm_mounted():
-            await _run("umount", "-l", str(self.shm))
+        await asyncio.to_thread(self._release_shm_sync)
+
+    def _remove_sync(self) -> None:
+        self._release_shm_sync()
+        shutil.rmtree(self.root, True)
 
     async def remove(self) -> None:
-        await self.release_shm()
-        await asyncio.to_thread(shutil.rmtree, self.root, True)
+        await asyncio.to_thread(self._remove_sync)
 
 
-async def _run(*cmd: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    _, stderr = await process.communicate()
-    if process.returncode != 0:
-        message = stderr.decode(errors="replace").strip()
-        log_event(
-            log, "command failed", level=logging.WARNING, command=" ".join(cmd), error=message
-        )
-        raise OSError(f"{cmd[0]} failed: {message}")
+def _call(what: str, result: int, target: Path) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        message = f"{what} {target}: {os.strerror(code)}"
+        log_event(log, "command failed", level=logging.WARNING, command=what, error=message)
+        raise OSError(code, message)

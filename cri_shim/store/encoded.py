@@ -9,13 +9,14 @@ responses are the cached items concatenated as repeated field 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from cri_shim.gen.runtime import v1 as cri
 
 # Record attributes that are not reflected in any encoding.
-_NOT_ENCODED = frozenset({"lock", "_list_bytes", "_status_bytes"})
+_NOT_ENCODED = frozenset({"lock", "stop_complete", "_list_bytes", "_status_bytes"})
 
 
 class EncodingCache:
@@ -127,4 +128,71 @@ def pod_sandbox_status_response(
     response._body = record.status_bytes()
     if info:
         response._body += bytes(cri.PodSandboxStatusResponse(info=info))
+    return response
+
+
+@dataclass
+class BatchLimits:
+    """Bounds of one Stream* message; grpclib enforces no message size, so we do.
+    One object is shared by a shim's handlers (tests narrow it on a live shim)."""
+
+    max_items: int = 5000
+    max_bytes: int = 15 * 1024 * 1024
+
+
+def batches(items: Iterable[bytes], limits: BatchLimits) -> Iterator[bytes]:
+    """Join framed items into bodies of at most `limits.max_items` items and
+    `limits.max_bytes` bytes. An item larger than the byte budget goes alone (as
+    containerd sends it). No items yield nothing: the stream just ends, as
+    containerd's does."""
+    batch: list[bytes] = []
+    size = 0
+    for item in items:
+        if batch and (len(batch) >= limits.max_items or size + len(item) > limits.max_bytes):
+            yield b"".join(batch)
+            batch = []
+            size = 0
+        batch.append(item)
+        size += len(item)
+    if batch:
+        yield b"".join(batch)
+
+
+def framed(messages: Iterable[Any]) -> Iterator[bytes]:
+    """Messages with no cached encoding (stats, images), each framed as field 1 once."""
+    for message in messages:
+        yield message_field(1, bytes(message))
+
+
+class EncodedStreamContainersResponse(_Prebuilt, cri.StreamContainersResponse):
+    pass
+
+
+class EncodedStreamPodSandboxesResponse(_Prebuilt, cri.StreamPodSandboxesResponse):
+    pass
+
+
+class EncodedStreamContainerStatsResponse(_Prebuilt, cri.StreamContainerStatsResponse):
+    pass
+
+
+class EncodedStreamPodSandboxStatsResponse(_Prebuilt, cri.StreamPodSandboxStatsResponse):
+    pass
+
+
+class EncodedStreamPodSandboxMetricsResponse(_Prebuilt, cri.StreamPodSandboxMetricsResponse):
+    pass
+
+
+class EncodedStreamImagesResponse(_Prebuilt, cri.StreamImagesResponse):
+    pass
+
+
+_Message = TypeVar("_Message", bound=_Prebuilt)
+
+
+def prebuilt(cls: type[_Message], body: bytes) -> _Message:
+    """A response of `cls` whose wire form is `body` (every Stream* reply's items are field 1)."""
+    response = cls()
+    response._body = body
     return response

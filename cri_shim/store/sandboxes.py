@@ -35,6 +35,8 @@ class Sandbox(EncodingCache):
     state: SandboxState = SandboxState.NOTREADY
     pid: int = 0
     network_ready: bool = False
+    # A stop ran to its end: task gone, network torn down (not in any encoding).
+    stop_complete: bool = field(default=False, compare=False)
     # One lock per sandbox: lifecycle calls on one pod never interleave.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
 

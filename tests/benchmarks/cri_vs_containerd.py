@@ -1,7 +1,7 @@
 """CRI latency: cri-shim against containerd's built-in CRI plugin, one machine, one run.
 
-    python -m tests.benchmarks.cri_vs_containerd [--containers 100,500,1000] [--rounds 20]
-        [--json out.json] [--png out.png]
+    python -m tests.benchmarks.cri_vs_containerd [--containers 100,500,1000] [--rounds 40]
+        [--lifecycle-rounds 3] [--json out.json] [--png out.png]
 
 Two private containerd 1.6 daemons: one with its own CRI plugin (its grpc
 socket is the CRI endpoint), one without it and driven by `cri-shim serve` in
@@ -12,7 +12,10 @@ mirror). The same CRI client code drives both with the same workload:
 * PullImage of busybox from the local registry (pull, remove, again);
 * 20 RunPodSandbox at once, then per pod Create/Start/Status/ExecSync/Stop/
   Remove of a `sleep 3600` container, PodSandboxStatus, Stop/RemovePodSandbox;
-* List/Status at 100, 500, 1000 containers (20 per pod). These containers are
+  the whole phase repeated `--lifecycle-rounds` times;
+* an empty Version call per List/Status round: each server's per-call floor;
+* List/Status at 100, 500, 1000 containers (20 per pod; their pods started
+  one at a time, a row of its own). These containers are
   created but not started: starting 1000 runc tasks on 2 cores takes minutes
   and List/Status cost does not depend on the task running.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import signal
@@ -192,11 +196,11 @@ class Workload:
         if not last:
             await self.client.image.remove_image(cri.RemoveImageRequest(spec))
 
-    async def run_pod(self) -> tuple[str, cri.PodSandboxConfig]:
+    async def run_pod(self, op: str = "RunPodSandbox") -> tuple[str, cri.PodSandboxConfig]:
         self.pod_count += 1
         config = pod_config(self.tag, self.pod_count, self.logs)
         reply = await self.timed(
-            "RunPodSandbox", self.rt.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+            op, self.rt.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
         )
         return reply.pod_sandbox_id, config
 
@@ -248,7 +252,7 @@ class Workload:
 
         async def one(index: int) -> None:
             while len(pods) <= index // PER_POD:
-                pods.append(await self.run_pod())
+                pods.append(await self.run_pod("RunPodSandbox one at a time"))
             pod_id, config = pods[index // PER_POD]
             async with sem:
                 await self.rt.create_container(
@@ -257,7 +261,7 @@ class Workload:
 
         for index in range(have, want):  # pods first, in order, then containers in parallel
             while len(pods) <= index // PER_POD:
-                pods.append(await self.run_pod())
+                pods.append(await self.run_pod("RunPodSandbox one at a time"))
         await asyncio.gather(*(one(i) for i in range(have, want)))
         return want
 
@@ -270,7 +274,9 @@ class Workload:
     async def scale_round(
         self, level: int, ids: list[str], pods: list[tuple[str, cri.PodSandboxConfig]]
     ) -> None:
-        """One List/Status round, undecoded ("raw") and through the decoding client."""
+        """One List/Status round, undecoded ("raw") and through the decoding client, and
+        an empty Version call: the per-call floor of each server."""
+        await self.timed("Version", self.rt.version(cri.VersionRequest()))
         for method, request in (
             ("ListContainers", cri.ListContainersRequest()),
             ("ListPodSandbox", cri.ListPodSandboxRequest()),
@@ -305,7 +311,11 @@ class Workload:
 
 
 async def drive(
-    works: dict[str, Workload], levels: list[int], rounds: int, rss: Callable[[], int]
+    works: dict[str, Workload],
+    levels: list[int],
+    rounds: int,
+    lifecycle_rounds: int,
+    rss: Callable[[], int],
 ) -> dict[str, Any]:
     """Every phase on both runtimes back to back, the order alternating per round, so
     load from elsewhere on the machine falls on both alike."""
@@ -323,9 +333,10 @@ async def drive(
         await work.rt.remove_pod_sandbox(cri.RemovePodSandboxRequest(warm[0]))
         work.times.pop("RunPodSandbox", None)
     memory = {"idle_kib": rss()}
-    walls = {}
-    for work in order(0):
-        walls[work.tag] = await work.concurrent_pods(status_calls=rounds // 4 or 1)
+    walls: dict[str, list[float]] = {n: [] for n in names}
+    for round_ in range(lifecycle_rounds):
+        for work in order(round_):
+            walls[work.tag].append(await work.concurrent_pods(status_calls=rounds // 4 or 1))
     pods: dict[str, list[tuple[str, cri.PodSandboxConfig]]] = {n: [] for n in names}
     have = 0
     for level in levels:
@@ -345,7 +356,8 @@ async def drive(
     for name, work in works.items():
         await work.cleanup(pods[name])
     return {
-        name: {"times": work.times, "pods20_wall_s": walls[name]} for name, work in works.items()
+        name: {"times": work.times, "pods20_wall_s": statistics.median(walls[name])}
+        for name, work in works.items()
     } | {"rss": memory}
 
 
@@ -412,8 +424,12 @@ def chart(path: Path, rows: list[tuple[str, float, float]]) -> str:
     return "chart written with matplotlib"
 
 
-async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) -> dict[str, Any]:
+async def main(
+    levels: list[int], rounds: int, lifecycle_rounds: int, json_path: Path, png_path: Path
+) -> dict[str, Any]:
     base = short_tempdir("crishim-vs-")
+    load_before = os.getloadavg()
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     wanted = [e for e in catalog() if any(n in POD_IMAGES for n in e.names())]
     served = ServedCatalog(entries=wanted)
     await served.start()
@@ -458,7 +474,7 @@ async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) 
                 name: Workload(client, image, name, base / name / "logs")
                 for name, client in zip(("containerd", "cri-shim"), clients, strict=True)
             }
-            results = await drive(works, levels, rounds, lambda: rss_kib(pid))
+            results = await drive(works, levels, rounds, lifecycle_rounds, lambda: rss_kib(pid))
         finally:
             for client in clients:
                 client.close()
@@ -494,6 +510,11 @@ async def main(levels: list[int], rounds: int, json_path: Path, png_path: Path) 
     report = {
         "levels": levels,
         "rounds": rounds,
+        "lifecycle_rounds": lifecycle_rounds,
+        "started_at": started_at,
+        # 1/5/15-minute load averages: the other work the machine was doing.
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
         "list_containers_started": False,
         "table": table,
         "pods20_wall_s": {k: results[k]["pods20_wall_s"] for k in ("containerd", "cri-shim")},
@@ -513,11 +534,17 @@ def cli() -> None:
     )
     parser.add_argument("--containers", default="100,500,1000", help="List/Status levels")
     parser.add_argument("--rounds", type=int, default=40, help="calls per op per level")
+    parser.add_argument(
+        "--lifecycle-rounds",
+        type=int,
+        default=3,
+        help="times the 20-pod lifecycle phase runs (20 samples per op each)",
+    )
     parser.add_argument("--json", type=Path, default=Path("cri_vs_containerd.json"))
     parser.add_argument("--png", type=Path, default=Path("cri_vs_containerd.png"))
     args = parser.parse_args()
     levels = sorted(int(x) for x in args.containers.split(","))
-    report = asyncio.run(main(levels, args.rounds, args.json, args.png))
+    report = asyncio.run(main(levels, args.rounds, args.lifecycle_rounds, args.json, args.png))
     print()
     print("| op | containerd p50 / p99 ms | cri-shim p50 / p99 ms | ratio p50 / p99 |")
     print("| --- | --- | --- | --- |")
@@ -531,6 +558,11 @@ def cli() -> None:
     print(
         f"\n20 concurrent RunPodSandbox wall: containerd {walls['containerd']:.2f}s, "
         f"cri-shim {walls['cri-shim']:.2f}s"
+    )
+    print(
+        f"started {report['started_at']}; load average before "
+        f"{'/'.join(f'{x:.2f}' for x in report['load_before'])}, after "
+        f"{'/'.join(f'{x:.2f}' for x in report['load_after'])}"
     )
     rss = report["shim_rss_kib"]
     print(f"cri-shim RSS: {', '.join(f'{k} {v / 1024:.1f} MiB' for k, v in rss.items())}")
