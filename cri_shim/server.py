@@ -299,6 +299,13 @@ class Shim:
             if stale:
                 log_event(log, "released creation leases of a previous run", count=stale)
             await resync()
+            await self._sweep_orphans()
+        else:
+            log_event(
+                log,
+                "containerd down at start-up; orphaned pod networks are not swept",
+                level=logging.WARNING,
+            )
         self.health.on_reconnect(resync)
         self.events.resync_handlers.append(resync)
         await self.events.start()
@@ -310,6 +317,26 @@ class Shim:
                 self.containers, self.sandboxes, self.container_manager, self.container_events
             ),
         )
+
+    async def _sweep_orphans(self) -> None:
+        """Before serving: release the netns pins, IPs, CNI cache entries and
+        sandbox dirs (shm mounts) of RunPodSandbox calls a killed shim never
+        finished (no sandbox in containerd has them)."""
+        assert self.pod_network is not None and self.sandbox_manager is not None
+        known = list(self.sandboxes.by_id)
+        report = await self.pod_network.sweep(
+            {s.id for s in known}, {s.netns_path for s in known if s.netns_path}
+        )
+        dirs = await self.sandbox_manager.sweep_dirs()
+        if report.cached or report.pending or report.pins or dirs:
+            log_event(
+                log,
+                "released pod networks of unfinished runs",
+                cached=report.cached,
+                pending=report.pending,
+                pins=report.pins,
+                sandbox_dirs=dirs,
+            )
 
     def _stats_handlers(self) -> StatsHandlers:
         """Stats read the stores, containerd's task metrics and snapshot usage."""

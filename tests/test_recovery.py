@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,7 +230,8 @@ async def test_restart_and_containerd_crash_lose_nothing(
         assert after[0] == before[0]
         for container_id, state in before[1].items():
             if container_id in quitters:
-                assert await exit_code(client, container_id) == quitters[container_id]
+                code = await exit_code(client, container_id)
+                assert code == quitters[container_id], (container_id, code, shim.log_text()[-4000:])
             else:
                 assert after[1][container_id] == state == cri.ContainerState.CONTAINER_RUNNING
 
@@ -320,3 +323,132 @@ async def test_leases_of_a_killed_create_are_released(containerd: EmbeddedContai
 
 async def _contains(pending: Awaitable[list[str]], item: str) -> bool:
     return item in await pending
+
+
+SLOW_PLUGIN = """#!{python}
+import json, os, sys, time
+conf = json.load(sys.stdin)
+command = os.environ.get("CNI_COMMAND")
+if command == "VERSION":
+    print(json.dumps({{"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0"]}}))
+elif command == "ADD":
+    if os.path.exists("{block}"):  # hold the ADD (bridge + host-local are done) until killed
+        with open("{blocked}", "w") as marker:
+            marker.write(str(os.getpid()))
+        time.sleep(300)
+    print(json.dumps(conf["prevResult"]))
+"""
+
+
+def ip_allocations(data_dir: Path) -> set[str]:
+    """host-local's reservations: one file per IP, named after it."""
+    if not data_dir.exists():
+        return set()
+    return {n for n in os.listdir(data_dir) if re.fullmatch(r"[0-9.]+", n)}
+
+
+async def test_run_cut_off_by_a_kill_leaves_no_network(
+    node: Node, pod_images: ServedCatalog
+) -> None:
+    """SIGKILL the shim while RunPodSandbox's CNI ADD is half done (IP taken,
+    netns pinned, no pause container yet): the restarted shim releases them
+    before serving, leaves a live pod's alone, and the retried run succeeds."""
+    plugins = node.base / "plugins"
+    plugins.mkdir()
+    block, blocked = node.base / "block", node.base / "blocked"
+    slow = plugins / "slowadd"
+    slow.write_text(SLOW_PLUGIN.format(python=sys.executable, block=block, blocked=blocked))
+    slow.chmod(0o755)
+    (node.base / "cni" / "10-test.conflist").write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": "crishim-cut",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": node.bridge,
+                        "isGateway": True,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": f"10.236.{node.bridge[6:]}.0/24"}]],
+                            "dataDir": str(node.base / "ipam"),
+                        },
+                    },
+                    {"type": "slowadd"},
+                ],
+            }
+        )
+    )
+    node.config.write_text(
+        node.config.read_text().replace(
+            f'bin_dirs = ["{CNI_BIN}"]', f'bin_dirs = ["{plugins}", "{CNI_BIN}"]'
+        )
+    )
+    ipam = node.base / "ipam" / "crishim-cut"
+    netns_dir, state = node.base / "netns", node.base / "state"
+    image = pod_images.local("library/busybox:latest")
+    shim = await node.start_shim()
+    client = CriClient.connect(node.socket)
+    cut_config = pod_config("cut", log_directory=str(node.base / "logs" / "cut"))
+    try:
+        await client.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+        kept, _ = await run_pod(client, node, image, 0)
+        pins, ips = set(os.listdir(netns_dir)), ip_allocations(ipam)
+        assert len(pins) == len(ips) == 1
+
+        block.touch()
+        cut = asyncio.create_task(
+            client.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=cut_config))
+        )
+        assert await wait_for(lambda: _exists(blocked), timeout=60)
+        assert len(os.listdir(netns_dir)) == len(ip_allocations(ipam)) == 2
+        assert len(os.listdir(state / "cni-pending")) == 1
+        shim.process.send_signal(signal.SIGKILL)
+        await shim.process.wait()
+        client.close()
+        with contextlib.suppress(Exception):
+            await cut
+        os.kill(int(blocked.read_text()), signal.SIGKILL)  # the plugin the kill orphaned
+        block.unlink()
+
+        shim = await node.start_shim()
+        client = CriClient.connect(node.socket)
+        assert set(os.listdir(netns_dir)) == pins
+        assert ip_allocations(ipam) == ips
+        assert os.listdir(state / "cni-pending") == []
+        assert [p.name for p in (state / "cni-cache").iterdir()] == [
+            f"crishim-cut-{kept}-eth0.json"
+        ]
+        assert len(os.listdir(state / "netns-pins")) == 1
+        assert os.listdir(state / "sandboxes") == [kept]  # the cut run's shm unmounted, gone
+        assert "released pod networks of unfinished runs" in shim.log_text()
+
+        # kubelet retries the run: it succeeds, beside the untouched pod.
+        retried = (
+            await client.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=cut_config))
+        ).pod_sandbox_id
+        listed = await client.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())
+        assert {(p.id, p.state) for p in listed.items} == {
+            (kept, cri.PodSandboxState.SANDBOX_READY),
+            (retried, cri.PodSandboxState.SANDBOX_READY),
+        }
+        assert len(ip_allocations(ipam)) == 2
+        for pod_id in (kept, retried):
+            await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(pod_id))
+        assert ip_allocations(ipam) == set()
+        assert os.listdir(state / "netns-pins") == []
+        assert os.listdir(state / "cni-cache") == []
+        left = await leftovers(node, shim.process.pid)
+        assert left == {"tasks": 0, "snapshots": 0, "netns": 0, "mounts": 0, "fds": 0}
+    finally:
+        client.close()
+        shim.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(shim.process.wait(), 30)
+        except TimeoutError:
+            shim.process.kill()
+
+
+async def _exists(path: Path) -> bool:
+    return path.exists()
