@@ -294,6 +294,7 @@ class Shim:
                 await sandbox_manager.load()
                 await container_manager.load()
 
+        await self.container_manager.release_abandoned_execs()
         if self.health.serving:
             stale = await ops.release_stale_creation_leases()
             if stale:
