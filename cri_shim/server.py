@@ -408,12 +408,38 @@ class Shim:
             problems.append(self.health.last_error)
         return problems
 
+    async def _finish_shielded_work(self, timeout: float) -> None:
+        """RunPodSandbox and CreateContainer work on after their caller gives up
+        (shielded, for kubelet's retry); exiting under them would leave a pod or
+        container half made, so shutdown waits for them within the grace."""
+        pending: list[asyncio.Task[str]] = []
+        if self.sandbox_manager is not None:
+            pending += self.sandbox_manager.in_flight()
+        if self.container_manager is not None:
+            pending += self.container_manager.in_flight()
+        if not pending:
+            return
+        log_event(log, "waiting for creates in flight before exit", count=len(pending))
+        _, late = await asyncio.wait(pending, timeout=timeout)
+        if late:
+            log_event(
+                log,
+                "creates still running at shutdown; cancelling them",
+                level=logging.WARNING,
+                count=len(late),
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
+
     async def stop(self) -> None:
         """Idempotent; also cleans up after a start that failed half-way."""
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
         served = self._server is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.server.shutdown_grace
         if self._server is not None:
             self._server.stop_accepting()
             drained = await self.instrument.wait_idle(self.settings.server.shutdown_grace)
@@ -429,6 +455,7 @@ class Shim:
             self._server = None
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(self.socket_path.unlink)
+            await self._finish_shielded_work(max(0.0, deadline - loop.time()))
         if self.streaming is not None:
             await self.streaming.stop()
             self.streaming = None

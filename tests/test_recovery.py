@@ -209,9 +209,13 @@ class Churn:
         self.execs = 0
         self.cut_execs = 0
         self.counter = 0
+        self.configs: dict[str, cri.PodSandboxConfig] = {}
 
     def config(self, name: str) -> cri.PodSandboxConfig:
-        return pod_config(name, log_directory=str(self.node.base / "logs" / name))
+        """One config per pod name (uid included), as kubelet retries with."""
+        if name not in self.configs:
+            self.configs[name] = pod_config(name, log_directory=str(self.node.base / "logs" / name))
+        return self.configs[name]
 
     async def creator(self) -> None:
         while not self.stop.is_set():
@@ -657,3 +661,56 @@ async def test_run_cut_off_by_a_kill_leaves_no_network(
 
 async def _exists(path: Path) -> bool:
     return path.exists()
+
+
+async def test_sigterm_lets_a_run_whose_caller_gave_up_finish(
+    node: Node, pod_images: ServedCatalog
+) -> None:
+    """kubelet gives up on a RunPodSandbox (its timeout) and SIGTERM follows:
+    the shielded run finishes before the shim exits, so the pod is whole."""
+    block, blocked = slow_network(node)
+    shim = await node.start_shim()
+    client = CriClient.connect(node.socket)
+    try:
+        block.write_text("3")
+        config = pod_config("late", log_directory=str(node.base / "logs" / "late"))
+        call = asyncio.create_task(
+            client.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+        )
+        assert await wait_for(lambda: _exists(blocked), timeout=60)
+        call.cancel()  # the caller is gone; no call is in flight any more
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        shim.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(shim.process.wait(), 60) == 0
+        exit_log = shim.log_text()
+        block.unlink()
+
+        shim = await node.start_shim()
+        client.close()
+        client = CriClient.connect(node.socket)
+        listed = (await client.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())).items
+        assert [(p.metadata.name if p.metadata else "", p.state) for p in listed] == [
+            ("late", cri.PodSandboxState.SANDBOX_READY)
+        ]
+        await assert_consistent(client, node)
+        assert "waiting for creates in flight before exit" in exit_log
+        assert "creates still running at shutdown" not in exit_log
+        await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(listed[0].id))
+        left = await leftovers(node, shim.process.pid)
+        assert left == {
+            "tasks": 0,
+            "containers": 0,
+            "snapshots": 0,
+            "netns": 0,
+            "mounts": 0,
+            "fds": 0,
+        }
+    finally:
+        client.close()
+        if shim.process.returncode is None:
+            shim.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(shim.process.wait(), 30)
+            except TimeoutError:
+                shim.process.kill()

@@ -193,6 +193,10 @@ class ContainerManager:
 
     # create
 
+    def in_flight(self) -> list[asyncio.Task[str]]:
+        """Creates still working (their callers may be gone): shutdown awaits them."""
+        return list(self._creating.values())
+
     async def create(self, sandbox: Sandbox, config: cri.ContainerConfig) -> str:
         """Shielded: a caller that gives up (kubelet's timeout) does not undo the
         work, which finishes and is handed to the retry with the same name."""

@@ -122,6 +122,10 @@ class SandboxManager:
         # Runs in flight by name: a kubelet retry joins the first call's work.
         self._running: dict[str, asyncio.Task[str]] = {}
 
+    def in_flight(self) -> list[asyncio.Task[str]]:
+        """Runs still working (their callers may be gone): shutdown awaits them."""
+        return list(self._running.values())
+
     def dirs(self, sandbox_id: str) -> SandboxDirs:
         return SandboxDirs(self.env.dirs_root, sandbox_id)
 
