@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+from cri_shim.container.io import READ_CHUNK, SPOOL_RESET_BYTES
+
 from .conftest import short_tempdir
 
 ROUNDS = 12
@@ -70,32 +72,46 @@ async def test_copier_killed_again_and_again_loses_and_repeats_nothing() -> None
     io_dir, log_path = base / "io", base / "logs" / "c.log"
     io_dir.mkdir()
     os.mkfifo(io_dir / "stdout", 0o600)
-    writer = await python(WRITER, str(io_dir / "stdout"))
-    assert writer.stdout is not None and writer.stdin is not None
-    assert await writer.stdout.readline() == b"open\n"
-    kills = 0
-    for _ in range(ROUNDS):
+    started: list[asyncio.subprocess.Process] = []
+
+    async def copier_ready() -> asyncio.subprocess.Process:
         copier = await python(COPIER, str(io_dir), str(log_path))
+        started.append(copier)
         assert copier.stdout is not None
         assert await asyncio.wait_for(copier.stdout.readline(), 60) == b"ready\n"
-        await asyncio.sleep(random.uniform(0.05, 0.4))
-        copier.send_signal(signal.SIGKILL)
-        await copier.wait()
-        kills += 1
-    copier = await python(COPIER, str(io_dir), str(log_path))
-    assert copier.stdout is not None
-    assert await asyncio.wait_for(copier.stdout.readline(), 60) == b"ready\n"
-    writer.send_signal(signal.SIGUSR1)
-    written = int(await writer.stdout.readline())
-    writer.stdin.close()  # the writer exits: EOF once the copier has it all
-    await writer.wait()
-    await asyncio.wait_for(copier.wait(), 120)
-    numbers = []
-    for line in log_path.read_bytes().split(b"\n")[:-1]:
-        match = ENTRY.match(line)
-        assert match, line
-        numbers.append(int(match.group(1)))
-    print(f"spool: {kills} kills, {written} lines written, {len(numbers)} logged")
-    assert numbers == list(range(written))
-    assert written > 1000
+        return copier
+
+    try:
+        writer = await python(WRITER, str(io_dir / "stdout"))
+        started.append(writer)
+        assert writer.stdout is not None and writer.stdin is not None
+        assert await writer.stdout.readline() == b"open\n"
+        kills = 0
+        for _ in range(ROUNDS):
+            copier = await copier_ready()
+            await asyncio.sleep(random.uniform(0.05, 0.4))
+            copier.send_signal(signal.SIGKILL)
+            await copier.wait()
+            kills += 1
+        copier = await copier_ready()
+        writer.send_signal(signal.SIGUSR1)
+        written = int(await writer.stdout.readline())
+        writer.stdin.close()  # the writer exits: EOF once the copier has it all
+        await writer.wait()
+        await asyncio.wait_for(copier.wait(), 120)
+        numbers = []
+        for line in log_path.read_bytes().split(b"\n")[:-1]:
+            match = ENTRY.match(line)
+            assert match, line
+            numbers.append(int(match.group(1)))
+        print(f"spool: {kills} kills, {written} lines written, {len(numbers)} logged")
+        assert numbers == list(range(written))
+        assert written > 1000
+        # Megabytes went through the spool; it was emptied as it filled.
+        assert (io_dir / "stdout.spool").stat().st_size < SPOOL_RESET_BYTES + READ_CHUNK
+    finally:
+        for process in started:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
     shutil.rmtree(base)
