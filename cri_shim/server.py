@@ -299,11 +299,19 @@ class Shim:
                 await sandbox_manager.load()
                 await container_manager.load()
 
+        await self.container_manager.release_abandoned_execs()
         if self.health.serving:
             stale = await ops.release_stale_creation_leases()
             if stale:
                 log_event(log, "released creation leases of a previous run", count=stale)
             await resync()
+            await self._sweep_orphans()
+        else:
+            log_event(
+                log,
+                "containerd down at start-up; orphaned pod networks are not swept",
+                level=logging.WARNING,
+            )
         self.health.on_reconnect(resync)
         self.events.resync_handlers.append(resync)
         await self.events.start()
@@ -324,6 +332,26 @@ class Shim:
                 self.batch_limits,
             ),
         )
+
+    async def _sweep_orphans(self) -> None:
+        """Before serving: release the netns pins, IPs, CNI cache entries and
+        sandbox dirs (shm mounts) of RunPodSandbox calls a killed shim never
+        finished (no sandbox in containerd has them)."""
+        assert self.pod_network is not None and self.sandbox_manager is not None
+        known = list(self.sandboxes.by_id)
+        report = await self.pod_network.sweep(
+            {s.id for s in known}, {s.netns_path for s in known if s.netns_path}
+        )
+        dirs = await self.sandbox_manager.sweep_dirs()
+        if report.cached or report.pending or report.pins or dirs:
+            log_event(
+                log,
+                "released pod networks of unfinished runs",
+                cached=report.cached,
+                pending=report.pending,
+                pins=report.pins,
+                sandbox_dirs=dirs,
+            )
 
     def _stats_handlers(self) -> StatsHandlers:
         """Stats read the stores, containerd's task metrics and snapshot usage."""
@@ -394,12 +422,38 @@ class Shim:
             problems.append(self.health.last_error)
         return problems
 
+    async def _finish_shielded_work(self, timeout: float) -> None:
+        """RunPodSandbox and CreateContainer work on after their caller gives up
+        (shielded, for kubelet's retry); exiting under them would leave a pod or
+        container half made, so shutdown waits for them within the grace."""
+        pending: list[asyncio.Task[str]] = []
+        if self.sandbox_manager is not None:
+            pending += self.sandbox_manager.in_flight()
+        if self.container_manager is not None:
+            pending += self.container_manager.in_flight()
+        if not pending:
+            return
+        log_event(log, "waiting for creates in flight before exit", count=len(pending))
+        _, late = await asyncio.wait(pending, timeout=timeout)
+        if late:
+            log_event(
+                log,
+                "creates still running at shutdown; cancelling them",
+                level=logging.WARNING,
+                count=len(late),
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
+
     async def stop(self) -> None:
         """Idempotent; also cleans up after a start that failed half-way."""
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
         served = self._server is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.server.shutdown_grace
         if self._server is not None:
             self._server.stop_accepting()
             drained = await self.instrument.wait_idle(self.settings.server.shutdown_grace)
@@ -415,6 +469,7 @@ class Shim:
             self._server = None
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(self.socket_path.unlink)
+            await self._finish_shielded_work(max(0.0, deadline - loop.time()))
         if self.streaming is not None:
             await self.streaming.stop()
             self.streaming = None

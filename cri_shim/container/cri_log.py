@@ -36,6 +36,11 @@ class LineSplitter:
         self.max_line = max_line
         self._pending = bytearray()
 
+    @property
+    def pending(self) -> int:
+        """Bytes fed but not yet in an entry (a line still waiting for its end)."""
+        return len(self._pending)
+
     def feed(self, chunk: bytes) -> list[bytes]:
         self._pending += chunk
         entries: list[bytes] = []

@@ -9,10 +9,12 @@ at once; the exit code and time are kept after the task is deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 import logging
 import os
+import shutil
 import signal as signals
 import time
 from collections.abc import Awaitable, Callable
@@ -199,6 +201,10 @@ class ContainerManager:
         )
 
     # create
+
+    def in_flight(self) -> list[asyncio.Task[str]]:
+        """Creates still working (their callers may be gone): shutdown awaits them."""
+        return list(self._creating.values())
 
     async def create(self, sandbox: Sandbox, config: cri.ContainerConfig) -> str:
         """Shielded: a caller that gives up (kubelet's timeout) does not undo the
@@ -637,7 +643,9 @@ class ContainerManager:
                 self._specs[record.id] = spec
                 container.resources = resources_from_spec(spec)
             task = await self.ops.task(record.id)
-            if task is not None and task.status == TaskStatus.RUNNING:
+            if task is not None and task.status in (TaskStatus.RUNNING, TaskStatus.UNKNOWN):
+                # UNKNOWN even after retries (a shim not answering): kept running, so
+                # a live process is never killed or forgotten; its exit event ends it.
                 container.state = ContainerState.RUNNING
                 container.pid = task.pid
                 container.started_at = int(data.get("startedAt", 0)) or container.created_at
@@ -645,6 +653,23 @@ class ContainerManager:
                 await io.open(fresh=False)
                 self._io[record.id] = io
                 self._exit_seen[record.id] = asyncio.Event()
+            elif task is not None and task.status == TaskStatus.CREATED:
+                # A StartContainer the kill cut off between Tasks.Create and Tasks.Start:
+                # never started, so it ends as a failed start, as a start error would.
+                await self._discard_unstarted_task(record.id)
+                container.state = ContainerState.EXITED
+                container.exit_code = START_ERROR_EXIT_CODE
+                container.reason = "StartError"
+                container.message = "start interrupted by a restart of cri-shim"
+                container.finished_at = time.time_ns()
+                await self._persist_exit(container)
+                log_event(
+                    log,
+                    "unstarted task discarded",
+                    level=logging.WARNING,
+                    container=record.id,
+                    status=TaskStatus(task.status).name,
+                )
             elif task is not None:
                 # Exited while the shim was away: record the real exit, copying what
                 # the FIFOs still hold (usually nothing: the runc shim closes them
@@ -671,6 +696,24 @@ class ContainerManager:
             self.store.add(container)
             self.store.names.reserve(container.name, container.id)
         log_event(log, "containers loaded", count=len(self.store.by_id))
+
+    async def release_abandoned_execs(self) -> int:
+        """At start-up, before any exec can run: the FIFO dirs of execs a killed
+        shim left. A runc shim may be stuck opening such a FIFO (its reader died
+        with us), blocking the whole task, which then reads as UNKNOWN; opening
+        each FIFO read-write once lets that open return. Then the dirs go."""
+        return await asyncio.to_thread(_release_exec_dirs, self.env.state_dir / "containers")
+
+    async def _discard_unstarted_task(self, container_id: str) -> None:
+        """Kill a created-but-never-started task, wait until it is stopped (a
+        created init cannot be deleted), then delete it."""
+        await self.ops.kill(container_id)
+        for _ in range(50):
+            task = await self.ops.task(container_id)
+            if task is None or task.status not in (TaskStatus.CREATED, TaskStatus.RUNNING):
+                break
+            await asyncio.sleep(0.1)
+        await self.ops.delete_task(container_id)
 
     def _container_io(self, container: Container) -> ContainerIO:
         return ContainerIO(
@@ -711,3 +754,27 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _release_exec_dirs(root: Path) -> int:
+    try:
+        containers = os.listdir(root)
+    except FileNotFoundError:
+        return 0
+    count = 0
+    for container_id in containers:
+        execs = root / container_id / "exec"
+        try:
+            names = os.listdir(execs)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
+            directory = execs / name
+            with contextlib.suppress(OSError):
+                for fifo in os.listdir(directory):
+                    with contextlib.suppress(OSError):
+                        os.close(os.open(directory / fifo, os.O_RDWR | os.O_NONBLOCK))
+            shutil.rmtree(directory, ignore_errors=True)
+            count += 1
+            log_event(log, "abandoned exec released", container=container_id, exec_id=name)
+    return count

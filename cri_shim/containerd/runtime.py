@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import os
 import secrets
 import signal as signals
@@ -31,6 +32,7 @@ from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.containerd.types import Metric, Mount
 from cri_shim.gen.containerd.v1 import types as task_types
 from cri_shim.gen.google.protobuf import Any as AnyMessage
+from cri_shim.logs import log_event
 
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 LINUX_RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
@@ -38,7 +40,11 @@ RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
 RUNC_RUNTIME = "io.containerd.runc.v2"
 SNAPSHOTTER = "overlayfs"
 
+log = logging.getLogger(__name__)
+
 TaskStatus = task_types.Status
+# Tasks.Get answers that said UNKNOWN asked again (0.5 s apart) before it is believed.
+UNKNOWN_STATUS_RETRIES = 10
 LEASE_HEADER = "containerd-lease"
 LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
 # Long enough for any create; a lease left by a crash then expires on its own.
@@ -321,17 +327,28 @@ class RuntimeOps:
         return reply.pid
 
     async def task(self, container_id: str) -> TaskInfo | None:
-        try:
-            reply = await self.client.call(
-                "Tasks.Get", self.client.tasks.get(tasks_v1.GetRequest(container_id=container_id))
-            )
-        except ContainerdError as err:
-            if _missing(err):
+        """The task's state. containerd answers UNKNOWN when its runc shim does
+        not reply within 2 s (a loaded node), so UNKNOWN is asked again for a
+        while: read as "not running" it would mark live pods not ready."""
+        attempt = 0
+        while True:
+            try:
+                reply = await self.client.call(
+                    "Tasks.Get",
+                    self.client.tasks.get(tasks_v1.GetRequest(container_id=container_id)),
+                )
+            except ContainerdError as err:
+                if _missing(err):
+                    return None
+                raise
+            process = reply.process
+            if process is None:
                 return None
-            raise
-        process = reply.process
-        if process is None:
-            return None
+            attempt += 1
+            if process.status != TaskStatus.UNKNOWN or attempt == UNKNOWN_STATUS_RETRIES:
+                break
+            log_event(log, "task status unknown; asking again", container=container_id)
+            await asyncio.sleep(0.5)
         return TaskInfo(process.pid, process.status, process.exit_status, process.exited_at)
 
     async def kill(

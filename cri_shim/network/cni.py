@@ -17,6 +17,7 @@ sandboxes run in parallel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -28,12 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cri_shim.checkpoint import read_json, write_json
+from cri_shim.checkpoint import read_json, write_atomic, write_json
 from cri_shim.keyed_locks import KeyedLocks
 from cri_shim.logs import log_event
 from cri_shim.network.cni_config import NetworkConfig
 from cri_shim.network.command import CommandTimeout, run_command
-from cri_shim.network.netns import create_pod_netns, netns_exists, remove_pod_netns
+from cri_shim.network.netns import (
+    create_pod_netns,
+    netns_exists,
+    new_pin_name,
+    remove_pod_netns,
+)
 from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
 from cri_shim.settings import Settings
@@ -675,6 +681,35 @@ class ResultCache:
     async def remove(self, path: Path) -> None:
         await asyncio.to_thread(path.unlink, missing_ok=True)
 
+    def _all_sync(self) -> list[tuple[Path, CachedAttachment]]:
+        try:
+            names = sorted(n for n in os.listdir(self.directory) if n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            path = self.directory / name
+            try:
+                data = read_json(path)
+                if data is not None:
+                    found.append((path, CachedAttachment.from_json(data)))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not ours (a shared dir) or unreadable: left alone
+        return found
+
+    async def all(self) -> list[tuple[Path, CachedAttachment]]:
+        """Every record of ours in the directory."""
+        return await asyncio.to_thread(self._all_sync)
+
+
+@dataclass
+class SweepReport:
+    """What a start-up sweep released (for the log and the tests)."""
+
+    cached: int = 0
+    pending: int = 0
+    pins: int = 0
+
 
 # ----------------------------------------------------------------------------
 # The API the sandbox code uses
@@ -697,16 +732,90 @@ class PodNetwork:
         self.ifname = ifname
         cache_dir = settings.cni.cache_dir or str(settings.state_path / "cni-cache")
         self.cache = ResultCache(Path(cache_dir))
+        # Written before an ADD and dropped once its result is cached or undone:
+        # what a shim killed mid-ADD leaves here is DELeted by the next start.
+        self.pending = ResultCache(settings.state_path / "cni-pending")
+        # One file per namespace pin we made, so a start-up sweep removes only
+        # our own orphans from a pin directory other runtimes may share.
+        self.pins_dir = settings.state_path / "netns-pins"
         self.runner = CniRunner(settings.cni.bin_dirs, settings.cni.plugin_timeout)
         self._locks = KeyedLocks()
 
     # namespaces, with the configured pin directory
 
     async def create_netns(self) -> str:
-        return await create_pod_netns(self.settings.cni.netns_dir)
+        name = new_pin_name()
+        path = os.path.join(self.settings.cni.netns_dir, name)
+        await asyncio.to_thread(write_atomic, self.pins_dir / name, path.encode())
+        try:
+            return await create_pod_netns(self.settings.cni.netns_dir, name)
+        except BaseException:
+            await asyncio.to_thread((self.pins_dir / name).unlink, missing_ok=True)
+            raise
 
     async def remove_netns(self, path: str) -> None:
         await remove_pod_netns(path)
+        if path:
+            await asyncio.to_thread((self.pins_dir / os.path.basename(path)).unlink, True)
+
+    def _pins_sync(self) -> list[str]:
+        try:
+            names = os.listdir(self.pins_dir)
+        except FileNotFoundError:
+            return []
+        paths = []
+        for name in names:
+            if name.startswith("."):
+                continue  # a temp file of a write the kill cut short
+            with contextlib.suppress(OSError):
+                paths.append((self.pins_dir / name).read_text())
+        return paths
+
+    async def sweep(self, known_sandboxes: set[str], known_netns: set[str]) -> SweepReport:
+        """Release what RunPodSandbox calls cut off by a kill left behind: cached
+        and in-flight CNI attachments and namespace pins of no known sandbox.
+
+        Only safe before the CRI socket serves (no RunPodSandbox in flight)."""
+        report = SweepReport()
+        for path, record in await self.cache.all():
+            if record.container_id in known_sandboxes:
+                continue
+            request = PodNetworkRequest(record.container_id, "", "", "", record.netns)
+            await self._delete_cached(request, path, record, best_effort=True)
+            report.cached += 1
+            log_event(
+                log,
+                "orphaned cni attachment released",
+                level=logging.WARNING,
+                pod=record.container_id,
+                network=record.chain.name,
+            )
+        for path, record in await self.pending.all():
+            if record.container_id not in known_sandboxes:
+                netns = await self._usable_netns(record.netns)
+                attachment = self._attachment(
+                    PodNetworkRequest(record.container_id, "", "", "", netns),
+                    netns,
+                    record.cni_args,
+                    record.capability_args,
+                )
+                await self.runner.delete(record.chain, attachment, None, best_effort=True)
+                report.pending += 1
+                log_event(
+                    log,
+                    "cni add cut off by a kill released",
+                    level=logging.WARNING,
+                    pod=record.container_id,
+                    network=record.chain.name,
+                )
+            await self.pending.remove(path)
+        for pin in await asyncio.to_thread(self._pins_sync):
+            if pin in known_netns:
+                continue
+            await self.remove_netns(pin)
+            report.pins += 1
+            log_event(log, "orphaned netns pin removed", level=logging.WARNING, netns=pin)
+        return report
 
     # helpers
 
@@ -776,6 +885,16 @@ class PodNetwork:
             attachment = self._attachment(pod, pod.netns_path)
             started = time.monotonic()
             result: dict[str, Any] | None = None
+            intent = CachedAttachment(
+                chain=chain,
+                container_id=pod.sandbox_id,
+                ifname=self.ifname,
+                netns=pod.netns_path,
+                cni_args=attachment.cni_args,
+                capability_args=dict(attachment.capability_args),
+                result={},
+            )
+            await self.pending.save(intent)
             try:
                 result = await self.runner.add(chain, attachment)
                 status = PodNetworkStatus.from_result(CniResult.parse(result), self.ifname)
@@ -796,6 +915,10 @@ class PodNetwork:
                 if isinstance(err, CniError):
                     raise _in_network(err, chain.name) from err
                 raise
+            finally:
+                await asyncio.shield(
+                    self.pending.remove(self.pending.path(chain.name, pod.sandbox_id, self.ifname))
+                )
             log_event(
                 log,
                 "pod network set up",

@@ -171,10 +171,17 @@ def _pin_new_netns(path: str) -> None:
         raise failures[0]
 
 
-async def create_pod_netns(netns_dir: str | Path = DEFAULT_NETNS_DIR) -> str:
-    """Create a new network namespace pinned at `<netns_dir>/cni-<uuid>`; returns its path."""
+def new_pin_name() -> str:
+    return f"{NETNS_PREFIX}{uuid.uuid4()}"
+
+
+async def create_pod_netns(
+    netns_dir: str | Path = DEFAULT_NETNS_DIR, name: str | None = None
+) -> str:
+    """Create a new network namespace pinned at `<netns_dir>/<name>` (default
+    `cni-<uuid>`); returns its path."""
     directory = await _prepare_dir(os.fspath(netns_dir))
-    path = os.path.join(directory, f"{NETNS_PREFIX}{uuid.uuid4()}")
+    path = os.path.join(directory, name or new_pin_name())
     await asyncio.to_thread(_create_pin_file, path)
     work = asyncio.ensure_future(asyncio.to_thread(_pin_new_netns, path))
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -123,6 +124,10 @@ class SandboxManager:
         # Runs in flight by name: a kubelet retry joins the first call's work.
         self._running: dict[str, asyncio.Task[str]] = {}
 
+    def in_flight(self) -> list[asyncio.Task[str]]:
+        """Runs still working (their callers may be gone): shutdown awaits them."""
+        return list(self._running.values())
+
     def dirs(self, sandbox_id: str) -> SandboxDirs:
         return SandboxDirs(self.env.dirs_root, sandbox_id)
 
@@ -186,6 +191,19 @@ class SandboxManager:
         for stale in [s for s in self.store.by_id if s.id not in seen]:
             self.store.remove(stale)
         log_event(log, "sandboxes loaded", count=len(self.store.by_id))
+
+    async def sweep_dirs(self) -> int:
+        """Remove (unmounting /dev/shm) the dirs of sandboxes containerd does not
+        know: a RunPodSandbox cut off by a kill. Only before serving."""
+        try:
+            names = await asyncio.to_thread(os.listdir, self.env.dirs_root)
+        except FileNotFoundError:
+            return 0
+        orphans = [n for n in names if n not in self.store.by_id]
+        for name in orphans:
+            await self.dirs(name).remove()
+            log_event(log, "orphaned sandbox dir removed", level=logging.WARNING, pod=name)
+        return len(orphans)
 
     # run
 
