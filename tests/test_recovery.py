@@ -31,6 +31,7 @@ from cri_shim.gen.runtime import v1 as cri
 from .conftest import CriClient, ShimProcess, short_tempdir, start_shim_process, wait_for
 from .pods import CNI_BIN, pod_config, write_conflist
 from .support.catalog import ServedCatalog
+from .support.reaper import reap
 
 PODS = 20
 NAMESPACE = "crishim-recovery"
@@ -88,6 +89,7 @@ async def node(pod_images: ServedCatalog) -> AsyncIterator[Node]:
     config = write_config(base, daemon.address, hosts_dir)
     yield Node(base, daemon, config, base / "cri.sock", hosts_dir, bridge)
     await daemon.stop()
+    await asyncio.to_thread(reap, base)  # what a failed run left running
     subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
 
 
