@@ -338,15 +338,17 @@ class Shim:
         sandbox dirs (shm mounts) of RunPodSandbox calls a killed shim never
         finished (no sandbox in containerd has them)."""
         assert self.pod_network is not None and self.sandbox_manager is not None
+        unfinished = await self.sandbox_manager.discard_unfinished()
         known = list(self.sandboxes.by_id)
         report = await self.pod_network.sweep(
             {s.id for s in known}, {s.netns_path for s in known if s.netns_path}
         )
         dirs = await self.sandbox_manager.sweep_dirs()
-        if report.cached or report.pending or report.pins or dirs:
+        if report.cached or report.pending or report.pins or dirs or unfinished:
             log_event(
                 log,
                 "released pod networks of unfinished runs",
+                sandboxes=unfinished,
                 cached=report.cached,
                 pending=report.pending,
                 pins=report.pins,

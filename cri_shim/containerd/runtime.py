@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 TaskStatus = task_types.Status
 # Tasks.Get answers that said UNKNOWN asked again (0.5 s apart) before it is believed.
-UNKNOWN_STATUS_RETRIES = 10
+UNKNOWN_STATUS_RETRIES = 3
 LEASE_HEADER = "containerd-lease"
 LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
 # Long enough for any create; a lease left by a crash then expires on its own.

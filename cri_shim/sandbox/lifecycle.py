@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 KIND_LABEL = "io.cri-shim.kind"
 SANDBOX_KIND = "sandbox"
+RUN_COMPLETE = "runComplete"
 METADATA_EXTENSION = "io.cri-shim.sandbox.metadata"
 METADATA_TYPE_URL = "cri-shim.io/sandbox-metadata/v1"
 STOP_WAIT_SECONDS = 10.0
@@ -123,6 +124,8 @@ class SandboxManager:
         self.remove_containers: list[PodHook] = []
         # Runs in flight by name: a kubelet retry joins the first call's work.
         self._running: dict[str, asyncio.Task[str]] = {}
+        # Loaded records of runs a killed shim never finished (see discard_unfinished).
+        self._unfinished: set[str] = set()
 
     def in_flight(self) -> list[asyncio.Task[str]]:
         """Runs still working (their callers may be gone): shutdown awaits them."""
@@ -146,15 +149,20 @@ class SandboxManager:
             "additionalIps": sandbox.additional_ips,
         }
 
-    async def _persist(self, sandbox: Sandbox) -> None:
+    async def _persist_run_complete(self, sandbox: Sandbox) -> None:
+        """The record's last write of a run: with the IP CNI gave and the mark that
+        tells a restarted shim this run finished (see `discard_unfinished`)."""
+        data = self._metadata(sandbox)
+        data[RUN_COMPLETE] = True
         await self.ops.update_extension(
-            sandbox.id, METADATA_EXTENSION, pack_json(METADATA_TYPE_URL, self._metadata(sandbox))
+            sandbox.id, METADATA_EXTENSION, pack_json(METADATA_TYPE_URL, data)
         )
 
     async def load(self) -> None:
         """Rebuild the store from containerd (start-up and after containerd returns)."""
         containers = await self.ops.list_containers(f'labels."{KIND_LABEL}"=={SANDBOX_KIND}')
         seen: set[str] = set()
+        self._unfinished.clear()
         for container in containers:
             data = unpack_json(container.extensions.get(METADATA_EXTENSION))
             if not isinstance(data, dict):
@@ -181,16 +189,37 @@ class SandboxManager:
                 self.store.add(sandbox)
                 self.store.names.reserve(sandbox.name, sandbox.id)
             task = await self.ops.task(sandbox.id)
-            running = task is not None and task.status == TaskStatus.RUNNING
+            # UNKNOWN: the runc shim did not answer in time (busy, or stuck on an exec
+            # a killed shim left); its pause process is taken as alive, as for
+            # containers, and a real exit still arrives as an event.
+            running = task is not None and task.status in (TaskStatus.RUNNING, TaskStatus.UNKNOWN)
             netns_ok = sandbox.host_network or (
                 bool(sandbox.netns_path) and await netns_exists(sandbox.netns_path)
             )
             sandbox.pid = task.pid if running and task is not None else 0
             sandbox.network_ready = netns_ok
             sandbox.state = SandboxState.READY if running and netns_ok else SandboxState.NOTREADY
+            if not running and not data.get(RUN_COMPLETE) and sandbox.name not in self._running:
+                self._unfinished.add(sandbox.id)
         for stale in [s for s in self.store.by_id if s.id not in seen]:
             self.store.remove(stale)
         log_event(log, "sandboxes loaded", count=len(self.store.by_id))
+
+    async def discard_unfinished(self) -> int:
+        """Before serving: undo the sandboxes of RunPodSandbox calls a killed shim
+        never finished (record made, run never marked complete, pause not running).
+        kubelet never learned their ids, so nobody else would release their IP and
+        namespace, and the pod's retry must find its name free."""
+        discarded = 0
+        for sandbox_id in sorted(self._unfinished):
+            sandbox = self.store.by_id.find(sandbox_id)
+            if sandbox is None or sandbox.id != sandbox_id:
+                continue
+            await self.remove(sandbox)
+            discarded += 1
+            log_event(log, "unfinished sandbox run undone", level=logging.WARNING, pod=sandbox_id)
+        self._unfinished.clear()
+        return discarded
 
     async def sweep_dirs(self) -> int:
         """Remove (unmounting /dev/shm) the dirs of sandboxes containerd does not
@@ -313,11 +342,8 @@ class SandboxManager:
         async def start() -> None:
             sandbox.pid = await self.ops.start_task(sandbox.id)
 
-        if sandbox.host_network:
-            await start()
-        else:
-            # The record was written before CNI said the IP; a restart reads it from there.
-            await run_all(self._persist(sandbox), start())
+        # The record was written before CNI said the IP; a restart reads it from there.
+        await run_all(self._persist_run_complete(sandbox), start())
         sandbox.state = SandboxState.READY
         self.store.add(sandbox)
         log_event(
