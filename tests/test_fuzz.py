@@ -247,6 +247,40 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
         lambda req: (name, lambda c: drain(getattr(c.runtime, name)(req)))
     )
     some_id = ids(target)
+    container_filters = st.one_of(
+        st.none(),
+        st.builds(
+            cri.ContainerFilter,
+            id=some_id,
+            pod_sandbox_id=some_id,
+            state=st.one_of(st.none(), st.builds(cri.ContainerStateValue, state=enum)),
+            label_selector=labels,
+        ),
+    )
+    pod_filters = st.one_of(
+        st.none(),
+        st.builds(
+            cri.PodSandboxFilter,
+            id=some_id,
+            state=st.one_of(st.none(), st.builds(cri.PodSandboxStateValue, state=enum)),
+            label_selector=labels,
+        ),
+    )
+    container_stats_filters = st.one_of(
+        st.none(),
+        st.builds(
+            cri.ContainerStatsFilter, id=some_id, pod_sandbox_id=some_id, label_selector=labels
+        ),
+    )
+    pod_stats_filters = st.one_of(
+        st.none(), st.builds(cri.PodSandboxStatsFilter, id=some_id, label_selector=labels)
+    )
+    image_filters = st.one_of(
+        st.none(),
+        st.builds(
+            cri.ImageFilter, image=st.one_of(st.none(), st.builds(cri.ImageSpec, image=text))
+        ),
+    )
     return st.one_of(
         rt("version", st.builds(cri.VersionRequest, version=text)),
         rt("status", st.builds(cri.StatusRequest, verbose=st.booleans())),
@@ -268,15 +302,7 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
             "list_pod_sandbox",
             st.builds(
                 cri.ListPodSandboxRequest,
-                filter=st.one_of(
-                    st.none(),
-                    st.builds(
-                        cri.PodSandboxFilter,
-                        id=some_id,
-                        state=st.one_of(st.none(), st.builds(cri.PodSandboxStateValue, state=enum)),
-                        label_selector=labels,
-                    ),
-                ),
+                filter=pod_filters,
             ),
         ),
         rt(
@@ -302,16 +328,7 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
             "list_containers",
             st.builds(
                 cri.ListContainersRequest,
-                filter=st.one_of(
-                    st.none(),
-                    st.builds(
-                        cri.ContainerFilter,
-                        id=some_id,
-                        pod_sandbox_id=some_id,
-                        state=st.one_of(st.none(), st.builds(cri.ContainerStateValue, state=enum)),
-                        label_selector=labels,
-                    ),
-                ),
+                filter=container_filters,
             ),
         ),
         rt(
@@ -338,15 +355,7 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
             "list_container_stats",
             st.builds(
                 cri.ListContainerStatsRequest,
-                filter=st.one_of(
-                    st.none(),
-                    st.builds(
-                        cri.ContainerStatsFilter,
-                        id=some_id,
-                        pod_sandbox_id=some_id,
-                        label_selector=labels,
-                    ),
-                ),
+                filter=container_stats_filters,
             ),
         ),
         rt("pod_sandbox_stats", st.builds(cri.PodSandboxStatsRequest, pod_sandbox_id=some_id)),
@@ -354,56 +363,28 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
             "stream_containers",
             st.builds(
                 cri.StreamContainersRequest,
-                filter=st.one_of(
-                    st.none(),
-                    st.builds(
-                        cri.ContainerFilter,
-                        id=some_id,
-                        pod_sandbox_id=some_id,
-                        state=st.one_of(st.none(), st.builds(cri.ContainerStateValue, state=enum)),
-                        label_selector=labels,
-                    ),
-                ),
+                filter=container_filters,
             ),
         ),
         rts(
             "stream_pod_sandboxes",
             st.builds(
                 cri.StreamPodSandboxesRequest,
-                filter=st.one_of(
-                    st.none(),
-                    st.builds(
-                        cri.PodSandboxFilter,
-                        id=some_id,
-                        state=st.one_of(st.none(), st.builds(cri.PodSandboxStateValue, state=enum)),
-                        label_selector=labels,
-                    ),
-                ),
+                filter=pod_filters,
             ),
         ),
         rts(
             "stream_container_stats",
             st.builds(
                 cri.StreamContainerStatsRequest,
-                filter=st.one_of(
-                    st.none(),
-                    st.builds(
-                        cri.ContainerStatsFilter,
-                        id=some_id,
-                        pod_sandbox_id=some_id,
-                        label_selector=labels,
-                    ),
-                ),
+                filter=container_stats_filters,
             ),
         ),
         rts(
             "stream_pod_sandbox_stats",
             st.builds(
                 cri.StreamPodSandboxStatsRequest,
-                filter=st.one_of(
-                    st.none(),
-                    st.builds(cri.PodSandboxStatsFilter, id=some_id, label_selector=labels),
-                ),
+                filter=pod_stats_filters,
             ),
         ),
         rts("stream_pod_sandbox_metrics", st.builds(cri.StreamPodSandboxMetricsRequest)),
@@ -461,13 +442,7 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
             "list_images",
             st.builds(
                 cri.ListImagesRequest,
-                filter=st.one_of(
-                    st.none(),
-                    st.builds(
-                        cri.ImageFilter,
-                        image=st.one_of(st.none(), st.builds(cri.ImageSpec, image=text)),
-                    ),
-                ),
+                filter=image_filters,
             ),
         ),
         im(
@@ -480,13 +455,7 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
         im("image_fs_info", st.builds(cri.ImageFsInfoRequest)),
         st.builds(
             cri.StreamImagesRequest,
-            filter=st.one_of(
-                st.none(),
-                st.builds(
-                    cri.ImageFilter,
-                    image=st.one_of(st.none(), st.builds(cri.ImageSpec, image=text)),
-                ),
-            ),
+            filter=image_filters,
         ).map(lambda req: ("stream_images", lambda c: drain(c.image.stream_images(req)))),
         im(
             "pull_image",
