@@ -16,6 +16,7 @@ from grpclib.const import Status
 
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.network.netns import remove_pod_netns
 from cri_shim.server import Shim
 
 from .conftest import CriClient, make_settings, short_tempdir
@@ -192,6 +193,13 @@ async def test_sandboxes_survive_a_shim_restart(
     )
     before = (await status_of(pods, reply.pod_sandbox_id)).status
     assert before is not None and before.network is not None
+    # A pod whose network namespace vanished while no shim watched: kept, not ready.
+    lost = (
+        await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=pod_config("lostns")))
+    ).pod_sandbox_id
+    lost_sandbox = pod_shim.sandboxes.by_id.find(lost)
+    assert lost_sandbox is not None and lost_sandbox.netns_path
+    await remove_pod_netns(lost_sandbox.netns_path)
     # A second shim on the same containerd and state dir rebuilds its view from containerd.
     settings = make_settings(
         short_tempdir("crishim-restart-"),
@@ -208,9 +216,13 @@ async def test_sandboxes_survive_a_shim_restart(
     try:
         client = CriClient.connect(other.socket_path)
         after = (await status_of(client, reply.pod_sandbox_id)).status
+        lost_status = (await status_of(client, lost)).status
         client.close()
     finally:
         await other.stop()
+        await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(lost))
+    assert lost_status is not None
+    assert lost_status.state == cri.PodSandboxState.SANDBOX_NOTREADY
     assert after is not None and after.network is not None
     assert after.state == cri.PodSandboxState.SANDBOX_READY
     assert after.network.ip == before.network.ip
