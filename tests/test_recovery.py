@@ -37,6 +37,8 @@ PODS = 20
 NAMESPACE = "crishim-recovery"
 LOGGER = "i=0; while :; do echo line $i; i=$((i+1)); sleep 0.05; done"
 NUMBERED = re.compile(rb"^\S+ stdout F line (\d+)$")
+# What removing every pod must leave behind its containerd and the shim.
+NOTHING_LEFT = {"tasks": 0, "containers": 0, "snapshots": 0, "netns": 0, "mounts": 0, "fds": 0}
 
 
 @dataclass
@@ -471,21 +473,18 @@ async def test_restart_and_containerd_crash_lose_nothing(
             f" cut runs found {cut_found}; {lines} log lines of {len(loggers)} loggers"
             f" each once; leftovers {left}"
         )
-        assert left == {
-            "tasks": 0,
-            "containers": 0,
-            "snapshots": 0,
-            "netns": 0,
-            "mounts": 0,
-            "fds": 0,
-        }
+        assert left == NOTHING_LEFT
     finally:
         client.close()
-        shim.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(shim.process.wait(), 30)
-        except TimeoutError:
-            shim.process.kill()
+        await stop_shim(shim)
+
+
+async def stop_shim(shim: ShimProcess) -> None:
+    shim.process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(shim.process.wait(), 30)
+    except TimeoutError:
+        shim.process.kill()
 
 
 async def _negate(pending: object) -> bool:
@@ -646,21 +645,10 @@ async def test_run_cut_off_by_a_kill_leaves_no_network(
         assert os.listdir(state / "netns-pins") == []
         assert os.listdir(state / "cni-cache") == []
         left = await leftovers(node, shim.process.pid)
-        assert left == {
-            "tasks": 0,
-            "containers": 0,
-            "snapshots": 0,
-            "netns": 0,
-            "mounts": 0,
-            "fds": 0,
-        }
+        assert left == NOTHING_LEFT
     finally:
         client.close()
-        shim.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(shim.process.wait(), 30)
-        except TimeoutError:
-            shim.process.kill()
+        await stop_shim(shim)
 
 
 async def _exists(path: Path) -> bool:
@@ -702,14 +690,7 @@ async def test_sigterm_lets_a_run_whose_caller_gave_up_finish(
         assert "creates still running at shutdown" not in exit_log
         await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(listed[0].id))
         left = await leftovers(node, shim.process.pid)
-        assert left == {
-            "tasks": 0,
-            "containers": 0,
-            "snapshots": 0,
-            "netns": 0,
-            "mounts": 0,
-            "fds": 0,
-        }
+        assert left == NOTHING_LEFT
     finally:
         client.close()
         if shim.process.returncode is None:

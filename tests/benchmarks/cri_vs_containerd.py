@@ -182,6 +182,8 @@ class Workload:
         self.tag = tag
         self.logs = logs
         self.times: Timings = {}
+        # Size of each raw reply: the decoding rows also depend on what is in it.
+        self.reply_bytes: dict[str, int] = {}
         self.pod_count = 0
 
     async def timed(self, op: str, call: Awaitable[Any]) -> Any:
@@ -283,7 +285,8 @@ class Workload:
             ("ContainerStatus", cri.ContainerStatusRequest(random.choice(ids))),
             ("PodSandboxStatus", cri.PodSandboxStatusRequest(random.choice(pods)[0])),
         ):
-            await self.timed(f"{method}@{level} raw", raw_call(self.client, method, request))
+            data = await self.timed(f"{method}@{level} raw", raw_call(self.client, method, request))
+            self.reply_bytes[f"{method}@{level}"] = len(data)
         await self.timed(
             f"ListContainers@{level}", self.rt.list_containers(cri.ListContainersRequest())
         )
@@ -356,7 +359,11 @@ async def drive(
     for name, work in works.items():
         await work.cleanup(pods[name])
     return {
-        name: {"times": work.times, "pods20_wall_s": statistics.median(walls[name])}
+        name: {
+            "times": work.times,
+            "pods20_wall_s": statistics.median(walls[name]),
+            "reply_bytes": work.reply_bytes,
+        }
         for name, work in works.items()
     } | {"rss": memory}
 
@@ -520,6 +527,7 @@ async def main(
         "pods20_wall_s": {k: results[k]["pods20_wall_s"] for k in ("containerd", "cri-shim")},
         "shim_rss_kib": results["rss"],
         "raw_s": {k: results[k]["times"] for k in ("containerd", "cri-shim")},
+        "reply_bytes": {k: results[k]["reply_bytes"] for k in ("containerd", "cri-shim")},
     }
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     report["chart"] = chart(
@@ -564,6 +572,13 @@ def cli() -> None:
         f"{'/'.join(f'{x:.2f}' for x in report['load_before'])}, after "
         f"{'/'.join(f'{x:.2f}' for x in report['load_after'])}"
     )
+    sizes = report["reply_bytes"]
+    for op in sorted(sizes["containerd"]):
+        if op.startswith("List"):
+            print(
+                f"{op} reply: containerd {sizes['containerd'][op]} bytes, "
+                f"cri-shim {sizes['cri-shim'].get(op, 0)} bytes"
+            )
     rss = report["shim_rss_kib"]
     print(f"cri-shim RSS: {', '.join(f'{k} {v / 1024:.1f} MiB' for k, v in rss.items())}")
     print("List/Status-at-scale containers were created, not started.")
