@@ -12,12 +12,15 @@ import pytest
 from grpclib import GRPCError
 from grpclib.const import Status
 
+from cri_shim.container.exec_sync import PROCESS_TYPE_URL, process_spec
+from cri_shim.container.io import make_fifo
 from cri_shim.container.lifecycle import METADATA_EXTENSION
-from cri_shim.containerd.runtime import unpack_json
+from cri_shim.containerd.runtime import TaskStatus, pack_json, unpack_json
+from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
-from .conftest import CriClient
+from .conftest import CriClient, wait_for
 from .pods import make_container, wait_exited
 
 LOG_LINE = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z) (stdout|stderr) ([FP]) (.*)$")
@@ -81,6 +84,58 @@ async def test_exit_is_recorded_in_containerd_before_the_task_is_deleted(
     status = await wait_exited(pods, quitter)
     assert status.exit_code == 7
     assert recorded[quitter] == 7
+
+
+async def test_an_exec_abandoned_by_a_killed_shim_is_released_at_start_up(
+    pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str, pod_shim: Shim
+) -> None:
+    """What a SIGKILL between Tasks.Exec/Start and opening the exec's FIFOs
+    leaves: the runc shim blocked opening them for writing, which stalls every
+    task it serves (the pod's pause reads as UNKNOWN). Start-up releases it."""
+    manager = pod_shim.container_manager
+    assert manager is not None
+    container = await make_container(pods, pod, busybox, ["sleep", "1000"], name="abandon")
+    directory = manager.io_dir(container) / "exec" / "exec-abandoned"
+    directory.mkdir(parents=True)
+    for name in ("stdout", "stderr"):
+        make_fifo(directory / name)
+    client = manager.ops.client
+    spec = await manager.load_spec(container)
+    await client.call(
+        "Tasks.Exec",
+        client.tasks.exec(
+            tasks_v1.ExecProcessRequest(
+                container_id=container,
+                exec_id="exec-abandoned",
+                stdout=str(directory / "stdout"),
+                stderr=str(directory / "stderr"),
+                spec=pack_json(PROCESS_TYPE_URL, process_spec(spec, ["echo", "lost"])),
+            )
+        ),
+    )
+    start = asyncio.create_task(manager.ops.start_task(container, "exec-abandoned"))
+    try:
+
+        async def pause_status() -> int:
+            reply = await client.tasks.get(tasks_v1.GetRequest(container_id=pod[0]))
+            assert reply.process is not None
+            return int(reply.process.status)
+
+        await asyncio.sleep(1.0)
+        assert not start.done()
+        assert await pause_status() == TaskStatus.UNKNOWN  # the whole runc shim is stuck
+
+        assert await manager.release_abandoned_execs() == 1
+        await asyncio.wait_for(start, 10)
+        assert await pause_status() == TaskStatus.RUNNING
+        gone = await wait_for(lambda: _absent(directory), timeout=15)
+        assert gone
+    finally:
+        start.cancel()
+
+
+async def _absent(path: Path) -> bool:
+    return not path.exists()
 
 
 async def test_stop_sends_sigterm_then_kills(

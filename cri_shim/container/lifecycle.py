@@ -59,6 +59,10 @@ METADATA_TYPE_URL = "cri-shim.io/container-metadata/v1"
 DRAIN_SECONDS = 2.0
 START_ERROR_EXIT_CODE = 128
 UNKNOWN_EXIT_CODE = 255
+# Abandoned exec FIFOs found at start-up: read ends held this long, start-up
+# waits the first part of it (see release_abandoned_execs).
+EXEC_RELEASE_HOLD = 5.0
+EXEC_RELEASE_SETTLE = 0.3
 OOM_KILLED = "OOMKilled"
 
 
@@ -133,6 +137,7 @@ class ContainerManager:
         self._specs: dict[str, dict[str, Any]] = {}
         self._exit_seen: dict[str, asyncio.Event] = {}
         self._early_exits: dict[str, TaskExit] = {}
+        self._releases: set[asyncio.Task[None]] = set()
         # Set once an exit is fully recorded (task deleted, output drained, persisted).
         self._finished: dict[str, asyncio.Event] = {}
         # Containers whose task an exit record already deleted: Remove skips that call.
@@ -698,11 +703,25 @@ class ContainerManager:
         log_event(log, "containers loaded", count=len(self.store.by_id))
 
     async def release_abandoned_execs(self) -> int:
-        """At start-up, before any exec can run: the FIFO dirs of execs a killed
-        shim left. A runc shim may be stuck opening such a FIFO (its reader died
-        with us), blocking the whole task, which then reads as UNKNOWN; opening
-        each FIFO read-write once lets that open return. Then the dirs go."""
-        return await asyncio.to_thread(_release_exec_dirs, self.env.state_dir / "containers")
+        """At start-up, before any exec can run: the exec FIFOs a killed shim left.
+        A runc shim may be stuck opening such a FIFO for writing (its reader died
+        with us), which blocks that whole shim: every task it runs, the pod's
+        pause included, then reads as UNKNOWN. Holding a read end open lets the
+        open return and the exec run to its end; the ends are held (output
+        discarded) for EXEC_RELEASE_HOLD seconds in the background, then the
+        dirs go. (Opening and closing at once is not enough: seen here, the
+        shim stayed blocked.)"""
+        held = await asyncio.to_thread(_open_exec_fifos, self.env.state_dir / "containers")
+        if not held:
+            return 0
+        for container_id, exec_id, _, _ in held:
+            log_event(log, "abandoned exec released", container=container_id, exec_id=exec_id)
+        task = asyncio.create_task(_drain_and_remove(held))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+        # Long enough for a stuck shim to see its reader and answer again.
+        await asyncio.sleep(EXEC_RELEASE_SETTLE)
+        return len(held)
 
     async def _discard_unstarted_task(self, container_id: str) -> None:
         """Kill a created-but-never-started task, wait until it is stopped (a
@@ -756,12 +775,16 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _release_exec_dirs(root: Path) -> int:
+HeldExec = tuple[str, str, Path, list[int]]
+
+
+def _open_exec_fifos(root: Path) -> list[HeldExec]:
+    """(container, exec id, dir, read fds) for every exec dir under `root`."""
     try:
         containers = os.listdir(root)
     except FileNotFoundError:
-        return 0
-    count = 0
+        return []
+    held: list[HeldExec] = []
     for container_id in containers:
         execs = root / container_id / "exec"
         try:
@@ -770,11 +793,26 @@ def _release_exec_dirs(root: Path) -> int:
             continue
         for name in names:
             directory = execs / name
+            fds: list[int] = []
             with contextlib.suppress(OSError):
                 for fifo in os.listdir(directory):
                     with contextlib.suppress(OSError):
-                        os.close(os.open(directory / fifo, os.O_RDWR | os.O_NONBLOCK))
-            shutil.rmtree(directory, ignore_errors=True)
-            count += 1
-            log_event(log, "abandoned exec released", container=container_id, exec_id=name)
-    return count
+                        fds.append(os.open(directory / fifo, os.O_RDONLY | os.O_NONBLOCK))
+            held.append((container_id, name, directory, fds))
+    return held
+
+
+async def _drain_and_remove(held: list[HeldExec]) -> None:
+    deadline = time.monotonic() + EXEC_RELEASE_HOLD
+    fds = [fd for *_, exec_fds in held for fd in exec_fds]
+    try:
+        while time.monotonic() < deadline:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.read(fd, 65536)  # non-blocking: what the abandoned exec printed
+            await asyncio.sleep(0.1)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for _, _, directory, _ in held:
+            await asyncio.to_thread(shutil.rmtree, directory, True)
