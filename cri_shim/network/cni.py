@@ -648,8 +648,9 @@ class ResultCache:
         path = self.path(record.chain.name, record.container_id, record.ifname)
         await asyncio.to_thread(write_json, path, record.to_json())
 
-    def _load_sync(self, container_id: str, ifname: str) -> list[tuple[Path, CachedAttachment]]:
-        suffix = f"-{container_id}-{ifname}.json"
+    def _read_sync(self, suffix: str, *, warn: bool) -> list[tuple[Path, CachedAttachment]]:
+        """Entries whose file name ends with `suffix`; unreadable ones skipped
+        (with a warning where they should have been ours)."""
         try:
             names = sorted(n for n in os.listdir(self.directory) if n.endswith(suffix))
         except FileNotFoundError:
@@ -659,21 +660,26 @@ class ResultCache:
             path = self.directory / name
             try:
                 data = read_json(path)
-                if data is None:
-                    continue
-                record = CachedAttachment.from_json(data)
+                if data is not None:
+                    found.append((path, CachedAttachment.from_json(data)))
             except (OSError, ValueError, KeyError, TypeError) as err:
-                log_event(
-                    log,
-                    "unreadable cni cache entry ignored",
-                    level=logging.WARNING,
-                    path=path,
-                    error=str(err),
-                )
-                continue
-            if record.container_id == container_id and record.ifname == ifname:
-                found.append((path, record))
+                if warn:
+                    log_event(
+                        log,
+                        "unreadable cni cache entry ignored",
+                        level=logging.WARNING,
+                        path=path,
+                        error=str(err),
+                    )
         return found
+
+    def _load_sync(self, container_id: str, ifname: str) -> list[tuple[Path, CachedAttachment]]:
+        entries = self._read_sync(f"-{container_id}-{ifname}.json", warn=True)
+        return [
+            (path, record)
+            for path, record in entries
+            if record.container_id == container_id and record.ifname == ifname
+        ]
 
     async def load(self, container_id: str, ifname: str) -> list[tuple[Path, CachedAttachment]]:
         return await asyncio.to_thread(self._load_sync, container_id, ifname)
@@ -682,20 +688,8 @@ class ResultCache:
         await asyncio.to_thread(path.unlink, missing_ok=True)
 
     def _all_sync(self) -> list[tuple[Path, CachedAttachment]]:
-        try:
-            names = sorted(n for n in os.listdir(self.directory) if n.endswith(".json"))
-        except FileNotFoundError:
-            return []
-        found = []
-        for name in names:
-            path = self.directory / name
-            try:
-                data = read_json(path)
-                if data is not None:
-                    found.append((path, CachedAttachment.from_json(data)))
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # not ours (a shared dir) or unreadable: left alone
-        return found
+        # Not ours (a shared dir) or unreadable: left alone, quietly.
+        return self._read_sync(".json", warn=False)
 
     async def all(self) -> list[tuple[Path, CachedAttachment]]:
         """Every record of ours in the directory."""

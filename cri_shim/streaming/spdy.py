@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from cri_shim.logs import log_event
-from cri_shim.streaming.transport import ByteChannel, InboundBuffer
+from cri_shim.streaming.transport import ByteChannel, InboundBuffer, close_when_idle
 
 log = logging.getLogger(__name__)
 
@@ -779,14 +779,14 @@ class SpdyConnection:
 
     async def _idle_watch(self) -> None:
         assert self.idle_timeout is not None
-        while not self.closed.is_set():
-            idle = time.monotonic() - self._last_activity
-            if idle >= self.idle_timeout:
-                log_event(log, "spdy connection idle; closing", conn=self.name, idle_s=round(idle))
-                await self.close()
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.closed.wait(), self.idle_timeout - idle)
+        await close_when_idle(
+            self.name,
+            "spdy connection",
+            self.idle_timeout,
+            self.closed,
+            lambda: self._last_activity,
+            self.close,
+        )
 
     # ending
 

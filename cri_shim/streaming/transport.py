@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
+
+from cri_shim.logs import log_event
+
+log = logging.getLogger(__name__)
 
 
 class ByteChannel(Protocol):
@@ -239,3 +246,23 @@ class WebSocketChannel:
         if not self._ws.closed:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self._ws.close()
+
+
+async def close_when_idle(
+    name: str,
+    what: str,
+    idle_timeout: float,
+    closed: asyncio.Event,
+    last_activity: Callable[[], float],
+    close: Callable[[], Awaitable[None]],
+) -> None:
+    """Close a connection once nothing moved on it for `idle_timeout` seconds
+    (kubelet's streaming idle timeout); returns when it is closed either way."""
+    while not closed.is_set():
+        idle = time.monotonic() - last_activity()
+        if idle >= idle_timeout:
+            log_event(log, f"{what} idle; closing", conn=name, idle_s=round(idle))
+            await close()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closed.wait(), idle_timeout - idle)

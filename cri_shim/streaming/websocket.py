@@ -30,7 +30,7 @@ from aiohttp import WSMsgType, web
 from cri_shim.logs import log_event
 from cri_shim.streaming import portforward, remotecommand
 from cri_shim.streaming.remotecommand import RemoteStreams, Session, StreamOptions
-from cri_shim.streaming.transport import InboundBuffer
+from cri_shim.streaming.transport import InboundBuffer, close_when_idle
 
 log = logging.getLogger(__name__)
 
@@ -225,14 +225,14 @@ class ChannelConnection:
 
     async def _idle_watch(self) -> None:
         assert self.idle_timeout is not None
-        while not self.closed.is_set():
-            idle = time.monotonic() - self._last_activity
-            if idle >= self.idle_timeout:
-                log_event(log, "websocket idle; closing", conn=self.name, idle_s=round(idle))
-                await self.close()
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.closed.wait(), self.idle_timeout - idle)
+        await close_when_idle(
+            self.name,
+            "websocket",
+            self.idle_timeout,
+            self.closed,
+            lambda: self._last_activity,
+            self.close,
+        )
 
     def _lost(self) -> None:
         if self.closed.is_set():
