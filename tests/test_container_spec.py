@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -758,6 +760,30 @@ def test_seccomp_localhost_errors(
             container(security=ctx(seccomp=localhost)),
             seccomp_localhost_root=Path(root) if root else None,
         )
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        pytest.param(
+            lambda tmp: os.mkfifo(tmp / "fifo.json") or tmp / "fifo.json",
+            "not a regular file",
+            id="fifo",
+        ),
+        pytest.param(lambda tmp: Path("/dev/zero"), "not a regular file", id="device"),
+        pytest.param(lambda tmp: tmp / "big.json", "at most 1048576", id="too-big"),
+    ],
+)
+def test_seccomp_localhost_profile_must_be_a_small_regular_file(
+    tmp_path: Path, make: Callable[[Path], Path], match: str
+) -> None:
+    """A FIFO would hang CreateContainer and /dev/zero would eat the shim's memory."""
+    (tmp_path / "big.json").write_text("{" + " " * (1024 * 1024) + "}")
+    localhost = cri.SecurityProfile(
+        profile_type=cri.SecurityProfileProfileType.Localhost, localhost_ref=str(make(tmp_path))
+    )
+    with pytest.raises(SpecError, match=match):
+        build(container(security=ctx(seccomp=localhost)), seccomp_localhost_root=None)
 
 
 @pytest.mark.parametrize(

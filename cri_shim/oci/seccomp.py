@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import stat
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,6 +28,8 @@ AF_VSOCK = 40
 # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 CLONE_NAMESPACE_FLAGS = 0x7E020000
 LOCALHOST_PREFIX = "localhost/"
+# Real profiles are a few KiB (RuntimeDefault as JSON is ~10 KiB).
+MAX_PROFILE_BYTES = 1024 * 1024
 
 # Allowed for every container, whatever its capabilities.
 ALLOWED_SYSCALLS: tuple[str, ...] = (
@@ -228,6 +231,28 @@ def _clean_absolute(path: str, what: str) -> PurePosixPath:
     return pure
 
 
+def _read_profile(pure: str, path: str) -> str:
+    """The file's text, refusing what is not a small regular file: a FIFO would
+    hang the call and /dev/zero would eat the shim's memory."""
+    try:
+        fd = os.open(pure, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise SpecError(f"cannot load seccomp profile {path!r}: {err.strerror}") from err
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SpecError(f"seccomp profile {path!r} is not a regular file")
+        if info.st_size > MAX_PROFILE_BYTES:
+            raise SpecError(
+                f"seccomp profile {path!r} is {info.st_size} bytes; at most "
+                f"{MAX_PROFILE_BYTES} are accepted"
+            )
+        data = handle.read(MAX_PROFILE_BYTES + 1)
+    if len(data) > MAX_PROFILE_BYTES:
+        raise SpecError(f"seccomp profile {path!r} is larger than {MAX_PROFILE_BYTES} bytes")
+    return data.decode(errors="replace")
+
+
 def load_localhost_profile(root: Path | None, path: str) -> dict[str, Any]:
     """A Localhost profile file (OCI linux.seccomp JSON); `root`, when set, must contain it."""
     pure = _clean_absolute(path, "seccomp profile path")
@@ -235,10 +260,7 @@ def load_localhost_profile(root: Path | None, path: str) -> dict[str, Any]:
         allowed = PurePosixPath(os.path.normpath(str(root)))
         if not pure.is_relative_to(allowed):
             raise SpecError(f"seccomp profile {path!r} is outside the allowed directory {allowed}")
-    try:
-        text = Path(pure).read_text()
-    except OSError as err:
-        raise SpecError(f"cannot load seccomp profile {path!r}: {err.strerror}") from err
+    text = _read_profile(str(pure), path)
     try:
         profile = json.loads(text)
     except ValueError as err:
