@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from cri_shim.concurrency import cancel_and_wait
 from cri_shim.container.exec_sync import PROCESS_TYPE_URL, process_spec
 from cri_shim.container.io import FifoReader, FifoWriter, make_fifo
 from cri_shim.container.lifecycle import ContainerManager
@@ -243,11 +244,7 @@ class StreamRuntime:
             return StreamStatus.exited(code, cmd)
         finally:
             self.active -= 1
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(tasks)
             for reader in readers:
                 reader.close()
             if stdin is not None:
@@ -380,11 +377,7 @@ class StreamRuntime:
             self.active -= 1
             with contextlib.suppress(ValueError):
                 io.listeners.remove(listener)
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(tasks)
             log_event(log, "detached", **fields)
         return StreamStatus.ok()
 

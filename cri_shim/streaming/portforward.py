@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cri_shim.concurrency import cancel_and_wait
 from cri_shim.logs import log_event
 from cri_shim.network.netns import open_connection_in_netns
 from cri_shim.store.sandboxes import SandboxState, SandboxStore
@@ -180,11 +181,7 @@ async def relay(end: DataEnd, conn: Connection, **fields: Any) -> None:
             # The pod is done: let the client finish its side (it closes promptly).
             await asyncio.wait({inbound}, timeout=1.0)
     finally:
-        for task in (inbound, outbound, watchdog):
-            task.cancel()
-        for task in (inbound, outbound, watchdog):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([inbound, outbound, watchdog])
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
@@ -276,11 +273,7 @@ async def serve_spdy(
                 pair.complete.set()
                 spawn(_forward(pair.data, pair.error, connect, request_id=request_id, **fields))
     finally:
-        for task in list(tasks):
-            task.cancel()
-        for task in list(tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks)
         await conn.close()
 
 

@@ -29,6 +29,7 @@ from aiohttp import web
 from grpclib import GRPCError
 from grpclib.const import Status
 
+from cri_shim.concurrency import cancel_and_wait
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import log_event
 from cri_shim.settings import SettingsError, StreamingSettings
@@ -52,6 +53,8 @@ ACCEPTED_HEADER = "X-Accepted-Stream-Protocol-Versions"
 SPDY_UPGRADE = "SPDY/3.1"
 
 CachedRequest = cri.ExecRequest | cri.AttachRequest | cri.PortForwardRequest
+# What runs a session on an SPDY connection (direct, or tunnelled in WebSocket).
+SpdyServe = Callable[[SpdyConnection], Awaitable[None]]
 
 
 class RequestCache:
@@ -219,11 +222,7 @@ class StreamingServer:
 
     async def stop(self) -> None:
         """Stop listening and end every session (their processes are killed)."""
-        for task in list(self._sessions):
-            task.cancel()
-        for task in list(self._sessions):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._sessions)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -289,7 +288,7 @@ class StreamingServer:
         failure: str,
         **fields: Any,
     ) -> web.StreamResponse:
-        def serving(protocol: str) -> Callable[[SpdyConnection], Awaitable[None]]:
+        def over_spdy(protocol: str) -> SpdyServe:
             async def serve(conn: SpdyConnection) -> None:
                 await remotecommand.serve_spdy(
                     conn,
@@ -303,76 +302,89 @@ class StreamingServer:
 
             return serve
 
-        if websocket.is_websocket(request):
-            requested = websocket.requested_protocols(request)
-            tunnel = websocket.tunnelled_protocol(requested, remotecommand.SPDY_PROTOCOLS)
-            if tunnel is not None:
-                inner = tunnel[len(websocket.TUNNEL_PREFIX) :]
-                return await self._tunnel(request, tunnel, None, serving(inner), **fields)
-            protocol = websocket.negotiate(requested, websocket.REMOTECOMMAND_PROTOCOLS)
-            if protocol is None:
-                return websocket.refuse(requested, websocket.REMOTECOMMAND_PROTOCOLS)
-            ws = await websocket.accept(request, protocol)
-            log_event(log, "stream opened", transport="websocket", protocol=protocol, **fields)
-            await self._serve(
-                websocket.serve_remotecommand(
-                    ws,
-                    protocol,
-                    options,
-                    session,
-                    failure=failure,
-                    idle_timeout=self.idle_timeout,
-                    **fields,
-                ),
+        async def over_websocket(ws: web.WebSocketResponse, protocol: str) -> None:
+            await websocket.serve_remotecommand(
+                ws,
+                protocol,
+                options,
+                session,
+                failure=failure,
+                idle_timeout=self.idle_timeout,
                 **fields,
             )
-            return ws
-        protocol, refused = _negotiate_spdy(request, remotecommand.SPDY_PROTOCOLS)
-        if refused is not None:
-            return refused
-        assert protocol is not None
-        return await self._upgrade_spdy(request, protocol, None, serving(protocol), **fields)
+
+        return await self._negotiate_and_serve(
+            request,
+            remotecommand.SPDY_PROTOCOLS,
+            websocket.REMOTECOMMAND_PROTOCOLS,
+            None,
+            over_spdy,
+            over_websocket,
+            **fields,
+        )
 
     async def _port_forward(self, request: web.Request) -> web.StreamResponse:
         cached: cri.PortForwardRequest = self._consume(request, cri.PortForwardRequest)
         connect = self.connector.for_pod(cached.pod_sandbox_id)
         fields: dict[str, Any] = {"pod": cached.pod_sandbox_id, "kind": "portforward"}
 
-        async def serve(conn: SpdyConnection) -> None:
-            await portforward.serve_spdy(
-                conn, connect, creation_timeout=self.creation_timeout, **fields
+        def over_spdy(protocol: str) -> SpdyServe:
+            async def serve(conn: SpdyConnection) -> None:
+                await portforward.serve_spdy(
+                    conn, connect, creation_timeout=self.creation_timeout, **fields
+                )
+
+            return serve
+
+        async def over_websocket(ws: web.WebSocketResponse, protocol: str) -> None:
+            await websocket.serve_portforward(
+                ws, protocol, list(cached.port), connect, idle_timeout=self.idle_timeout, **fields
             )
 
+        return await self._negotiate_and_serve(
+            request,
+            portforward.SPDY_PROTOCOLS,
+            websocket.PORTFORWARD_PROTOCOLS,
+            portforward.stream_filter,
+            over_spdy,
+            over_websocket,
+            **fields,
+        )
+
+    async def _negotiate_and_serve(
+        self,
+        request: web.Request,
+        spdy_protocols: tuple[str, ...],
+        websocket_protocols: tuple[str, ...],
+        stream_filter: StreamFilter | None,
+        over_spdy: Callable[[str], SpdyServe],
+        over_websocket: Callable[[web.WebSocketResponse, str], Awaitable[None]],
+        **fields: Any,
+    ) -> web.StreamResponse:
+        """The transport the client asked for, as kubelet's streaming server picks
+        it: SPDY tunnelled in WebSocket, a WebSocket channel protocol, or an SPDY
+        upgrade; the same session behind each."""
         if websocket.is_websocket(request):
             requested = websocket.requested_protocols(request)
-            tunnel = websocket.tunnelled_protocol(requested, portforward.SPDY_PROTOCOLS)
+            tunnel = websocket.tunnelled_protocol(requested, spdy_protocols)
             if tunnel is not None:
+                inner = tunnel[len(websocket.TUNNEL_PREFIX) :]
                 return await self._tunnel(
-                    request, tunnel, portforward.stream_filter, serve, **fields
+                    request, tunnel, stream_filter, over_spdy(inner), **fields
                 )
-            protocol = websocket.negotiate(requested, websocket.PORTFORWARD_PROTOCOLS)
+            protocol = websocket.negotiate(requested, websocket_protocols)
             if protocol is None:
-                return websocket.refuse(requested, websocket.PORTFORWARD_PROTOCOLS)
+                return websocket.refuse(requested, websocket_protocols)
             ws = await websocket.accept(request, protocol)
             log_event(log, "stream opened", transport="websocket", protocol=protocol, **fields)
-            await self._serve(
-                websocket.serve_portforward(
-                    ws,
-                    protocol,
-                    list(cached.port),
-                    connect,
-                    idle_timeout=self.idle_timeout,
-                    **fields,
-                ),
-                **fields,
-            )
+            await self._serve(over_websocket(ws, protocol), **fields)
             return ws
-        protocol, refused = _negotiate_spdy(request, portforward.SPDY_PROTOCOLS)
+        protocol, refused = _negotiate_spdy(request, spdy_protocols)
         if refused is not None:
             return refused
         assert protocol is not None
         return await self._upgrade_spdy(
-            request, protocol, portforward.stream_filter, serve, **fields
+            request, protocol, stream_filter, over_spdy(protocol), **fields
         )
 
     async def _upgrade_spdy(
@@ -380,7 +392,7 @@ class StreamingServer:
         request: web.Request,
         protocol: str,
         filter: StreamFilter | None,
-        serve: Callable[[SpdyConnection], Awaitable[None]],
+        serve: SpdyServe,
         **fields: Any,
     ) -> web.StreamResponse:
         connection = request.headers.get("Connection", "").lower()
@@ -408,7 +420,7 @@ class StreamingServer:
         request: web.Request,
         protocol: str,
         filter: StreamFilter | None,
-        serve: Callable[[SpdyConnection], Awaitable[None]],
+        serve: SpdyServe,
         **fields: Any,
     ) -> web.StreamResponse:
         ws = await websocket.accept(request, protocol)
@@ -420,7 +432,7 @@ class StreamingServer:
         self,
         channel: ByteChannel,
         filter: StreamFilter | None,
-        serve: Callable[[SpdyConnection], Awaitable[None]],
+        serve: SpdyServe,
         **fields: Any,
     ) -> None:
         conn = SpdyConnection(

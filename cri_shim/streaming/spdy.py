@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from cri_shim.concurrency import cancel_and_wait
 from cri_shim.logs import log_event
 from cri_shim.streaming.transport import ByteChannel, InboundBuffer, close_when_idle
 
@@ -819,14 +820,7 @@ class SpdyConnection:
             await asyncio.wait_for(self._send_goaway(status), CLOSE_GRACE)
         self._lost("closed")
         await self._channel.close()
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        for task in self._tasks:
-            if task is not current:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait(self._tasks)
 
     async def wait_closed(self) -> None:
         await self.closed.wait()

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from cri_shim.concurrency import cancel_and_wait
 from cri_shim.logs import log_event
 from cri_shim.streaming import portforward, remotecommand
 from cri_shim.streaming.remotecommand import RemoteStreams, Session, StreamOptions
@@ -246,14 +247,7 @@ class ChannelConnection:
         self._lost()
         with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
             await self.ws.close()
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        for task in self._tasks:
-            if task is not current:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait(self._tasks)
 
 
 async def serve_remotecommand(
