@@ -99,3 +99,34 @@ async def wait_exited(
         if status.state == cri.ContainerState.CONTAINER_EXITED or time.monotonic() > deadline:
             return status
         await asyncio.sleep(0.1)
+
+
+def write_shim_config(
+    base: Path,
+    hosts_dir: Path,
+    address: str,
+    *,
+    embedded: bool = False,
+    containerd_extra: str = "",
+) -> Path:
+    """A `cri-shim serve --config` file keeping everything under `base` (for
+    shims run as processes: recovery tests, critest, the benchmark)."""
+    config = base / "cri-shim.toml"
+    config.write_text(
+        f'state_dir = "{base / "state"}"\n'
+        "[server]\n"
+        f'socket = "{base / "cri.sock"}"\n'
+        "[containerd]\n"
+        f'address = "{address}"\n'
+        f"embedded = {'true' if embedded else 'false'}\n"
+        f"{containerd_extra}"
+        "[cni]\n"
+        f'conf_dir = "{base / "cni"}"\n'
+        f'bin_dirs = ["{CNI_BIN}"]\n'
+        f'netns_dir = "{base / "netns"}"\n'
+        "[registry]\n"
+        f'config_path = "{hosts_dir}"\n'
+        "[metrics]\n"
+        "port = 0\n"
+    )
+    return config

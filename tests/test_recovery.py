@@ -29,7 +29,7 @@ from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.runtime import v1 as cri
 
 from .conftest import CriClient, ShimProcess, short_tempdir, start_shim_process, wait_for
-from .pods import CNI_BIN, pod_config, write_conflist
+from .pods import CNI_BIN, pod_config, write_conflist, write_shim_config
 from .support.catalog import ServedCatalog
 from .support.reaper import reap
 
@@ -56,29 +56,6 @@ class Node:
         )
 
 
-def write_config(base: Path, address: str, hosts_dir: Path) -> Path:
-    config = base / "cri-shim.toml"
-    config.write_text(
-        f'state_dir = "{base / "state"}"\n'
-        "[server]\n"
-        f'socket = "{base / "cri.sock"}"\n'
-        "[containerd]\n"
-        f'address = "{address}"\n'
-        "embedded = false\n"
-        f'namespace = "{NAMESPACE}"\n'
-        "health_interval = 0.2\n"
-        "[cni]\n"
-        f'conf_dir = "{base / "cni"}"\n'
-        f'bin_dirs = ["{CNI_BIN}"]\n'
-        f'netns_dir = "{base / "netns"}"\n'
-        "[registry]\n"
-        f'config_path = "{hosts_dir}"\n'
-        "[metrics]\n"
-        "port = 0\n"
-    )
-    return config
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def node(pod_images: ServedCatalog) -> AsyncIterator[Node]:
     base = short_tempdir("crishim-rec-")
@@ -88,7 +65,12 @@ async def node(pod_images: ServedCatalog) -> AsyncIterator[Node]:
     bridge = f"crirec{octet}"
     write_conflist(base / "cni", f"10.234.{octet}.0/24", bridge, base / "ipam")
     hosts_dir = pod_images.write_hosts_dir(base / "certs.d")
-    config = write_config(base, daemon.address, hosts_dir)
+    config = write_shim_config(
+        base,
+        hosts_dir,
+        daemon.address,
+        containerd_extra=f'namespace = "{NAMESPACE}"\nhealth_interval = 0.2\n',
+    )
     yield Node(base, daemon, config, base / "cri.sock", hosts_dir, bridge)
     await daemon.stop()
     await asyncio.to_thread(reap, base)  # what a failed run left running

@@ -51,7 +51,7 @@ from cri_shim.containerd import embedded
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
 from tests.conftest import CriClient, short_tempdir, start_shim_process
-from tests.pods import CNI_BIN, POD_IMAGES, write_conflist
+from tests.pods import CNI_BIN, POD_IMAGES, write_conflist, write_shim_config
 from tests.support.catalog import ServedCatalog, catalog
 
 BUSYBOX = "library/busybox:latest"
@@ -94,27 +94,6 @@ class CriContainerd(EmbeddedContainerd):
             ]
         )
         self.config_path.write_text(text)
-
-
-def write_shim_config(base: Path, containerd: str, hosts_dir: Path) -> Path:
-    config = base / "cri-shim.toml"
-    config.write_text(
-        f'state_dir = "{base / "state"}"\n'
-        "[server]\n"
-        f'socket = "{base / "cri.sock"}"\n'
-        "[containerd]\n"
-        f'address = "{containerd}"\n'
-        "embedded = false\n"
-        "[cni]\n"
-        f'conf_dir = "{base / "cni"}"\n'
-        f'bin_dirs = ["{CNI_BIN}"]\n'
-        f'netns_dir = "{base / "netns"}"\n'
-        "[registry]\n"
-        f'config_path = "{hosts_dir}"\n'
-        "[metrics]\n"
-        "port = 0\n"
-    )
-    return config
 
 
 def rss_kib(pid: int) -> int:
@@ -470,7 +449,7 @@ async def main(
         plain = EmbeddedContainerd(base / "shim" / "d", restart=False)
         daemons.append(plain)
         await plain.start()
-        config = write_shim_config(base / "shim", plain.address, hosts_dir)
+        config = write_shim_config(base / "shim", hosts_dir, plain.address)
         shim = await start_shim_process(
             ["--config", str(config)], base / "shim" / "cri.sock", base / "shim" / "shim.log"
         )

@@ -25,11 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.pods import write_shim_config
 from tests.support.catalog import ServedCatalog, catalog
 
 # The one critest spec no offline mirror can satisfy: it pins Google's build by digest.
 DEFAULT_SKIP = r"public image with digest should be pulled and removed"
-CNI_BIN = "/usr/lib/cni"
 SUMMARY = re.compile(r"Ran \d+ of \d+ Specs.*|\d+ Passed \| \d+ Failed.*")
 
 
@@ -65,27 +65,6 @@ def write_cni_config(conf_dir: Path, octet: int, data_dir: Path) -> str:
     return bridge
 
 
-def write_shim_config(base: Path, hosts_dir: Path) -> Path:
-    config = base / "cri-shim.toml"
-    config.write_text(
-        f'state_dir = "{base / "state"}"\n'
-        "[server]\n"
-        f'socket = "{base / "cri.sock"}"\n'
-        "[containerd]\n"
-        f'address = "{base / "no-host-containerd.sock"}"\n'
-        "embedded = true\n"
-        "[cni]\n"
-        f'conf_dir = "{base / "cni"}"\n'
-        f'bin_dirs = ["{CNI_BIN}"]\n'
-        f'netns_dir = "{base / "netns"}"\n'
-        "[registry]\n"
-        f'config_path = "{hosts_dir}"\n'
-        "[metrics]\n"
-        "port = 0\n"
-    )
-    return config
-
-
 async def wait_for_socket(path: Path, process: asyncio.subprocess.Process) -> None:
     for _ in range(600):
         if process.returncode is not None:
@@ -105,7 +84,9 @@ async def run(args: argparse.Namespace) -> int:
     shim: asyncio.subprocess.Process | None = None
     try:
         hosts_dir = served.write_hosts_dir(base / "certs.d")
-        config = write_shim_config(base, hosts_dir)
+        config = write_shim_config(
+            base, hosts_dir, str(base / "no-host-containerd.sock"), embedded=True
+        )
         with (base / "cri-shim.log").open("ab") as log:
             shim = await asyncio.create_subprocess_exec(
                 sys.executable,
