@@ -12,6 +12,7 @@ packages=(
   busybox-static docker-registry apache2-utils openssl
   util-linux procps ca-certificates
   systemd  # systemd-analyze, which verifies deploy/systemd/ in the tests
+  libseccomp-dev pkg-config  # the runc peer is built with cgo and seccomp
 )
 missing=()
 for pkg in "${packages[@]}"; do
@@ -39,4 +40,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -e '.[test,gen]'
+# The peers the tests run against, built from published Go modules into a cache
+# outside the checkout (tests/peers/build.sh; already-built versions are skipped).
+tests/peers/build.sh >/dev/null
 echo "setup-dev: ready (.venv/bin/cri-shim, containerd $(containerd --version | awk '{print $3}'))"
