@@ -90,14 +90,20 @@ async def make_container(
 async def wait_exited(
     pods: CriClient, container_id: str, timeout: float = 15
 ) -> cri.ContainerStatus:
+    """The container's status once it has exited; fails the test if it has not
+    within `timeout` (a still-running container must never pass as exited)."""
     deadline = time.monotonic() + timeout
     while True:
         status = (
             await pods.runtime.container_status(cri.ContainerStatusRequest(container_id))
         ).status
         assert status is not None
-        if status.state == cri.ContainerState.CONTAINER_EXITED or time.monotonic() > deadline:
+        if status.state == cri.ContainerState.CONTAINER_EXITED:
             return status
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"container {container_id} not exited after {timeout}s: {status.state!r}"
+            )
         await asyncio.sleep(0.1)
 
 

@@ -29,13 +29,18 @@ from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.runtime import v1 as cri
 
 from .conftest import CriClient, ShimProcess, short_tempdir, start_shim_process, wait_for
-from .pods import CNI_BIN, pod_config, write_conflist, write_shim_config
+from .pods import CNI_BIN, pod_config, wait_exited, write_conflist, write_shim_config
 from .support.catalog import ServedCatalog
 from .support.reaper import reap
 
 PODS = 20
 NAMESPACE = "crishim-recovery"
-LOGGER = "i=0; while :; do echo line $i; i=$((i+1)); sleep 0.05; done"
+# Numbered lines until /ctl/stop appears; then how many it wrote goes to a
+# host file (/ctl is a host directory), the count the log must hold exactly.
+LOGGER = (
+    "i=0; while [ ! -e /ctl/stop ]; do echo line $i; i=$((i+1)); sleep 0.05; done;"
+    " echo $i > /ctl/written"
+)
 NUMBERED = re.compile(rb"^\S+ stdout F line (\d+)$")
 # What removing every pod must leave behind its containerd and the shim.
 NOTHING_LEFT = {"tasks": 0, "containers": 0, "snapshots": 0, "netns": 0, "mounts": 0, "fds": 0}
@@ -86,9 +91,24 @@ async def runtime_ready(client: CriClient) -> bool:
     return {c.type: c.status for c in reply.status.conditions}["RuntimeReady"]
 
 
+def control_dir(node: Node, index: int) -> Path:
+    """A host directory pod `index`'s containers see as /ctl: the test's switches
+    (files it creates) and what the containers report back."""
+    path = node.base / "ctl" / str(index)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 async def start_container(
-    client: CriClient, pod_id: str, config: cri.PodSandboxConfig, image: str, name: str, script: str
+    client: CriClient,
+    pod_id: str,
+    config: cri.PodSandboxConfig,
+    image: str,
+    name: str,
+    script: str,
+    control: Path | None = None,
 ) -> str:
+    mounts = [cri.Mount(container_path="/ctl", host_path=str(control))] if control else []
     reply = await client.runtime.create_container(
         cri.CreateContainerRequest(
             pod_sandbox_id=pod_id,
@@ -97,6 +117,7 @@ async def start_container(
                 image=cri.ImageSpec(image=image),
                 command=["sh", "-c", script],
                 log_path=f"{name}.log",
+                mounts=mounts,
             ),
             sandbox_config=config,
         )
@@ -110,7 +131,10 @@ async def run_pod(client: CriClient, node: Node, image: str, index: int) -> tupl
     pod_id = (
         await client.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
     ).pod_sandbox_id
-    return pod_id, await start_container(client, pod_id, config, image, "logger", LOGGER)
+    logger = await start_container(
+        client, pod_id, config, image, "logger", LOGGER, control_dir(node, index)
+    )
+    return pod_id, logger
 
 
 async def snapshot(client: CriClient) -> tuple[dict[str, tuple[int, str]], dict[str, int]]:
@@ -136,7 +160,24 @@ async def exit_code(client: CriClient, container_id: str) -> int | None:
     return status.exit_code
 
 
+async def container_pid(client: CriClient, container_id: str) -> int:
+    """The container's process id, from ContainerStatus' verbose info."""
+    reply = await client.runtime.container_status(
+        cri.ContainerStatusRequest(container_id, verbose=True)
+    )
+    pid = json.loads(reply.info["info"])["pid"]
+    assert isinstance(pid, int) and pid > 0, reply.info
+    return pid
+
+
+async def processes_gone(pids: list[int]) -> bool:
+    """True once none of `pids` exists (exited and reaped by its runc shim)."""
+    return not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
 def numbered_lines(path: Path) -> list[int]:
+    if not path.exists():
+        return []
     numbers = []
     for line in path.read_bytes().split(b"\n")[:-1]:
         match = NUMBERED.match(line)
@@ -249,6 +290,10 @@ class Churn:
             assert (reply.stdout, reply.exit_code) == (b"ok\n", 0)
             self.execs += 1
 
+    async def busy(self) -> bool:
+        """True once the churn has done some of everything the kill should cut into."""
+        return len(self.done) >= 3 and len(self.removed) >= 1 and self.execs >= 4
+
     def start(self) -> asyncio.Future[list[None]]:
         return asyncio.gather(self.creator(), self.remover(), self.execer(), self.execer())
 
@@ -351,7 +396,8 @@ async def test_restart_and_containerd_crash_lose_nothing(
             pod_id: pod_config(f"rec-{i}", log_directory=str(node.base / "logs" / str(i)))
             for i, pod_id in enumerate(pod_ids)
         }
-        # Containers that exit while the shim is down, with codes of their own.
+        # Containers that exit while the shim is down, with codes of their own:
+        # each waits for /ctl/quit, which the test creates only after the kill.
         quitters = {
             await start_container(
                 client,
@@ -359,28 +405,40 @@ async def test_restart_and_containerd_crash_lose_nothing(
                 configs[pod_id],
                 image,
                 "quitter",
-                f"echo hello; sleep 1.5; exit {10 + i}",
+                f"echo hello; while [ ! -e /ctl/quit ]; do sleep 0.05; done; exit {10 + i}",
+                control_dir(node, i),
             ): 10 + i
             for i, pod_id in enumerate(pod_ids[:5])
         }
-        await asyncio.sleep(1.0)
+        quitter_pids = [await container_pid(client, c) for c in quitters]
+        loggers = [c for _, c in started]
+        logs = [node.base / "logs" / str(index) / "logger.log" for index in range(PODS)]
+        assert await wait_for(lambda: lines_grew(logs, [0] * PODS, 3), timeout=30)
         before = await snapshot(client)
 
         # 1. the shim dies mid-churn (runs, creates, execs, removals in flight)
         # and comes back on the same config.
-        loggers = [c for _, c in started]
         churn = Churn(node, image, loggers)
         churning = churn.start()
-        await asyncio.sleep(2.0)
+        assert await wait_for(lambda: churn.busy(), timeout=60), "no churn before the kill"
         client.close()
         shim.process.send_signal(signal.SIGKILL)
         await shim.process.wait()
         churn.stop.set()
         await churning
         churn.client.close()
-        await asyncio.sleep(2.5)  # loggers keep writing into their FIFOs; quitters exit
+        # The quitters exit now, with no shim to see it; loggers write on into their FIFOs.
+        assert await processes_gone(quitter_pids) is False
+        for index in range(5):
+            (control_dir(node, index) / "quit").touch()
+        assert await wait_for(lambda: processes_gone(quitter_pids), timeout=30)
+        at_restart = [len(numbered_lines(log)) for log in logs]
         shim = await node.start_shim()
         client = CriClient.connect(node.socket)
+        # The copiers are re-attached: lines written after the restart arrive.
+        assert await wait_for(lambda: lines_grew(logs, at_restart, 3), timeout=30), (
+            "no log lines after the shim restart"
+        )
         after = await snapshot(client)
         assert {pod_id: after[0][pod_id] for pod_id in before[0]} == before[0]
         for container_id, state in before[1].items():
@@ -396,15 +454,29 @@ async def test_restart_and_containerd_crash_lose_nothing(
         # 2. containerd dies (the shims and their tasks live on) and comes back.
         late = {
             await start_container(
-                client, pod_id, configs[pod_id], image, "late", "sleep 1; exit 42"
+                client,
+                pod_id,
+                configs[pod_id],
+                image,
+                "late",
+                "while [ ! -e /ctl/late ]; do sleep 0.05; done; exit 42",
+                control_dir(node, index),
             ): 42
-            for pod_id in pod_ids[5:8]
+            for index, pod_id in enumerate(pod_ids[5:8], start=5)
         }
+        late_pids = [await container_pid(client, c) for c in late]
         node.daemon.kill()
         assert await wait_for(lambda: _negate(runtime_ready(client)), timeout=10)
-        await asyncio.sleep(1.5)  # the late containers exit while containerd is down
+        # The late containers exit while containerd is down.
+        for index in range(5, 8):
+            (control_dir(node, index) / "late").touch()
+        assert await wait_for(lambda: processes_gone(late_pids), timeout=30)
+        at_restart = [len(numbered_lines(log)) for log in logs]
         await node.daemon.start()
         assert await wait_for(lambda: runtime_ready(client), timeout=20)
+        assert await wait_for(lambda: lines_grew(logs, at_restart, 3), timeout=30), (
+            "no log lines after the containerd restart"
+        )
 
         async def late_exits_seen() -> bool:
             codes = [await exit_code(client, container_id) for container_id in late]
@@ -425,15 +497,22 @@ async def test_restart_and_containerd_crash_lose_nothing(
         )
         extra_id, _ = await run_pod(client, node, image, PODS)
 
-        # Every line exactly once, in order, across both outages.
+        # Every line the loggers wrote is in their logs exactly once, in order,
+        # across both outages: the loggers end themselves and report their count.
+        for index in range(PODS):
+            (control_dir(node, index) / "stop").touch()
         for container_id in loggers:
-            await client.runtime.stop_container(cri.StopContainerRequest(container_id, timeout=0))
+            assert (await wait_exited(client, container_id, timeout=60)).exit_code == 0
         lines = 0
         for index in range(PODS):
-            numbers = numbered_lines(node.base / "logs" / str(index) / "logger.log")
-            assert numbers == list(range(len(numbers))), f"pod {index}: lines lost or repeated"
-            assert len(numbers) > 40
-            lines += len(numbers)
+            written = int((control_dir(node, index) / "written").read_text())
+            numbers = numbered_lines(logs[index])
+            assert numbers == list(range(written)), (
+                f"pod {index}: {written} lines written, the log holds {len(numbers)}"
+                f" (lost or repeated: {sorted(set(range(written)) ^ set(numbers))[:20]})"
+            )
+            assert written > at_restart[index] >= 3
+            lines += written
         # What a process wrote before the shim died is kept. (What it writes after,
         # and then exits before the restart, is lost: the runc shim closes both FIFO
         # ends on exit and the kernel frees the pipe, as under containerd's CRI.)
@@ -459,6 +538,13 @@ async def test_restart_and_containerd_crash_lose_nothing(
     finally:
         client.close()
         await stop_shim(shim)
+
+
+async def lines_grew(logs: list[Path], before: list[int], by: int) -> bool:
+    """True once every log holds at least `by` more numbered lines than `before`."""
+    return all(
+        len(numbered_lines(log)) >= count + by for log, count in zip(logs, before, strict=True)
+    )
 
 
 async def stop_shim(shim: ShimProcess) -> None:
