@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import logging
+import random
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.store import ImageContent, ImageStore, chain_ids, split_names
 from cri_shim.registry.types import Descriptor
 from cri_shim.server import Shim
-from tests.conftest import CriClient, make_settings, short_tempdir
+from tests.conftest import CriClient, make_settings, short_tempdir, wait_for
 from tests.support import images as im
 from tests.support.catalog import AUTH, LOCAL, PASSWORD, TOKEN, USERNAME, ServedCatalog, own_images
 from tests.support.registry import FakeRegistry, broken_mirror, stalling_registry
@@ -710,3 +711,61 @@ async def test_images_created_outside_the_cri_are_adopted(
     assert (await records(ctd))[name].labels.get("io.cri-containerd.image") == "managed"
     await client.image.remove_image(cri.RemoveImageRequest(image=spec(name)))
     assert name not in await records(ctd)
+
+
+async def content_digests(ctd: ContainerdClient) -> set[str]:
+    """Every committed blob in the tests' namespace."""
+    found: set[str] = set()
+    async for reply in ctd.content.list(content_v1.ListContentRequest()):
+        found |= {info.digest for info in reply.info}
+    return found
+
+
+async def test_corrupt_layer_fails_the_pull_with_data_loss_and_leaves_nothing(
+    containerd: EmbeddedContainerd, ctd: ContainerdClient
+) -> None:
+    """A registry that flips one byte of a layer: the shim's own pull path (the
+    commit containerd verifies) refuses it with DATA_LOSS, keeps no image record,
+    committed blob, ingest or lease, and a retry against a healthy registry works."""
+    # One incompressible layer: the corrupt one is the only download, so no
+    # healthy partial download is cut off (those are kept for resuming).
+    data = random.Random(29).randbytes(256 << 10)
+    image = im.build_image([im.layer([im.file("blob", data)])])
+    layer = image.layers[-1]
+    registry = FakeRegistry(blob_fault="corrupt", fault_after=layer.size // 2)
+    registry.add("test/corrupt", "1", image)
+    async with registry, running_shim(containerd) as (_, client):
+        ref = f"{registry.host}/test/corrupt:1"
+        content_before = await content_digests(ctd)
+        leases_before = {
+            lease.id for lease in (await ctd.leases.list(leases_v1.ListRequest())).leases
+        }
+        with pytest.raises(GRPCError) as caught:
+            await pull(client.image, ref)
+        assert caught.value.status is Status.DATA_LOSS, caught.value
+        message = caught.value.message or ""
+        assert layer.digest in message and "does not match its digest" in message, message
+        assert "Traceback" not in message
+        # The corrupt layer was really sent to the shim (not refused before download).
+        assert [r for r in registry.requested("blobs") if r.path.endswith(layer.digest)]
+
+        assert not [name for name in await records(ctd) if "test/corrupt" in name]
+        leases = {lease.id for lease in (await ctd.leases.list(leases_v1.ListRequest())).leases}
+        assert leases == leases_before
+        statuses = await ctd.content.list_statuses(content_v1.ListStatusesRequest())
+        assert not [st.ref for st in statuses.statuses if layer.digest in st.ref]
+
+        async def nothing_new_committed() -> bool:
+            return await content_digests(ctd) <= content_before
+
+        # containerd's GC collects what only the deleted pull lease held.
+        assert await wait_for(nothing_new_committed, timeout=20), (
+            await content_digests(ctd)
+        ) - content_before
+        assert layer.digest not in await content_digests(ctd)
+
+        registry.blob_fault = "none"  # the registry heals: the retry succeeds
+        assert await pull(client.image, ref) == image.config.digest
+        assert layer.digest in await content_digests(ctd)
+        assert await status(client.image, ref)
+        await client.image.remove_image(cri.RemoveImageRequest(image=spec(ref)))

@@ -27,6 +27,7 @@ from cri_shim.images.unpack import Unpacker
 from cri_shim.keyed_locks import KeyedLocks
 from cri_shim.logs import log_event
 from cri_shim.registry.client import RegistryClient
+from cri_shim.registry.errors import DigestMismatchError
 from cri_shim.registry.types import Credentials, Descriptor, ResolvedImage
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,9 @@ class Puller:
                 written = await self.content.write(
                     layer, source, labels=labels, lease=lease.id, progress=count
                 )
+            except DigestMismatchError:
+                # The ingest was discarded: nothing to resume, so no lease is kept.
+                raise
             except BaseException:
                 # A partial ingest exists: keep the lease so the next attempt resumes it.
                 lease.keep = lease.keep or fetched > 0
