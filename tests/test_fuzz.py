@@ -2,8 +2,10 @@
 
 Every answer must be a success or a gRPC status that blames the request
 (INVALID_ARGUMENT, NOT_FOUND, ...), never INTERNAL/UNKNOWN from a bug of ours;
-the server stays up, and once the pods the fuzzer managed to create are
-removed, containerd holds what it held before and no netns pin is left.
+no call hangs (DEADLINE_EXCEEDED, UNAVAILABLE from a live containerd); the
+server stays up, and once the pods the fuzzer managed to create are removed,
+containerd holds what it held before (containers, tasks, snapshots, leases,
+content), and no mount or netns pin is left.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from hypothesis import strategies as st
 
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
+from cri_shim.gen.containerd.services.content import v1 as content_v1
+from cri_shim.gen.containerd.services.leases import v1 as leases_v1
+from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
+from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
-from .conftest import CriClient, make_settings, short_tempdir
+from .conftest import CriClient, make_settings, short_tempdir, wait_for
 from .pods import CNI_BIN, pod_config
 from .support.catalog import ServedCatalog
 
@@ -36,6 +42,11 @@ EXAMPLES = int(os.environ.get("CRI_SHIM_FUZZ_EXAMPLES", "300"))
 NAMESPACE = "crishim-fuzz"
 # Statuses that say "our bug", not "your request".
 FORBIDDEN = {Status.INTERNAL, Status.UNKNOWN, Status.DATA_LOSS}
+# Statuses that say "it hung" while containerd is up: failures as well. ExecSync
+# answers DEADLINE_EXCEEDED when the command outlives the request's own timeout,
+# as containerd's CRI does; that one is the request's doing.
+HANGS = {Status.DEADLINE_EXCEEDED, Status.UNAVAILABLE}
+REQUEST_DEADLINES = {"exec_sync"}
 
 HOSTILE = [
     "",
@@ -69,7 +80,20 @@ class Target:
     pod_id: str
     pod: cri.PodSandboxConfig
     image: str
-    ids: list[str] = field(default_factory=list)
+    # Ids that later requests aim at: a ring of fixed size, so hypothesis sees the
+    # same strategy shape on every draw (only the values change).
+    ids: list[str] = field(default_factory=lambda: [f"not-made-yet-{i}" for i in range(8)])
+    pods: list[str] = field(default_factory=list)  # the pods it made, ring as well
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.pods = [self.pod_id] * 4
+
+    def made(self, object_id: str, *, pod: bool) -> None:
+        self.ids[self.count % len(self.ids)] = object_id
+        if pod:
+            self.pods[self.count % len(self.pods)] = object_id
+        self.count += 1
 
 
 def ids(target: Target) -> st.SearchStrategy[str]:
@@ -136,6 +160,47 @@ def pod_configs(target: Target) -> st.SearchStrategy[cri.PodSandboxConfig]:
                     ),
                 ),
             ),
+        ),
+    )
+
+
+NAME = st.text("abcxyz019-", min_size=1, max_size=12).filter(
+    lambda n: n[0].isalnum() and n[-1].isalnum()
+)
+
+
+def plausible_container_configs(target: Target) -> st.SearchStrategy[cri.ContainerConfig]:
+    """Configs that can succeed, so creates, starts and removals really happen and
+    what they leave behind is checked; a few fields still random."""
+    return st.builds(
+        cri.ContainerConfig,
+        metadata=st.builds(cri.ContainerMetadata, name=NAME, attempt=st.integers(0, 2)),
+        image=st.just(cri.ImageSpec(image=target.image)),
+        command=st.sampled_from([["sleep", "3600"], ["true"], ["sh", "-c", "exit 3"], []]),
+        envs=st.lists(st.builds(cri.KeyValue, key=NAME, value=st.binary(max_size=8)), max_size=2),
+        labels=labels,
+        log_path=st.one_of(st.just(""), NAME.map(lambda n: f"{n}.log")),
+        tty=st.booleans(),
+        stdin=st.booleans(),
+    )
+
+
+def plausible_pod_configs(target: Target) -> st.SearchStrategy[cri.PodSandboxConfig]:
+    """Host-network pod configs that can succeed (the shim has no CNI config)."""
+    return st.builds(
+        cri.PodSandboxConfig,
+        metadata=st.builds(
+            cri.PodSandboxMetadata, name=NAME, uid=NAME, namespace=NAME, attempt=st.integers(0, 2)
+        ),
+        log_directory=st.just(str(target.shim.settings.state_path / "fuzzlogs")),
+        hostname=st.one_of(st.just(""), NAME),
+        labels=labels,
+        linux=st.just(
+            cri.LinuxPodSandboxConfig(
+                security_context=cri.LinuxSandboxSecurityContext(
+                    namespace_options=cri.NamespaceOption(network=cri.NamespaceMode.NODE)
+                )
+            )
         ),
     )
 
@@ -281,6 +346,15 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
             cri.ImageFilter, image=st.one_of(st.none(), st.builds(cri.ImageSpec, image=text))
         ),
     )
+    plausible_create = rt(
+        "create_container",
+        st.builds(
+            cri.CreateContainerRequest,
+            pod_sandbox_id=st.sampled_from(target.pods),
+            config=plausible_container_configs(target),
+            sandbox_config=st.just(target.pod),
+        ),
+    )
     return st.one_of(
         rt("version", st.builds(cri.VersionRequest, version=text)),
         rt("status", st.builds(cri.StatusRequest, verbose=st.booleans())),
@@ -292,6 +366,14 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
                 runtime_handler=st.one_of(st.just(""), text),
             ),
         ),
+        # Requests that can succeed, so real objects are made (and must be cleaned up).
+        rt(
+            "run_pod_sandbox",
+            st.builds(cri.RunPodSandboxRequest, config=plausible_pod_configs(target)),
+        ),
+        plausible_create,
+        plausible_create,  # twice: a pod the fuzz removed refuses some
+        rt("start_container", st.builds(cri.StartContainerRequest, st.sampled_from(target.ids))),
         rt("stop_pod_sandbox", st.builds(cri.StopPodSandboxRequest, pod_sandbox_id=text)),
         rt("remove_pod_sandbox", st.builds(cri.RemovePodSandboxRequest, pod_sandbox_id=text)),
         rt(
@@ -509,32 +591,95 @@ async def target(
     await shim.stop()
 
 
-async def containerd_objects(target: Target) -> int:
-    assert target.shim.client is not None
-    reply = await target.shim.client.containers.list(containers_v1.ListContainersRequest())
-    return len(reply.containers)
+async def held(target: Target) -> dict[str, set[str]]:
+    """What containerd holds in the shim's namespace, and the shim's mounts and
+    netns pins on the host, by name: what the fuzz must leave as it found it."""
+    client = target.shim.client
+    assert client is not None
+    containers = await client.containers.list(containers_v1.ListContainersRequest())
+    tasks = await client.tasks.list(tasks_v1.ListTasksRequest())
+    leases = await client.leases.list(leases_v1.ListRequest())
+    snapshots: set[str] = set()
+    async for reply in client.snapshots.list(
+        snapshots_v1.ListSnapshotsRequest(snapshotter="overlayfs")
+    ):
+        snapshots |= {f"{info.kind.name}:{info.name}" for info in reply.info}
+    content: set[str] = set()
+    async for listed in client.content.list(content_v1.ListContentRequest()):
+        content |= {info.digest for info in listed.info}
+    netns = Path(target.shim.settings.cni.netns_dir)
+    state = str(target.shim.settings.state_path)
+    mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+    return {
+        "containers": {c.id for c in containers.containers},
+        "tasks": {f"{t.id}:{t.status}" for t in tasks.tasks},
+        "snapshots": snapshots,
+        "leases": {lease.id for lease in leases.leases},
+        "content": content,
+        "mounts": {line.split()[4] for line in mountinfo if f" {state}/" in line},
+        "netns": set(os.listdir(netns)) if netns.exists() else set(),
+    }
 
 
-def netns_pins(target: Target) -> int:
-    path = Path(target.shim.settings.cni.netns_dir)
-    return len(os.listdir(path)) if path.exists() else 0
+async def make_targets(target: Target) -> None:
+    """Two pods with a running and a created container each, made before the fuzz
+    (which aims at them, and makes more when its draws allow): the check that
+    everything is gone afterwards then always covers real objects."""
+    for index in range(2):
+        config = pod_config(
+            f"fuzz-target-{index}",
+            log_directory=str(target.shim.settings.state_path / "fuzzlogs"),
+            linux=target.pod.linux,
+        )
+        reply = await target.client.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+        target.made(reply.pod_sandbox_id, pod=True)
+        for name, start in (("running", True), ("created", False)):
+            made = await target.client.runtime.create_container(
+                cri.CreateContainerRequest(
+                    pod_sandbox_id=reply.pod_sandbox_id,
+                    config=cri.ContainerConfig(
+                        metadata=cri.ContainerMetadata(name=name),
+                        image=cri.ImageSpec(image=target.image),
+                        command=["sleep", "3600"],
+                        log_path=f"{name}.log",
+                    ),
+                    sandbox_config=config,
+                )
+            )
+            if start:
+                await target.client.runtime.start_container(
+                    cri.StartContainerRequest(made.container_id)
+                )
+            target.made(made.container_id, pod=False)
 
 
 async def test_random_requests_get_grpc_errors_only(target: Target) -> None:
-    before = (await containerd_objects(target), netns_pins(target))
+    before = await held(target)
+    await make_targets(target)
     loop = asyncio.get_running_loop()
     sent: Counter[str] = Counter()
     statuses: Counter[str] = Counter()
+    succeeded: Counter[str] = Counter()
     bugs: list[str] = []
 
     async def send(name: str, call: Call) -> None:
         sent[name] += 1
         try:
-            await asyncio.wait_for(call(target.client), 30)
+            reply = await asyncio.wait_for(call(target.client), 30)
             statuses["OK"] += 1
+            succeeded[name] += 1
+            made = getattr(reply, "container_id", "") or getattr(reply, "pod_sandbox_id", "")
+            if name in ("create_container", "run_pod_sandbox") and made:
+                target.made(made, pod=name == "run_pod_sandbox")
+        except TimeoutError:
+            statuses["no answer in 30s"] += 1
+            bugs.append(f"{name}: no answer in 30s")
         except GRPCError as err:
             statuses[err.status.name] += 1
-            if err.status in FORBIDDEN:
+            hung = err.status in HANGS and not (
+                err.status is Status.DEADLINE_EXCEEDED and name in REQUEST_DEADLINES
+            )
+            if err.status in FORBIDDEN or hung:
                 bugs.append(f"{name}: {err.status.name}: {err.message}")
 
     @settings(
@@ -551,7 +696,10 @@ async def test_random_requests_get_grpc_errors_only(target: Target) -> None:
     await asyncio.to_thread(fuzz)
     # Still serving.
     assert (await target.client.runtime.version(cri.VersionRequest())).runtime_name
-    print(f"fuzz: {sum(sent.values())} requests over {len(sent)} RPCs; statuses {dict(statuses)}")
+    print(
+        f"fuzz: {sum(sent.values())} requests over {len(sent)} RPCs; statuses {dict(statuses)};"
+        f" succeeded {dict(succeeded)}"
+    )
     assert not bugs, "\n".join(sorted(set(bugs))[:20])
 
     listed = await target.client.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())
@@ -561,4 +709,16 @@ async def test_random_requests_get_grpc_errors_only(target: Target) -> None:
     containers = await target.client.runtime.list_containers(cri.ListContainersRequest())
     for container in containers.containers:
         await target.client.runtime.remove_container(cri.RemoveContainerRequest(container.id))
-    assert (await containerd_objects(target), netns_pins(target)) == before
+
+    async def as_before() -> bool:
+        return await held(target) == before
+
+    # Removal is synchronous, but containerd's GC of released content is not.
+    if not await wait_for(as_before, timeout=20):
+        after = await held(target)
+        changed = {
+            kind: {"added": after[kind] - items, "gone": items - after[kind]}
+            for kind, items in before.items()
+            if after[kind] != items
+        }
+        raise AssertionError(f"containerd or the host changed: {changed}")

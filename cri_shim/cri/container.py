@@ -17,6 +17,7 @@ from grpclib.const import Status
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.exec_sync import ExecTimeout, exec_sync
 from cri_shim.container.lifecycle import ContainerManager
+from cri_shim.cri.labels import require_label_keys
 from cri_shim.errors import failed_precondition, invalid_argument, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.oci.errors import SpecError
@@ -61,6 +62,7 @@ class ContainerHandlers:
             raise invalid_argument(f"config.metadata.name exceeds {MAX_NAME_LENGTH} characters")
         if config.image is None or not config.image.image:
             raise invalid_argument("config.image.image must not be empty")
+        require_label_keys(config.labels, "config.labels")
         sandbox = self.sandboxes.by_id.get(request.pod_sandbox_id)
         try:
             container_id = await self.manager.create(sandbox, config)

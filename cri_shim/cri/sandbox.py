@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from grpclib import GRPCError
 from grpclib.const import Status
 
+from cri_shim.cri.labels import require_label_keys
 from cri_shim.errors import failed_precondition, invalid_argument, not_found, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.network.cni import CniError, CniNotReady
@@ -44,6 +45,7 @@ def _validate_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfi
     require(metadata.name, "config.metadata.name")
     require(metadata.namespace, "config.metadata.namespace")
     require(metadata.uid, "config.metadata.uid")
+    require_label_keys(config.labels, "config.labels")
     for field, value in (("name", metadata.name), ("namespace", metadata.namespace)):
         if len(value) > MAX_NAME_LENGTH:
             raise invalid_argument(
