@@ -41,6 +41,15 @@ def pytest_asyncio_loop_factories(
     return {"uvloop": uvloop.new_event_loop}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses the `containerd` fixture (directly or through
+    another fixture) as needing a real containerd, so `-m "not containerd"`
+    runs the rest; tests that start a containerd of their own carry the mark."""
+    for item in items:
+        if "containerd" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.containerd)
+
+
 def short_tempdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 

@@ -70,6 +70,25 @@ async def echo_server_in_pod(shim: Shim, pod_id: str, port: int) -> asyncio.Serv
     return await asyncio.start_server(echo, sock=sock)
 
 
+async def wait_listening(shim: Shim, pod_id: str, port: int, timeout: float = 30) -> None:
+    """Return once something accepts TCP connections on 127.0.0.1:port in the pod."""
+    from cri_shim.network.netns import _socket_in_netns
+
+    sandbox = shim.sandboxes.by_id.get(pod_id)
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = await asyncio.to_thread(_socket_in_netns, sandbox.netns_path, socket.AF_INET)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on port {port} in pod {pod_id}"
+        finally:
+            sock.close()
+        await asyncio.sleep(0.1)
+
+
 @dataclass
 class Usage:
     tasks: int

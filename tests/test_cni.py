@@ -23,6 +23,7 @@ import random
 import secrets
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,7 @@ from cri_shim.network.readiness import NetworkReadiness
 from cri_shim.settings import load
 
 from .conftest import short_tempdir, wait_for
+from .support.ports import free_port
 
 PLUGIN_DIR = Path("/usr/lib/cni")
 REAL_PLUGINS = ("bridge", "host-local", "loopback", "portmap")
@@ -559,7 +561,7 @@ async def test_add_gives_reachable_ip_and_del_releases_it(case: Case) -> None:
 async def test_host_port_mapping(case: Case) -> None:
     case.standard()
     network = await case.pod_network()
-    host_port = random.randint(31000, 32000)
+    host_port = free_port()
     async with pod_netns(case.host) as netns:
         pod = request(netns, port_mappings=[PortMapping("TCP", 8080, host_port)])
         status = await network.setup(pod)
@@ -584,7 +586,7 @@ async def test_del_twice_and_after_netns_is_gone(case: Case) -> None:
     before = case.snapshot(sandbox_id)
     netns = await create_pod_netns(case.host.netns_dir)
     pod = request(
-        netns, sandbox_id, port_mappings=[PortMapping("udp", 53, random.randint(32001, 33000))]
+        netns, sandbox_id, port_mappings=[PortMapping("udp", 53, free_port(socket.SOCK_DGRAM))]
     )
     await network.setup(pod)
     await remove_pod_netns(netns)  # the pod's namespace went first
@@ -598,7 +600,7 @@ async def test_del_after_restart_uses_cached_result(case: Case) -> None:
     case.standard()
     first = await case.pod_network()
     async with pod_netns(case.host) as netns:
-        pod = request(netns, port_mappings=[PortMapping("tcp", 80, random.randint(33001, 34000))])
+        pod = request(netns, port_mappings=[PortMapping("tcp", 80, free_port())])
         before = case.snapshot(pod.sandbox_id)
         status = await first.setup(pod)
 
@@ -646,7 +648,7 @@ async def test_failed_add_leaves_nothing_behind(case: Case) -> None:
     )
     network = await case.pod_network()
     async with pod_netns(case.host) as netns:
-        pod = request(netns, port_mappings=[PortMapping("tcp", 80, random.randint(34001, 35000))])
+        pod = request(netns, port_mappings=[PortMapping("tcp", 80, free_port())])
         before = case.snapshot(pod.sandbox_id)
         with pytest.raises(CniError) as caught:
             await network.setup(pod)

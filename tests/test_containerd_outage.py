@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 
 from cri_shim.containerd.embedded import EmbeddedContainerd
@@ -11,6 +12,9 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
 from .conftest import CriClient, make_settings, short_tempdir, wait_for
+
+# Starts a containerd of its own.
+pytestmark = pytest.mark.containerd
 
 
 @pytest_asyncio.fixture(loop_scope="session")

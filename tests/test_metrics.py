@@ -95,6 +95,7 @@ async def fragile() -> AsyncIterator[tuple[EmbeddedContainerd, Shim]]:
     await daemon.stop()
 
 
+@pytest.mark.containerd  # starts a containerd of its own
 async def test_healthz_is_503_while_containerd_is_down(
     fragile: tuple[EmbeddedContainerd, Shim],
 ) -> None:

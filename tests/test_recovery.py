@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 from cri_shim.containerd.client import ContainerdClient
@@ -32,6 +33,9 @@ from .conftest import CriClient, ShimProcess, short_tempdir, start_shim_process,
 from .pods import CNI_BIN, pod_config, wait_exited, write_conflist, write_shim_config
 from .support.catalog import ServedCatalog
 from .support.reaper import reap
+
+# Starts a containerd of its own.
+pytestmark = pytest.mark.containerd
 
 PODS = 20
 NAMESPACE = "crishim-recovery"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from cri_shim.server import Shim
 
 from .conftest import CriClient, make_settings, short_tempdir
 from .pods import CNI_BIN, pod_config
+from .support.ports import free_port
 
 
 async def status_of(
@@ -79,7 +79,7 @@ async def test_pod_gets_an_ip_reachable_from_the_host(pod_shim: Shim, pods: CriC
 
 
 async def test_host_port_mapping_reaches_the_pod(pod_shim: Shim, pods: CriClient) -> None:
-    host_port = random.randrange(30000, 32000)
+    host_port = free_port()
     config = pod_config(
         "ports",
         port_mappings=[

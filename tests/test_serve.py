@@ -147,6 +147,7 @@ def test_unreadable_toml_exits_nonzero(tmp_path: Path) -> None:
     assert "is not valid TOML" in result.stderr
 
 
+@pytest.mark.containerd  # starts a containerd of its own
 async def test_starts_a_private_containerd_when_none_is_reachable() -> None:
     base = short_tempdir("crishim-emb-")
     config = write_config(base, str(base / "no-containerd.sock"), embedded=True)

@@ -20,7 +20,6 @@ import importlib
 import json
 import re
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -33,6 +32,8 @@ from urllib.parse import urlencode, urljoin
 
 import aiohttp
 from aiohttp import web
+
+from tests.support.ports import free_port
 
 from .images import (
     DOCKER_MANIFEST,
@@ -57,14 +58,6 @@ class RegistryError(RuntimeError):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _is_digest(ref: str) -> bool:
