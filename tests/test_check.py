@@ -139,7 +139,7 @@ async def test_missing_containerd_fails(tmp_path: Path) -> None:
 
 
 def settings_for(base: Path, **overrides: object) -> Settings:
-    dotted = {
+    dotted: dict[str, object] = {
         "state_dir": str(base / "state"),
         "server.socket": str(base / "run" / "cri.sock"),
         "containerd.address": str(base / "none.sock"),

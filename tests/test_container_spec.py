@@ -63,6 +63,11 @@ SANDBOX = SandboxView(
 )
 
 
+def make_fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / "fifo.json")
+    return tmp / "fifo.json"
+
+
 def fake_devices(host: str, inside: str) -> list[dict[str, Any]]:
     """Stands in for stat(2): /dev/fuse is c 10:229; /dev/snd holds two devices."""
     table = {
@@ -766,7 +771,7 @@ def test_seccomp_localhost_errors(
     ("make", "match"),
     [
         pytest.param(
-            lambda tmp: os.mkfifo(tmp / "fifo.json") or tmp / "fifo.json",
+            make_fifo,
             "not a regular file",
             id="fifo",
         ),

@@ -188,8 +188,9 @@ async def test_real_lifecycle_wire_bytes_match_fresh(
         fresh = [s.to_cri() for s in pod_shim.sandboxes.list(None)]
         assert bytes(listed) == bytes(cri.ListPodSandboxResponse(items=fresh))
         for c in pod_shim.containers.list(None):
-            status = await pods.runtime.container_status(cri.ContainerStatusRequest(c.id))
-            assert bytes(status) == bytes(cri.ContainerStatusResponse(status=c.to_status()))
+            container_status = await pods.runtime.container_status(cri.ContainerStatusRequest(c.id))
+            expected = cri.ContainerStatusResponse(status=c.to_status())
+            assert bytes(container_status) == bytes(expected)
         reply = await pods.runtime.list_containers(cri.ListContainersRequest())
         fresh_c = [c.to_cri() for c in pod_shim.containers.list(None)]
         assert bytes(reply) == bytes(cri.ListContainersResponse(containers=fresh_c))

@@ -306,11 +306,19 @@ async def drain(stream: AsyncIterator[Any]) -> int:
 
 def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
     """(rpc name, coroutine factory) for one random request."""
-    rt = lambda name, make: make.map(lambda req: (name, lambda c: getattr(c.runtime, name)(req)))  # noqa: E731
-    im = lambda name, make: make.map(lambda req: (name, lambda c: getattr(c.image, name)(req)))  # noqa: E731
-    rts = lambda name, make: make.map(  # noqa: E731
-        lambda req: (name, lambda c: drain(getattr(c.runtime, name)(req)))
-    )
+
+    def rt(name: str, make: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[str, Call]]:
+        """A RuntimeService call of `name` with requests drawn from `make`."""
+        return make.map(lambda req: (name, lambda c: getattr(c.runtime, name)(req)))
+
+    def im(name: str, make: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[str, Call]]:
+        """An ImageService call of `name` with requests drawn from `make`."""
+        return make.map(lambda req: (name, lambda c: getattr(c.image, name)(req)))
+
+    def rts(name: str, make: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[str, Call]]:
+        """A RuntimeService server stream of `name`, read to its end."""
+        return make.map(lambda req: (name, lambda c: drain(getattr(c.runtime, name)(req))))
+
     some_id = ids(target)
     container_filters = st.one_of(
         st.none(),

@@ -288,7 +288,8 @@ async def test_pull_by_tag_creates_what_containerd_would(
         f"docker.io/library/busybox@{digest}",
     ):
         assert name in found, name
-        assert found[name].target is not None and found[name].target.digest == digest
+        target = found[name].target
+        assert target is not None and target.digest == digest
         assert found[name].labels.get("io.cri-containerd.image") == "managed"
         assert "io.cri-containerd.pinned" not in found[name].labels
 
@@ -510,7 +511,7 @@ async def test_two_shims_pulling_the_same_image_at_once(
     ):
         ref = f"{registry.host}/test/race:1"
         refs = await asyncio.gather(pull(first.image, ref), pull(second.image, ref))
-        assert refs == [image.config.digest] * 2
+        assert list(refs) == [image.config.digest] * 2
         for client in (first, second):
             got = (await status(client.image, ref)).image
             assert got is not None and got.id == image.config.digest

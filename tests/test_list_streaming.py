@@ -42,7 +42,7 @@ async def raw_stream(client: CriClient, service: str, method: str, request: Any)
         f"/runtime.v1.{service}/{method}",
         Cardinality.UNARY_STREAM,
         type(request),
-        RawReply,  # type: ignore[arg-type]
+        RawReply,
     ) as stream:
         await stream.send_message(request, end=True)
         return [reply.data async for reply in stream]
@@ -215,10 +215,8 @@ async def test_stream_stats_and_images_match_their_lists(
         cri.StreamContainerStatsRequest(cri.ContainerStatsFilter(id=running[1])),
     )
     assert len(one) == 1
-    assert (
-        cri.StreamContainerStatsResponse().parse(one[0]).container_stats[0].attributes.id
-        == (running[1])
-    )
+    attributes = cri.StreamContainerStatsResponse().parse(one[0]).container_stats[0].attributes
+    assert attributes is not None and attributes.id == running[1]
 
     pod_stats = [
         s

@@ -298,7 +298,7 @@ class Churn:
         """True once the churn has done some of everything the kill should cut into."""
         return len(self.done) >= 3 and len(self.removed) >= 1 and self.execs >= 4
 
-    def start(self) -> asyncio.Future[list[None]]:
+    def start(self) -> asyncio.Future[tuple[None, None, None, None]]:
         return asyncio.gather(self.creator(), self.remover(), self.execer(), self.execer())
 
 

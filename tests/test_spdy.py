@@ -119,9 +119,7 @@ def test_malformed_frames_are_protocol_errors(wire: str) -> None:
 # property tests
 
 names = st.from_regex(r"[a-z0-9][a-z0-9-]{0,15}", fullmatch=True)
-values = st.text(
-    st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=30
-)
+values = st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]), max_size=30)
 headers = st.dictionaries(names, st.lists(values, min_size=1, max_size=3).map(tuple), max_size=6)
 stream_ids = st.integers(1, spdy.MAX_STREAM_ID)
 frames = st.one_of(

@@ -143,12 +143,12 @@ async def raw_call(client: CriClient, method: str, request: Any) -> bytes:
         f"/runtime.v1.RuntimeService/{method}",
         Cardinality.UNARY_UNARY,
         type(request),
-        RawReply,  # type: ignore[arg-type]
+        RawReply,
     ) as stream:
         await stream.send_message(request, end=True)
         reply = await stream.recv_message()
     assert reply is not None
-    return reply.data  # type: ignore[no-any-return]
+    return reply.data
 
 
 class Workload:
@@ -477,7 +477,7 @@ async def main(
 
     base_sum = summarize(results["containerd"]["times"])
     shim_sum = summarize(results["cri-shim"]["times"])
-    table = []
+    table: list[dict[str, Any]] = []
     for op in base_sum:
         if op in shim_sum:
             b, s = base_sum[op], shim_sum[op]

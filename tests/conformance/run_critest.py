@@ -125,9 +125,9 @@ async def run(args: argparse.Namespace) -> int:
                 sys.stdout.buffer.write(line)
         code = await critest.wait()
         (base / "critest.log").write_bytes(bytes(output))
-        for line in output.decode(errors="replace").splitlines():
-            if SUMMARY.search(line) or line.startswith(("[FAIL]", "  [FAIL]")):
-                print(line.strip())
+        for text in output.decode(errors="replace").splitlines():
+            if SUMMARY.search(text) or text.startswith(("[FAIL]", "  [FAIL]")):
+                print(text.strip())
         print(f"critest exit {code}; output in {base / 'critest.log'}")
         print(f"shim log in {base / 'cri-shim.log'}")
         return code
