@@ -140,6 +140,7 @@ class ContainerManager:
         self._releases: set[asyncio.Task[None]] = set()
         # Set once an exit is fully recorded (task deleted, output drained, persisted).
         self._finished: dict[str, asyncio.Event] = {}
+        self._finishing: set[str] = set()  # exits being recorded (output still draining)
         # Containers whose task an exit record already deleted: Remove skips that call.
         self._task_deleted: set[str] = set()
         # Rootfs mounts from CreateContainer's Prepare, so StartContainer needs no
@@ -452,14 +453,22 @@ class ContainerManager:
             container.oom_killed = await self._cgroup_oom_killed(container)
             if container.oom_killed:
                 log_event(log, "OOM kill found in the cgroup", container=container.id)
-        if container.state is not ContainerState.RUNNING:
-            return  # finished by a concurrent caller meanwhile
+        if container.state is not ContainerState.RUNNING or container.id in self._finishing:
+            return  # finished, or being finished, by a concurrent caller meanwhile
+        self._finishing.add(container.id)
         try:
             await self._record_exit(container, exit_code, finished_at)
         finally:
+            self._finishing.discard(container.id)
             finished.set()
 
     async def _record_exit(self, container: Container, exit_code: int, finished_at: int) -> None:
+        # The output first: once the exit shows, the log is complete, as under
+        # containerd's CRI (its task.Delete waits for the container's IO).
+        io = self._io.pop(container.id, None)
+        if io is not None:
+            await io.drained(DRAIN_SECONDS)
+            await io.close()
         container.state = ContainerState.EXITED
         container.exit_code = exit_code
         container.finished_at = finished_at
@@ -476,10 +485,6 @@ class ContainerManager:
         await self._persist_exit(container)
         await self.ops.delete_task(container.id)
         self._task_deleted.add(container.id)
-        io = self._io.pop(container.id, None)
-        if io is not None:
-            await io.drained(DRAIN_SECONDS)
-            await io.close()
         self._publish(container, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
         log_event(
             log,
