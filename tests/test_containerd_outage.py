@@ -6,8 +6,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from grpclib import GRPCError
 
+from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.gen.containerd.services.containers import v1 as containers_v1
+from cri_shim.gen.google.protobuf import Empty
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
@@ -72,5 +76,21 @@ async def test_embedded_containerd_is_restarted_after_a_crash() -> None:
             return daemon.restarts == 1 and daemon.pid != first_pid
 
         assert await wait_for(restarted, timeout=15)
+        # A new pid is not enough: the restarted containerd answers on its socket.
+        client = ContainerdClient(daemon.address, "crishim-sup")
+        try:
+
+            async def serving() -> bool:
+                try:
+                    reply = await client.version_service.version(Empty(), timeout=2)
+                except (OSError, TimeoutError, GRPCError):
+                    return False
+                return bool(reply.version)
+
+            assert await wait_for(serving, timeout=30)
+            listed = await client.containers.list(containers_v1.ListContainersRequest())
+            assert listed.containers == []
+        finally:
+            client.close()
     finally:
         await daemon.stop()

@@ -4,7 +4,6 @@ attempt, whether the retry arrives while it runs or after it finished."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from pathlib import Path
@@ -16,7 +15,7 @@ from grpclib.const import Status
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
-from .conftest import CriClient
+from .conftest import CriClient, wait_for
 from .pods import pod_config
 from .support.catalog import ServedCatalog
 
@@ -32,18 +31,18 @@ async def pods_named(client: CriClient, name: str) -> list[str]:
     return [p.id for p in listed.items if p.metadata is not None and p.metadata.name == name]
 
 
-@pytest.mark.parametrize("settle", [0.0, 3.0], ids=["retry-in-flight", "retry-after-done"])
+@pytest.mark.parametrize("after_done", [False, True], ids=["retry-in-flight", "retry-after-done"])
 async def test_timed_out_run_and_create_are_reused(
     pods: CriClient,
     pod_shim: Shim,
     pod_images: ServedCatalog,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    settle: float,
+    after_done: bool,
 ) -> None:
     image = pod_images.local("library/busybox:latest")
     await pods.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
-    name = f"retry-{int(settle)}"
+    name = f"retry-{int(after_done)}"
     config = pod_config(name, log_directory=str(tmp_path / "logs"))
     caplog.set_level(logging.INFO, logger="cri_shim")
 
@@ -53,7 +52,16 @@ async def test_timed_out_run_and_create_are_reused(
         await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config), timeout=0.05)
     if isinstance(caught.value, GRPCError):
         assert caught.value.status is Status.DEADLINE_EXCEEDED
-    await asyncio.sleep(settle)
+    if after_done:
+
+        async def run_done() -> bool:
+            listed = await pods.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())
+            ready = cri.PodSandboxState.SANDBOX_READY
+            return any(
+                p.metadata and p.metadata.name == name and p.state == ready for p in listed.items
+            )
+
+        assert await wait_for(run_done, timeout=60)
     pod_id = (
         await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
     ).pod_sandbox_id
@@ -72,7 +80,15 @@ async def test_timed_out_run_and_create_are_reused(
     # A create can beat even this deadline; then the retry finds it CREATED.
     with contextlib.suppress(TimeoutError, GRPCError):
         await pods.runtime.create_container(request, timeout=0.01)
-    await asyncio.sleep(settle)
+    if after_done:
+
+        async def create_done() -> bool:
+            listed = await pods.runtime.list_containers(
+                cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id))
+            )
+            return bool(listed.containers)
+
+        assert await wait_for(create_done, timeout=60)
     container_id = (await pods.runtime.create_container(request)).container_id
     listed = await pods.runtime.list_containers(
         cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from cri_shim.network.netns import remove_pod_netns
 from cri_shim.server import Shim
 
 from .conftest import CriClient, make_settings, short_tempdir
-from .pods import CNI_BIN, pod_config
+from .pods import CNI_BIN, pod_config, write_conflist
+from .support.catalog import ServedCatalog
 from .support.ports import free_port
 
 
@@ -186,47 +188,66 @@ async def test_invalid_requests_get_clear_errors(pods: CriClient) -> None:
 
 
 async def test_sandboxes_survive_a_shim_restart(
-    containerd: EmbeddedContainerd, pod_shim: Shim, pods: CriClient
+    containerd: EmbeddedContainerd, pod_images: ServedCatalog
 ) -> None:
-    reply = await pods.runtime.run_pod_sandbox(
-        cri.RunPodSandboxRequest(config=pod_config("restart"))
-    )
-    before = (await status_of(pods, reply.pod_sandbox_id)).status
-    assert before is not None and before.network is not None
-    # A pod whose network namespace vanished while no shim watched: kept, not ready.
-    lost = (
-        await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=pod_config("lostns")))
-    ).pod_sandbox_id
-    lost_sandbox = pod_shim.sandboxes.by_id.find(lost)
-    assert lost_sandbox is not None and lost_sandbox.netns_path
-    await remove_pod_netns(lost_sandbox.netns_path)
-    # A second shim on the same containerd and state dir rebuilds its view from containerd.
+    """A shim of its own is stopped and another started on the same containerd
+    namespace and state dir (never two at once): it rebuilds its view of the pods
+    from containerd, and a pod whose netns vanished meanwhile is kept, not ready."""
+    base = short_tempdir("crishim-restart-")
+    octet = random.randrange(10, 250)  # as the pod_shim fixture: a private subnet
+    bridge = f"crirs{octet}-{os.getpid() % 1000}"
+    write_conflist(base / "cni", f"10.237.{octet}.0/24", bridge, base / "ipam")
     settings = make_settings(
-        short_tempdir("crishim-restart-"),
+        base,
         containerd.address,
-        state_dir=str(pod_shim.settings.state_path),
-        cni__conf_dir=pod_shim.settings.cni.conf_dir,
+        registry__config_path=str(pod_images.write_hosts_dir(base / "certs.d")),
         cni__bin_dirs=(CNI_BIN,),
-        cni__netns_dir=pod_shim.settings.cni.netns_dir,
-        registry__config_path=pod_shim.settings.registry.config_path,
-        containerd__namespace=pod_shim.settings.containerd.namespace,
+        cni__netns_dir=str(base / "netns"),
+        containerd__namespace=f"crishim-restart-{os.getpid()}",
     )
-    other = Shim(settings)
-    await other.start()
+    first = Shim(settings)
+    await first.start()
+    client = CriClient.connect(first.socket_path)
     try:
-        client = CriClient.connect(other.socket_path)
-        after = (await status_of(client, reply.pod_sandbox_id)).status
-        lost_status = (await status_of(client, lost)).status
-        client.close()
+        pod_id = (
+            await client.runtime.run_pod_sandbox(
+                cri.RunPodSandboxRequest(config=pod_config("restart"))
+            )
+        ).pod_sandbox_id
+        before = (await status_of(client, pod_id)).status
+        assert before is not None and before.network is not None and before.network.ip
+        lost = (
+            await client.runtime.run_pod_sandbox(
+                cri.RunPodSandboxRequest(config=pod_config("lostns"))
+            )
+        ).pod_sandbox_id
+        lost_sandbox = first.sandboxes.by_id.find(lost)
+        assert lost_sandbox is not None and lost_sandbox.netns_path
     finally:
-        await other.stop()
-        await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(lost))
-    assert lost_status is not None
-    assert lost_status.state == cri.PodSandboxState.SANDBOX_NOTREADY
-    assert after is not None and after.network is not None
-    assert after.state == cri.PodSandboxState.SANDBOX_READY
-    assert after.network.ip == before.network.ip
-    assert after.created_at == before.created_at
+        client.close()
+        await first.stop()
+    assert not first.socket_path.exists()  # the first shim is gone
+    # While no shim watches, the lost pod's network namespace vanishes.
+    await remove_pod_netns(lost_sandbox.netns_path)
+
+    second = Shim(settings)
+    await second.start()
+    client = CriClient.connect(second.socket_path)
+    try:
+        after = (await status_of(client, pod_id)).status
+        lost_status = (await status_of(client, lost)).status
+        assert lost_status is not None
+        assert lost_status.state == cri.PodSandboxState.SANDBOX_NOTREADY
+        assert after is not None and after.network is not None
+        assert after.state == cri.PodSandboxState.SANDBOX_READY
+        assert after.network.ip == before.network.ip
+        assert after.created_at == before.created_at
+        for sandbox_id in (pod_id, lost):
+            await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(sandbox_id))
+    finally:
+        client.close()
+        await second.stop()
+        subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
 
 
 async def test_broken_network_config_fails_clearly_and_leaves_nothing(

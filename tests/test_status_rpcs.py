@@ -9,10 +9,11 @@ from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 
+from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
-from .conftest import CriClient, wait_for
+from .conftest import CriClient, make_settings, short_tempdir, wait_for
 
 
 async def test_version(client: CriClient) -> None:
@@ -63,10 +64,37 @@ async def _not(predicate: object) -> bool:
     return not await predicate()  # type: ignore[operator]
 
 
-async def test_runtime_config_reports_cgroup_driver(client: CriClient) -> None:
+def host_cgroup_driver() -> cri.CgroupDriver:
+    """What kubelet would pick here, read from the host itself: systemd only where
+    systemd is PID 1's init and owns a unified (cgroup2) /sys/fs/cgroup."""
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    unified = any(m[1] == "/sys/fs/cgroup" and m[2] == "cgroup2" for m in mounts)
+    if unified and Path("/run/systemd/system").is_dir():
+        return cri.CgroupDriver.SYSTEMD
+    return cri.CgroupDriver.CGROUPFS
+
+
+async def test_runtime_config_reports_cgroup_driver(
+    client: CriClient, containerd: EmbeddedContainerd
+) -> None:
     reply = await client.runtime.runtime_config(cri.RuntimeConfigRequest())
     assert reply.linux is not None
-    assert reply.linux.cgroup_driver in (cri.CgroupDriver.CGROUPFS, cri.CgroupDriver.SYSTEMD)
+    assert reply.linux.cgroup_driver == host_cgroup_driver()  # "auto" follows the host
+    # A configured driver is reported as configured, whatever the host.
+    for configured, expected in (
+        ("systemd", cri.CgroupDriver.SYSTEMD),
+        ("cgroupfs", cri.CgroupDriver.CGROUPFS),
+    ):
+        base = short_tempdir("crishim-cgd-")
+        shim = Shim(make_settings(base, containerd.address, runtime__cgroup_driver=configured))
+        await shim.start()
+        other = CriClient.connect(shim.socket_path)
+        try:
+            answer = await other.runtime.runtime_config(cri.RuntimeConfigRequest())
+            assert answer.linux is not None and answer.linux.cgroup_driver == expected
+        finally:
+            other.close()
+            await shim.stop()
 
 
 async def test_update_runtime_config_stores_pod_cidr(shim: Shim, client: CriClient) -> None:

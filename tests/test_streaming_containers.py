@@ -5,6 +5,7 @@ containers on containerd + runc, driven by our own client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from .streaming_pods import (
     http_echo_request,
     settled,
     usage,
+    wait_listening,
 )
 from .support.streaming_client import (
     PortForwardClient,
@@ -153,10 +155,10 @@ async def test_exec_client_gone_kills_process_and_cleans_up(
         ps = await pods.runtime.exec_sync(cri.ExecSyncRequest(sleeper, cmd=["ps"], timeout=10))
         return b"sleep 1001" in ps.stdout
 
-    deadline = time.monotonic() + 10
-    while await still_running():
-        assert time.monotonic() < deadline, "exec'd process survived its client"
-        await asyncio.sleep(0.2)
+    async def killed() -> bool:
+        return not await still_running()
+
+    assert await wait_for(killed, timeout=30), "exec'd process survived its client"
     after = await settled(pod_shim, baseline)
     assert after.tasks <= baseline.tasks and after.fds <= baseline.fds, (baseline, after)
     assert exec_dirs(pod_shim, sleeper) == []
@@ -305,8 +307,11 @@ async def test_attach_two_clients_share_output_and_detach(
     try:
         assert writer.stdin is not None and writer.stdout is not None
         assert watcher.stdout is not None
-        await asyncio.sleep(0.3)
-        assert b"cri_shim_streaming_sessions 2.0" in pod_shim.metrics.render()
+
+        async def both_attached() -> bool:
+            return b"cri_shim_streaming_sessions 2.0" in pod_shim.metrics.render()
+
+        assert await wait_for(both_attached, timeout=30)
         await writer.stdin.write(b"one\n")
         assert await writer.stdout.read() == b"got one\n"
         assert await watcher.stdout.read() == b"got one\n"
@@ -331,12 +336,19 @@ async def test_attach_terminal_resize_over_websocket(
     http, ws = await open_ws(url, ["v5.channel.k8s.io"])
     try:
         await ws.send_bytes(b"\x04" + json.dumps({"Width": 90, "Height": 33}).encode())
-        await asyncio.sleep(0.5)
-        await ws.send_bytes(b"\x00stty size; exit 0\n")
+        # The resize takes effect asynchronously: ask until the terminal has it.
         output = b""
+        deadline = time.monotonic() + 30
+        while b"33 90" not in output:
+            assert time.monotonic() < deadline, output[-300:]
+            await ws.send_bytes(b"\x00stty size\n")
+            with contextlib.suppress(TimeoutError):
+                while b"33 90" not in output:
+                    message = await ws.receive(timeout=1)
+                    output += message.data[1:]
+        await ws.send_bytes(b"\x00exit 0\n")
         async for message in ws:
             output += message.data[1:]
-        assert b"33 90" in output
     finally:
         await http.close()
     assert (await wait_exited(pods, container)).exit_code == 0
@@ -346,11 +358,14 @@ async def test_attach_terminal_resize_over_websocket(
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def echo_pod(pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str) -> str:
+async def echo_pod(
+    pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str, pod_shim: Shim
+) -> str:
     """A pod echoing connections on ECHO_PORT (nc) and HTTP POST bodies on HTTP_PORT."""
     await make_container(pods, pod, busybox, NC_ECHO, name="nc")
     await make_container(pods, pod, busybox, HTTPD_ECHO, name="httpd")
-    await asyncio.sleep(0.5)
+    await wait_listening(pod_shim, pod[0], ECHO_PORT)
+    await wait_listening(pod_shim, pod[0], HTTP_PORT)
     return pod[0]
 
 
@@ -507,8 +522,11 @@ async def test_attach_client_too_slow_is_dropped_and_the_log_goes_on(
         assert await wait_for(attached, 10, interval=0.01)
         assert await wait_for(dropped, 90)
         size = log_path.stat().st_size
-        await asyncio.sleep(1.0)
-        assert log_path.stat().st_size > size  # the container's log never stalled
+
+        async def log_grew() -> bool:
+            return log_path.stat().st_size > size
+
+        assert await wait_for(log_grew, timeout=30)  # the container's log never stalled
     finally:
         await session.close()
         await pods.runtime.stop_container(cri.StopContainerRequest(container, timeout=0))

@@ -28,6 +28,7 @@ from cri_shim.streaming.remotecommand import RemoteStreams, StreamStatus
 from cri_shim.streaming.server import RequestCache, StreamingServer, _url_host
 from cri_shim.streaming.spdy import make_headers
 
+from .conftest import wait_for
 from .support.streaming_client import (
     PortForwardClient,
     UpgradeRefused,
@@ -353,10 +354,11 @@ async def test_client_gone_cancels_the_session(served: Served) -> None:
                 await started.wait()
                 await ws.close()
                 await http.close()
-            for _ in range(50):
-                if served.runtime.cancelled > cancelled and served.server.sessions == 0:
-                    break
-                await asyncio.sleep(0.1)
+
+            async def ended(before: int = cancelled) -> bool:
+                return served.runtime.cancelled > before and served.server.sessions == 0
+
+            assert await wait_for(ended, timeout=30)
             assert served.runtime.cancelled == cancelled + 1
             assert served.server.sessions == 0
     finally:
@@ -371,8 +373,11 @@ async def test_stop_ends_every_session() -> None:
     async with serving() as served:
         served.runtime.behaviour = forever
         session = await open_spdy_command(served.exec_url(stdout=True))
-        await asyncio.sleep(0.2)
-        assert served.server.sessions == 1
+
+        async def one_session() -> bool:
+            return served.server.sessions == 1
+
+        assert await wait_for(one_session, timeout=30)
         await served.server.stop()
         await asyncio.wait_for(session.conn.closed.wait(), 5)
         assert served.runtime.cancelled == 1
@@ -432,11 +437,11 @@ async def test_garbage_after_upgrade_never_hurts_the_server(served: Served) -> N
     finally:
         loop.set_exception_handler(previous)
     assert not errors, errors[:3]
-    for _ in range(50):
-        if served.server.sessions == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert served.server.sessions == 0
+
+    async def no_session() -> bool:
+        return served.server.sessions == 0
+
+    assert await wait_for(no_session, timeout=30)
     result = await spdy_command(served.exec_url(["x", "y"], stderr=True), stdout=False)
     assert result.stderr == b"x y"
 
