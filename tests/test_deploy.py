@@ -24,6 +24,7 @@ import yaml
 
 from cri_shim import __version__, settings
 from cri_shim.settings import Settings
+from tests.support.tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -218,9 +219,7 @@ def test_kubelet_is_pointed_at_the_default_socket() -> None:
 
 
 def test_systemd_units_verify(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    analyze = require_tool("systemd-analyze", "systemd")
     installed = Path(sys.executable).parent / "cri-shim"
     assert installed.exists()
     # verify insists that ExecStart's binary exists: use this checkout's.

@@ -40,10 +40,7 @@ from tests.conftest import CriClient, make_settings, short_tempdir, wait_for
 from tests.support import images as im
 from tests.support.catalog import AUTH, LOCAL, PASSWORD, TOKEN, USERNAME, ServedCatalog, own_images
 from tests.support.registry import FakeRegistry, broken_mirror, stalling_registry
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("docker-registry") is None, reason="docker-registry not installed"
-)
+from tests.support.tools import require_tool
 
 NAMESPACE = "cri-shim-image-tests"
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.9"
@@ -54,6 +51,7 @@ SANDBOX_IMAGE = "registry.k8s.io/pause:3.9"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def catalog() -> AsyncIterator[ServedCatalog]:
+    require_tool("docker-registry", "docker-registry")
     async with ServedCatalog(entries=own_images()) as served:
         yield served
 

@@ -50,11 +50,18 @@ from cri_shim.settings import (
 )
 from tests.support import images as im
 from tests.support.registry import FakeRegistry, Registry, broken_mirror, free_port
+from tests.support.tools import require_tool
 
-needs_registry = pytest.mark.skipif(
-    shutil.which("docker-registry") is None, reason="docker-registry not installed"
-)
 HOST = host_platform()
+
+
+@pytest.fixture
+def registry_installed() -> None:
+    require_tool("docker-registry", "docker-registry")
+
+
+# docker-registry missing fails these tests (deploy/setup-dev.sh installs it).
+needs_registry = pytest.mark.usefixtures("registry_installed")
 
 
 # ------------------------------------------------------------------ fixtures
@@ -83,8 +90,7 @@ def images() -> Images:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def open_registry(images: Images) -> AsyncIterator[Registry]:
-    if shutil.which("docker-registry") is None:
-        pytest.skip("docker-registry not installed")
+    require_tool("docker-registry", "docker-registry")
     async with Registry(name="open") as reg:
         await reg.push("test/busybox", "1", images.busybox)
         await reg.push("test/docker", "1", images.docker)
@@ -95,8 +101,7 @@ async def open_registry(images: Images) -> AsyncIterator[Registry]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def basic_registry(images: Images) -> AsyncIterator[Registry]:
-    if shutil.which("docker-registry") is None:
-        pytest.skip("docker-registry not installed")
+    require_tool("docker-registry", "docker-registry")
     async with Registry(auth="basic", name="basic") as reg:
         await reg.push("private/busybox", "latest", images.busybox)
         yield reg
@@ -104,8 +109,7 @@ async def basic_registry(images: Images) -> AsyncIterator[Registry]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def token_registry(images: Images) -> AsyncIterator[Registry]:
-    if shutil.which("docker-registry") is None:
-        pytest.skip("docker-registry not installed")
+    require_tool("docker-registry", "docker-registry")
     async with Registry(auth="token", name="token") as reg:
         await reg.push("private/busybox", "latest", images.busybox)
         yield reg
@@ -650,8 +654,7 @@ class TlsFakeRegistry(FakeRegistry):
 async def tls_registry(
     images: Images, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[TlsFakeRegistry, Path]]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    require_tool("openssl", "openssl")
     work = tmp_path_factory.mktemp("tls")
     cert, key = work / "registry.crt", work / "registry.key"
     proc = await asyncio.create_subprocess_exec(

@@ -13,7 +13,6 @@ import gzip
 import io
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 from collections.abc import AsyncIterator
@@ -39,10 +38,16 @@ from tests.support.registry import (
     broken_mirror,
     stalling_registry,
 )
+from tests.support.tools import require_tool
 
-needs_registry = pytest.mark.skipif(
-    shutil.which("docker-registry") is None, reason="docker-registry not installed"
-)
+
+@pytest.fixture
+def registry_installed() -> None:
+    require_tool("docker-registry", "docker-registry")
+
+
+# docker-registry missing fails these tests (deploy/setup-dev.sh installs it).
+needs_registry = pytest.mark.usefixtures("registry_installed")
 
 
 def layer_names(blob: im.Blob) -> list[str]:
@@ -151,8 +156,7 @@ def test_oci_layout(tmp_path: Path) -> None:
 
 @pytest_asyncio.fixture(scope="module", params=["none", "basic", "token"])
 async def registry(request: pytest.FixtureRequest) -> AsyncIterator[Registry]:
-    if shutil.which("docker-registry") is None:
-        pytest.skip("docker-registry not installed")
+    require_tool("docker-registry", "docker-registry")
     async with Registry(auth=request.param) as reg:
         yield reg
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,6 +38,7 @@ from .support.streaming_client import (
     spdy_connect,
     ws_command,
 )
+from .support.tools import require_tool
 
 Behaviour = Callable[[list[str], RemoteStreams], Awaitable[StreamStatus]]
 
@@ -510,8 +510,8 @@ def test_url_hosts() -> None:
     assert _url_host("0.0.0.0") not in ("0.0.0.0", "")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
 async def test_tls(tmp_path: Path) -> None:
+    require_tool("openssl", "openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
