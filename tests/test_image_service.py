@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -578,7 +579,11 @@ async def test_status_lookups_and_verbose_info(
     verbose = await status(images, "busybox", verbose=True)
     info = json.loads(verbose.info["info"])
     assert info["imageSpec"] == image.config_json
-    assert info["chainID"] == chain_ids(image.diff_ids)[-1]
+    # The OCI image spec's ChainID, computed here: sha256 of "<parent> <diff id>".
+    chain = image.diff_ids[0]
+    for diff_id in image.diff_ids[1:]:
+        chain = "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+    assert info["chainID"] == chain
     assert set(info) == {"chainID", "imageSpec"}  # exactly what containerd reports
     assert (await status(images, "busybox")).info == {}
 
