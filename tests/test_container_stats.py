@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -326,6 +328,11 @@ async def test_pod_stats_read_the_pod_cgroup(pods: CriClient, tmp_path: Path, bu
 # ------------------------------------------------------- UpdateContainerResources
 
 
+@pytest.mark.skipif(
+    cgroup_v2_unified(),
+    reason="reads cgroup v1 files (memory.limit_in_bytes, cpu.cfs_quota_us, cpu.shares);"
+    " test_cgroup_v2_reader_on_a_real_hierarchy covers the v2 files",
+)
 async def test_update_resources_of_a_running_container(
     pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
 ) -> None:
@@ -624,3 +631,54 @@ def test_v2_metrics_decode_by_type_url() -> None:
     assert sample.memory_limit is None  # "max" as the kernel reports it
     unknown = Metric(id="x", data=AnyMessage(type_url="example.com/Other", value=b""))
     assert sample_from_metric(unknown) is None
+
+
+# A cgroup2 hierarchy: the host's own when /sys/fs/cgroup is unified, else the
+# hybrid layout's /sys/fs/cgroup/unified (no controllers there, but cpu.stat).
+V2_ROOT = CGROUP_ROOT if cgroup_v2_unified() else CGROUP_ROOT / "unified"
+
+
+@pytest.mark.skipif(not cgroup_v2_unified(V2_ROOT), reason="this host has no cgroup2 hierarchy")
+async def test_cgroup_v2_reader_on_a_real_hierarchy() -> None:
+    """The v2 reader against the kernel's own files: a spinning process in a fresh
+    cgroup2 group; its CPU time as the kernel's cpu.stat counts it (usage_usec),
+    and only what the hierarchy's controllers offer (None, never 0, for the rest)."""
+    group = V2_ROOT / f"crishim-v2-{os.getpid()}-{random.randrange(1 << 30)}"
+    group.mkdir()
+    spinner = await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
+    try:
+        (group / "cgroup.procs").write_text(str(spinner.pid))
+
+        def kernel_usage_ns() -> int:
+            for line in (group / "cpu.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) * 1000
+            raise AssertionError("no usage_usec in cpu.stat")
+
+        async def spun() -> bool:
+            return kernel_usage_ns() >= 50_000_000  # 50 ms of CPU, however loaded
+
+        assert await wait_for(spun, timeout=60)
+        before = kernel_usage_ns()
+        sample = read_sample(f"/{group.name}", time.time_ns(), root=V2_ROOT)
+        after = kernel_usage_ns()
+        assert sample is not None and sample.cpu_ns is not None
+        assert before <= sample.cpu_ns <= after
+        controllers = (V2_ROOT / "cgroup.controllers").read_text().split()
+        if "memory" not in controllers:
+            assert sample.memory_usage is None and sample.memory_limit is None
+        if "pids" in controllers:
+            assert sample.pids is not None and sample.pids >= 1
+        else:
+            assert sample.pids is None
+        assert read_sample("/crishim-v2-absent", time.time_ns(), root=V2_ROOT) is None
+    finally:
+        spinner.kill()
+        await spinner.wait()
+
+        async def emptied() -> bool:
+            return (group / "cgroup.procs").read_text().strip() == ""
+
+        await wait_for(emptied, timeout=10)
+        group.rmdir()
