@@ -413,6 +413,36 @@ async def test_registry_and_identity_tokens(
     creds = Credentials(reg.username, reg.password, identity_token="refresh-me")
     await make_client().resolve(ref, creds)
     assert server.requests[-1]["authed"] == "True"
+    assert "method" not in server.requests[-1]  # the GET
+
+
+@needs_registry
+async def test_identity_token_is_refreshed_by_oauth2_post(
+    token_registry: Registry, make_client: MakeClient
+) -> None:
+    """An identity token (docker login's refresh token) alone pulls: it is sent to
+    the realm as an OAuth2 refresh-token POST, as containerd's docker resolver does."""
+    server = token_registry.token_server
+    assert server is not None
+    ref = parse_reference(f"{token_registry.host}/private/busybox:latest")
+    server.refresh_token = "refresh-ok"
+    try:
+        resolved = await make_client().resolve(ref, Credentials(identity_token="refresh-ok"))
+        assert len(resolved.layers) == 1
+        posted = [r for r in server.requests if r.get("method") == "POST"]
+        assert posted, server.requests
+        form = posted[-1]
+        assert form["grant_type"] == "refresh_token"
+        assert form["refresh_token"] == "refresh-ok"
+        assert form["service"] == server.service
+        assert form["scope"] == "repository:private/busybox:pull"
+        assert form["client_id"]
+        assert form["authed"] == "True"
+        # A refresh token the server refuses fails the pull as an auth error.
+        with pytest.raises(RegistryAuthError):
+            await make_client().resolve(ref, Credentials(identity_token="revoked"))
+    finally:
+        server.refresh_token = ""
 
 
 # ------------------------------------------------------------------ mirrors

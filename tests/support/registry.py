@@ -344,6 +344,9 @@ class TokenServer:
     issuer: str = "cri-shim-test-issuer"
     requests: list[dict[str, str]] = field(default_factory=list)
     port: int = 0
+    # When set, OAuth2 POSTs with this refresh token get a token (404 otherwise,
+    # so a client falls back to the GET with Basic credentials).
+    refresh_token: str = ""
     cert_path: Path = field(init=False)
     _runner: web.AppRunner | None = field(default=None, init=False)
     _key: tuple[int, int] = field(default=(0, 0), init=False)
@@ -381,6 +384,7 @@ class TokenServer:
         self._x5c = "".join(x for x in cert_pem.splitlines() if x and not x.startswith("-----"))
         app = web.Application()
         app.router.add_get("/token", self._token)
+        app.router.add_post("/token", self._oauth2)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -414,8 +418,27 @@ class TokenServer:
                 return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
             authed = True
         self.requests.append({"scope": request.query.get("scope", ""), "authed": str(authed)})
+        return self._grant(request.query.getall("scope", []), authed)
+
+    async def _oauth2(self, request: web.Request) -> web.Response:
+        """The OAuth2 token endpoint: a form POST with grant_type=refresh_token."""
+        if not self.refresh_token:
+            return web.Response(status=404)
+        form = await request.post()
+        record = {key: str(value) for key, value in form.items()}
+        record["method"] = "POST"
+        self.requests.append(record)
+        if (record.get("grant_type"), record.get("refresh_token")) != (
+            "refresh_token",
+            self.refresh_token,
+        ):
+            return web.json_response({"error": "invalid_grant"}, status=401)
+        record["authed"] = "True"
+        return self._grant(record.get("scope", "").split(), authed=True)
+
+    def _grant(self, scopes: list[str], authed: bool) -> web.Response:
         access = []
-        for scope in request.query.getall("scope", []):
+        for scope in scopes:
             typ, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
             wanted = [a for a in actions.split(",") if a]
