@@ -210,9 +210,8 @@ async def test_push_by_digest(registry: Registry) -> None:
     await check_roundtrip(registry, "test/bydigest", img.digest, img)
 
 
+@pytest.mark.parametrize("registry", ["basic", "token"], indirect=True)  # not the open one
 async def test_anonymous_push_refused(registry: Registry) -> None:
-    if registry.auth == "none":
-        pytest.skip("open registry")
     img = await asyncio.to_thread(im.busybox_image)
     async with registry.client(anonymous=True) as c:
         with pytest.raises(RegistryError) as err:
@@ -231,9 +230,8 @@ async def test_anonymous_push_refused(registry: Registry) -> None:
             )
 
 
+@pytest.mark.parametrize("registry", ["basic", "token"], indirect=True)  # not the open one
 async def test_wrong_password_refused(registry: Registry) -> None:
-    if registry.auth == "none":
-        pytest.skip("open registry")
     async with RegistryClient(registry.url, username=registry.username, password="nope") as c:
         with pytest.raises(RegistryError) as err:
             await c.get_manifest("library/busybox", "latest")
