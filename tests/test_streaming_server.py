@@ -94,6 +94,9 @@ class Served:
     connector: FakeConnector
 
     def exec_url(self, cmd: list[str] | None = None, **flags: bool) -> str:
+        # The client helpers open stderr unless told not to, as client-go does when the
+        # request asks for it; the server refuses streams the request did not ask for.
+        flags.setdefault("stderr", not flags.get("tty", False))
         return self.server.url_for(cri.ExecRequest("c1", cmd or ["echo", "hi"], **flags))
 
 
