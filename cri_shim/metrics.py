@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from cri_shim import __version__
+from cri_shim.http_limits import CappedTCPSite, fd_share, runner_options
 from cri_shim.logs import log_event
 from cri_shim.settings import SettingsError
 
@@ -170,12 +171,16 @@ class MetricsServer:
         alive: HealthCheck,
         address: str,
         port: int,
+        header_timeout: float = 10.0,
+        max_connections: int = 64,
     ) -> None:
         self.metrics = metrics
         self._healthy = healthy
         self._alive = alive
         self.address = address
         self.port = port
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
         self._runner: web.AppRunner | None = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -203,9 +208,16 @@ class MetricsServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/livez", self._livez)
         # Probes hit this every few seconds; an access log line each would drown the log.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, **runner_options(self.header_timeout)
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self.address, self.port)
+        site = CappedTCPSite(
+            runner,
+            self.address,
+            self.port,
+            max_connections=fd_share(self.max_connections, 32, what="metrics"),
+        )
         try:
             await site.start()
         except OSError as err:

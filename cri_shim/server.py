@@ -18,6 +18,7 @@ from typing import Any
 import grpclib.const
 from grpclib import GRPCError
 from grpclib.const import Status
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
 from cri_shim.container.events import ContainerEventBus
@@ -37,6 +38,7 @@ from cri_shim.cri.stats import StatsHandlers
 from cri_shim.cri.status import RuntimeFacts, StatusHandlers
 from cri_shim.cri.streaming import StreamingHandlers
 from cri_shim.gen.google.protobuf import Empty
+from cri_shim.grpc_limits import DEFAULT_MAX_RECV_MESSAGE_SIZE, BoundedHandler, bounded_buffer_class
 from cri_shim.host import (
     CgroupDriver,
     can_lower_oom_score_adj,
@@ -83,9 +85,22 @@ class _FallbackMapping(dict[str, grpclib.const.Handler]):
 
 
 class CriServer(Server):
-    def __init__(self, handlers: list[Any]) -> None:
+    def __init__(
+        self, handlers: list[Any], *, max_message_size: int = DEFAULT_MAX_RECV_MESSAGE_SIZE
+    ) -> None:
         super().__init__(handlers)
         self._mapping = _FallbackMapping(self._mapping)
+        self._buffer_class = bounded_buffer_class(max_message_size)
+
+    def _protocol_factory(self) -> H2Protocol:
+        """grpclib's own, with a handler that bounds received messages (grpc_limits)."""
+        self.__gc_step__()
+        handler = BoundedHandler(
+            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        )
+        handler.buffer_class = self._buffer_class
+        self._handlers.add(handler)
+        return H2Protocol(handler, self._config, self._h2_config)
 
     def stop_accepting(self) -> None:
         """Close the listening socket but keep established connections serving."""
@@ -228,7 +243,8 @@ class Shim:
                     streaming=streaming,
                 ),
                 ImageService(self.instrument, ImageHandlers(self.images, self.batch_limits)),
-            ]
+            ],
+            max_message_size=settings.server.max_recv_message_size,
         )
         await self._server.start(path=str(self.socket_path))
         await asyncio.to_thread(os.chmod, self.socket_path, settings.server.socket_mode)
@@ -400,6 +416,8 @@ class Shim:
             alive=self.liveness_problems,
             address=config.address,
             port=config.port,
+            header_timeout=config.header_timeout,
+            max_connections=config.max_connections,
         )
         self.metrics_port = await self.metrics_server.start()
 

@@ -779,13 +779,11 @@ class SpdyConnection:
                     break
                 self._last_activity = time.monotonic()
                 self._decoder.feed(data)
-                handled = 0
-                for frame in self._decoder:
+                for handled, frame in enumerate(self._decoder, 1):
                     if isinstance(frame, UnknownControl):
                         self._count_unknown()
                     else:
                         await self._dispatch(frame)
-                    handled += 1
                     if handled % YIELD_EVERY == 0:
                         await asyncio.sleep(0)  # let other connections and the CRI calls run
         except ProtocolError as err:

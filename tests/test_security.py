@@ -1,0 +1,247 @@
+"""Issue 16's attacks, replayed against a real shim: each is refused or bounded.
+
+Hostile pod authors (annotations, names, DNS, huge requests), streaming
+clients (SPDY floods, idle and half-sent connections) and local users
+(settings) as the README's SECURITY section describes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.gen.runtime import v1 as cri
+
+from .conftest import CriClient, short_tempdir
+from .support.registry import free_port
+
+MiB = 1024 * 1024
+# The shim process runs with this many file descriptors, so exhausting them is cheap.
+SHIM_NOFILE = 1024
+HEADER_TIMEOUT = 1.0
+
+
+def rss(pid: int | str = "self") -> int:
+    """Resident set size of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class ShimUnderAttack:
+    process: asyncio.subprocess.Process
+    socket: Path
+    streaming_port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def client(self) -> CriClient:
+        return CriClient.connect(self.socket)
+
+
+def _low_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (SHIM_NOFILE, SHIM_NOFILE))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def attacked(containerd: EmbeddedContainerd) -> AsyncIterator[ShimUnderAttack]:
+    """`cri-shim serve` as its own process, with RLIMIT_NOFILE 1024 and short header timeouts."""
+    base = short_tempdir("crishim-sec-")
+    (base / "cni").mkdir()
+    streaming_port, metrics_port = free_port(), free_port()
+    config = base / "cri-shim.toml"
+    config.write_text(
+        f'state_dir = "{base / "state"}"\n'
+        f'[server]\nsocket = "{base / "cri.sock"}"\n'
+        f'[containerd]\naddress = "{containerd.address}"\nembedded = false\n'
+        'namespace = "crishim-sec"\n'
+        f'[cni]\nconf_dir = "{base / "cni"}"\nnetns_dir = "{base / "netns"}"\n'
+        f"[streaming]\nport = {streaming_port}\nheader_timeout = {HEADER_TIMEOUT}\n"
+        f"[metrics]\nport = {metrics_port}\nheader_timeout = {HEADER_TIMEOUT}\n"
+    )
+    log = base / "shim.log"
+    with log.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cri_shim",
+            "serve",
+            "--config",
+            str(config),
+            stdout=out,
+            stderr=out,
+            stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=_low_nofile,
+        )
+    shim = ShimUnderAttack(process, base / "cri.sock", streaming_port, metrics_port, log)
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.returncode is None, log.read_text()
+        client = shim.client()
+        try:
+            await client.runtime.version(cri.VersionRequest(), timeout=2)
+            break
+        except (TimeoutError, OSError):
+            assert time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.1)
+        finally:
+            client.close()
+    yield shim
+    process.terminate()
+    await process.wait()
+
+
+# 4. gRPC message size
+
+
+async def test_oversized_grpc_message_is_refused_before_it_is_read(
+    attacked: ShimUnderAttack,
+) -> None:
+    """A 20 MiB RunPodSandbox gets RESOURCE_EXHAUSTED at once; the shim's RSS does not move."""
+    config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="huge", namespace="ns", uid="u1"),
+        annotations={"big": "x" * (20 * MiB)},
+    )
+    client = attacked.client()
+    try:
+        await client.runtime.version(cri.VersionRequest())
+        before = rss(attacked.pid)
+        started = time.monotonic()
+        with pytest.raises(GRPCError) as caught:
+            await client.runtime.run_pod_sandbox(
+                cri.RunPodSandboxRequest(config=config), timeout=60
+            )
+        elapsed = time.monotonic() - started
+        grown = rss(attacked.pid) - before
+        assert caught.value.status is Status.RESOURCE_EXHAUSTED
+        message = caught.value.message or ""
+        assert "received message larger than max" in message and str(16 * MiB) in message
+        print(f"20 MiB request refused in {elapsed:.2f}s; shim rss {grown / MiB:+.1f} MiB")
+        assert grown < 8 * MiB
+        assert elapsed < 10
+        # The connection and the shim still serve.
+        assert (await client.runtime.version(cri.VersionRequest())).runtime_name
+    finally:
+        client.close()
+
+
+# 3. header timeout and connection caps
+
+
+CRICTL = Path("/var/cache/cri-shim-peers/cri-tools-v1.37.0/crictl")
+
+
+async def crictl_version(socket: Path) -> str:
+    """`crictl version` (Go's gRPC client) when built, else our client."""
+    if not CRICTL.exists():
+        client = CriClient.connect(socket)
+        try:
+            return (await client.runtime.version(cri.VersionRequest(), timeout=10)).runtime_name
+        finally:
+            client.close()
+    process = await asyncio.create_subprocess_exec(
+        str(CRICTL),
+        "--runtime-endpoint",
+        f"unix://{socket}",
+        "--timeout",
+        "10s",
+        "version",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0, output.decode()
+    return output.decode()
+
+
+async def half_open(
+    port: int, count: int, pid: int, peak: list[int]
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`count` connections that each send part of a request header and then nothing;
+    the shim's descriptor count is sampled as they open (highest kept in `peak`)."""
+    opened = []
+    for index in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /exec/x HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        opened.append((reader, writer))
+        if index % 50 == 0:
+            peak[0] = max(peak[0], open_fds(pid))
+    return opened
+
+
+async def test_partial_headers_are_timed_out_and_connections_capped(
+    attacked: ShimUnderAttack,
+) -> None:
+    """2,000 half-sent requests on each HTTP port: the shim keeps descriptors for CRI
+    (crictl version answers), and every connection is closed within the header timeout."""
+    baseline_fds = open_fds(attacked.pid)
+    started = time.monotonic()
+    peak = [baseline_fds]
+    flood = await half_open(attacked.streaming_port, 2000, attacked.pid, peak)
+    flood += await half_open(attacked.metrics_port, 2000, attacked.pid, peak)
+    peak_fds = peak[0]
+    assert "cri-shim" in await crictl_version(attacked.socket)
+
+    async def closed(reader: asyncio.StreamReader) -> bytes:
+        # A refused connection is closed with our unread bytes in it: the kernel resets it.
+        try:
+            return await reader.read()
+        except ConnectionResetError:
+            return b"reset"
+
+    answers = await asyncio.wait_for(asyncio.gather(*(closed(reader) for reader, _ in flood)), 60)
+    elapsed = time.monotonic() - started
+    refused = sum(answer.startswith((b"HTTP/1.1 503", b"reset")) for answer in answers)
+    print(
+        f"4000 half-open connections: shim fds {baseline_fds} -> {peak_fds} "
+        f"(limit {SHIM_NOFILE}), {refused} refused with 503, all closed in {elapsed:.1f}s"
+    )
+    for _, writer in flood:
+        writer.close()
+    # Caps: 1024/8 streaming + 1024/32 metrics connections at a time; the header
+    # timeout frees slots while the flood is still being opened, so some more get in.
+    assert refused > 0
+    assert peak_fds < SHIM_NOFILE // 2
+    assert "cri-shim" in await crictl_version(attacked.socket)
+    assert attacked.process.returncode is None
+
+
+async def test_idle_connections_leave_the_cri_socket_working(attacked: ShimUnderAttack) -> None:
+    """Connections that send nothing at all, past the fd limit: CRI calls still work."""
+    flood = []
+    peak = 0
+    for index in range(3000):
+        flood.append(await asyncio.open_connection("127.0.0.1", attacked.streaming_port))
+        if index % 50 == 0:
+            peak = max(peak, open_fds(attacked.pid))
+    print(f"3000 idle connections: shim fds peaked at {peak} (limit {SHIM_NOFILE})")
+    assert peak < SHIM_NOFILE // 2
+    assert "cri-shim" in await crictl_version(attacked.socket)
+    await asyncio.wait_for(
+        asyncio.gather(*(reader.read() for reader, _ in flood), return_exceptions=True), 60
+    )
+    for _, writer in flood:
+        writer.close()
