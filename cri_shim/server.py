@@ -281,6 +281,7 @@ class Shim:
                 dirs_root=settings.state_path / "sandboxes",
                 cgroup_driver=cgroup_driver.value,
                 oom_score_adj_floor=floor,
+                pod_annotations=settings.runtime.pod_annotations,
             ),
         )
         self.container_manager = ContainerManager(
@@ -297,6 +298,8 @@ class Shim:
                 seccomp_localhost_root=None,
                 apparmor_available=False,
                 recursive_readonly_supported=recursive_readonly_supported(),
+                pod_annotations=settings.runtime.pod_annotations,
+                container_annotations=settings.runtime.container_annotations,
             ),
         )
         self.sandbox_manager.stop_containers.append(self.container_manager.stop_pod)

@@ -8,6 +8,7 @@ clients (SPDY floods, idle and half-sent connections) and local users
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import sys
@@ -23,8 +24,10 @@ from grpclib.const import Status
 
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.server import Shim
 
 from .conftest import CriClient, short_tempdir
+from .pods import pod_config
 from .support.registry import free_port
 
 MiB = 1024 * 1024
@@ -245,3 +248,63 @@ async def test_idle_connections_leave_the_cri_socket_working(attacked: ShimUnder
     )
     for _, writer in flood:
         writer.close()
+
+
+# 2. annotations
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    raise AssertionError("no PPid")
+
+
+async def _sandbox_pid(pods: CriClient, pod_id: str) -> int:
+    status = await pods.runtime.pod_sandbox_status(
+        cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)
+    )
+    return int(json.loads(status.info["info"])["pid"])
+
+
+async def test_pod_annotations_cannot_join_another_pods_shim(
+    pods: CriClient,
+    pod: tuple[str, cri.PodSandboxConfig],
+    containerd: EmbeddedContainerd,
+    pod_shim: Shim,
+) -> None:
+    """A pod annotated with another pod's sandbox id, a container type and a systemd
+    property runs under its own containerd-shim with the runtime's annotations."""
+    victim_id, _ = pod
+    hostile = pod_config(
+        "hostile",
+        annotations={
+            "io.kubernetes.cri.sandbox-id": victim_id,
+            "io.kubernetes.cri.container-type": "container",
+            "org.systemd.property.TasksMax": "1",
+        },
+    )
+    reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=hostile))
+    try:
+        bundle = (
+            containerd.base
+            / "state/io.containerd.runtime.v2.task"
+            / pod_shim.settings.containerd.namespace
+            / reply.pod_sandbox_id
+        )
+        spec = json.loads((bundle / "config.json").read_text())
+        annotations = spec["annotations"]
+        assert annotations["io.kubernetes.cri.sandbox-id"] == reply.pod_sandbox_id
+        assert annotations["io.kubernetes.cri.container-type"] == "sandbox"
+        assert not any(key.startswith("org.systemd.property.") for key in annotations)
+        victim_shim = _ppid(await _sandbox_pid(pods, victim_id))
+        hostile_shim = _ppid(await _sandbox_pid(pods, reply.pod_sandbox_id))
+        assert victim_shim != hostile_shim
+        # The CRI still reports what the pod asked for.
+        status = await pods.runtime.pod_sandbox_status(
+            cri.PodSandboxStatusRequest(pod_sandbox_id=reply.pod_sandbox_id)
+        )
+        assert status.status.annotations["io.kubernetes.cri.sandbox-id"] == victim_id
+    finally:
+        await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(reply.pod_sandbox_id))
