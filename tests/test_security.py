@@ -8,12 +8,13 @@ clients (SPDY floods, idle and half-sent connections) and local users
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,24 @@ from grpclib.const import Status
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
+from cri_shim.streaming.spdy import (
+    Frame,
+    FrameDecoder,
+    FrameEncoder,
+    GoAway,
+    GoAwayStatus,
+    RstStatus,
+    RstStream,
+    SynReply,
+    SynStream,
+    encode_data,
+    make_headers,
+)
 
-from .conftest import CriClient, short_tempdir
-from .pods import pod_config
+from .conftest import CriClient, short_tempdir, wait_for
+from .pods import make_container, pod_config
 from .support.registry import free_port
+from .support.streaming_client import http_request
 
 MiB = 1024 * 1024
 # The shim process runs with this many file descriptors, so exhausting them is cheap.
@@ -308,3 +323,135 @@ async def test_pod_annotations_cannot_join_another_pods_shim(
         assert status.status.annotations["io.kubernetes.cri.sandbox-id"] == victim_id
     finally:
         await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(reply.pod_sandbox_id))
+
+
+# 1 and 5. SPDY streams, buffers and control-frame floods
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def sleeper(pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str) -> str:
+    return await make_container(pods, pod, busybox, ["sleep", "3600"], name="sleeper")
+
+
+async def _exec_upgrade(
+    pods: CriClient, container: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameEncoder]:
+    """An exec of `sleep` (never reads stdin) upgraded to SPDY, its four streams created."""
+    request = cri.ExecRequest(
+        container_id=container, cmd=["sleep", "3600"], stdin=True, stdout=True, stderr=True
+    )
+    url = (await pods.runtime.exec(request)).url
+    headers = [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")]
+    headers.append(("X-Stream-Protocol-Version", "v4.channel.k8s.io"))
+    reply, reader, writer = await http_request(url, headers=headers)
+    assert reply.status == 101
+    encoder = FrameEncoder()
+    for index, kind in enumerate(("error", "stdin", "stdout", "stderr")):
+        writer.write(encoder.encode(SynStream(1 + 2 * index, make_headers(streamType=kind))))
+    await writer.drain()
+    return reader, writer, encoder
+
+
+async def _frames_until(
+    reader: asyncio.StreamReader, decoder: FrameDecoder, done: Callable[[list[Frame]], bool]
+) -> list[Frame]:
+    seen: list[Frame] = []
+    while not done(seen):
+        chunk = await asyncio.wait_for(reader.read(65536), 60)
+        if not chunk:
+            break
+        decoder.feed(chunk)
+        seen += list(decoder)
+    return seen
+
+
+async def test_spdy_extra_streams_and_huge_frames_stay_bounded(
+    pods: CriClient, sleeper: str
+) -> None:
+    """30 extra streams with a 16 MiB DATA frame each, 16 MiB on each output stream,
+    and 64 MiB of stdin the process never reads: the extra streams are refused with
+    RST_STREAM, output streams' input is dropped, stdin pushes back through TCP,
+    and the shim's RSS stays within a few MiB of where it started."""
+    reader, writer, encoder = await _exec_upgrade(pods, sleeper)
+    decoder = FrameDecoder()
+    replies = await _frames_until(
+        reader, decoder, lambda seen: sum(isinstance(f, SynReply) for f in seen) == 4
+    )
+    assert {f.stream_id for f in replies if isinstance(f, SynReply)} == {1, 3, 5, 7}
+    before = rss()
+    frame = bytes(16 * MiB - 1)  # the largest a SPDY frame can carry
+    extra = list(range(9, 9 + 2 * 30, 2))
+    for stream_id in extra:
+        writer.write(encoder.encode(SynStream(stream_id, make_headers(streamType="stdout"))))
+        writer.write(encode_data(stream_id, frame))
+        await writer.drain()
+    for stream_id in (5, 7):  # stdout and stderr: the server only writes to them
+        writer.write(encode_data(stream_id, frame))
+        await writer.drain()
+    refused = await _frames_until(
+        reader,
+        decoder,
+        lambda seen: sum(isinstance(f, RstStream) for f in seen) == len(extra),
+    )
+    resets = [f for f in refused if isinstance(f, RstStream)]
+    assert [f.stream_id for f in resets] == extra
+    assert {f.status for f in resets} == {RstStatus.REFUSED_STREAM}
+    after_flood = rss()
+    # stdin: the server buffers at most its budget, then stops reading the socket.
+    stdin = asyncio.ensure_future(_send_stdin(writer, 4 * 16 * MiB))
+    transport = writer.transport
+
+    async def pushed_back() -> bool:
+        return transport.get_write_buffer_size() > 0 or stdin.done()
+
+    assert await wait_for(pushed_back, 60, 0.05)
+    peak = rss()
+    assert not stdin.done(), "64 MiB of stdin was all taken by a process that reads none"
+    stdin.cancel()
+    writer.close()
+    print(
+        f"rss before {before / MiB:.0f} MiB, after 30x16 MiB refused streams "
+        f"{after_flood / MiB:.0f} MiB, with stdin pushing back {peak / MiB:.0f} MiB"
+    )
+    # The client's 16 MiB frame and its encodings live in this process too.
+    assert after_flood - before < 64 * MiB
+    assert peak - before < 64 * MiB
+
+
+async def _send_stdin(writer: asyncio.StreamWriter, total: int) -> None:
+    chunk = encode_data(3, bytes(MiB))
+    for _ in range(total // MiB):
+        writer.write(chunk)
+        await writer.drain()
+
+
+async def test_unknown_control_frame_flood_closes_the_connection(
+    pods: CriClient, sleeper: str
+) -> None:
+    """A client sending 100,000 unknown control frames is cut off with GOAWAY, and CRI
+    calls made meanwhile are answered promptly."""
+    reader, writer, _ = await _exec_upgrade(pods, sleeper)
+    unknown = bytes.fromhex("8003000a 00000000")  # SPDY/3 control frame type 10, empty
+    flood = unknown * 100_000
+    latencies: list[float] = []
+
+    async def versions() -> None:
+        for _ in range(20):
+            started = time.monotonic()
+            await pods.runtime.version(cri.VersionRequest())
+            latencies.append(time.monotonic() - started)
+
+    calls = asyncio.ensure_future(versions())
+    writer.write(flood)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    frames = await _frames_until(
+        reader, FrameDecoder(), lambda seen: any(isinstance(f, GoAway) for f in seen)
+    )
+    await calls
+    writer.close()
+    goaways = [f for f in frames if isinstance(f, GoAway)]
+    assert goaways and goaways[0].status == GoAwayStatus.PROTOCOL_ERROR
+    latencies.sort()
+    print(f"Version during the flood: max {latencies[-1] * 1000:.1f} ms")
+    assert latencies[-1] < 2.0
