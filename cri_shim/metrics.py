@@ -55,6 +55,11 @@ STATE_KINDS: Final[Mapping[str, tuple[str, str]]] = {
 StateProvider = Callable[[], Mapping[str, int]]
 
 
+# Distinct registry hosts that get their own pull series; later ones share "other".
+MAX_REGISTRY_LABELS = 32
+OTHER_REGISTRY = "other"
+
+
 def registry_of(ref: str) -> str:
     """The registry host of an image reference: a bounded label, unlike the ref itself."""
     first, sep, _ = ref.partition("/")
@@ -91,6 +96,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._registries: set[str] = set()
         self.rpc_duration = Histogram(
             "cri_shim_rpc_duration_seconds",
             "Time to answer a CRI call, by RPC and gRPC status code.",
@@ -134,9 +140,20 @@ class Metrics:
         if status is not Status.OK:
             self.rpc_errors.labels(rpc=rpc, code=code).inc()
 
+    def _registry_label(self, ref: str) -> str:
+        """The registry of `ref`, or "other" once MAX_REGISTRY_LABELS hosts have a series:
+        image names come from pod authors, who must not create series without bound."""
+        registry = registry_of(ref)
+        if registry in self._registries:
+            return registry
+        if len(self._registries) >= MAX_REGISTRY_LABELS:
+            return OTHER_REGISTRY
+        self._registries.add(registry)
+        return registry
+
     def observe_pull(self, ref: str, nbytes: int, seconds: float) -> None:
         """One finished pull of `ref`: `nbytes` fetched (0 when all layers were present)."""
-        registry = registry_of(ref)
+        registry = self._registry_label(ref)
         if nbytes > 0:
             self.pull_bytes.labels(registry=registry).inc(nbytes)
         self.pull_duration.labels(registry=registry).observe(max(seconds, 0.0))

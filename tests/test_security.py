@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import os
 import resource
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +28,8 @@ from grpclib.const import Status
 
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.logs import JsonFormatter, TextFormatter
+from cri_shim.metrics import MAX_REGISTRY_LABELS, OTHER_REGISTRY, Metrics
 from cri_shim.server import Shim
 from cri_shim.streaming.spdy import (
     Frame,
@@ -455,3 +460,143 @@ async def test_unknown_control_frame_flood_closes_the_connection(
     latencies.sort()
     print(f"Version during the flood: max {latencies[-1] * 1000:.1f} ms")
     assert latencies[-1] < 2.0
+
+
+# 8. settings
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("[streaming]\nport = 70000", "'streaming.port' must be between 0 and 65535"),
+        ("[containerd]\nhealth_interval = 0", "'containerd.health_interval' must be between"),
+        ("[cni]\nplugin_timeout = -3", "'cni.plugin_timeout' must be between"),
+        ("[server]\nsocket_mode = 0o777", "'server.socket_mode' must give no access to others"),
+        ("[registry]\nstall_timeout = -1", "'registry.stall_timeout' must be between"),
+        ("[registry]\nstall_timeout = nan", "'registry.stall_timeout' must be between"),
+        ("[server]\nmax_recv_message_size = 0", "'server.max_recv_message_size' must be"),
+        ("[metrics]\nmax_connections = 0", "'metrics.max_connections' must be between"),
+    ],
+)
+async def test_bad_settings_are_one_line_and_exit_2(
+    tmp_path: Path, setting: str, expected: str
+) -> None:
+    config = tmp_path / "cri-shim.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n{setting}\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cri_shim",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    lines = stderr.decode().splitlines()
+    assert process.returncode == 2, stderr.decode()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert stdout == b""
+
+
+# 7 and 9. what pod authors write: logs, hostnames, DNS, log paths
+
+
+def _capture(formatter: logging.Formatter) -> tuple[logging.Handler, io.StringIO]:
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(formatter)
+    logging.getLogger("cri_shim").addHandler(handler)
+    return handler, text
+
+
+async def test_control_characters_in_names_are_escaped_in_both_log_formats(
+    pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str
+) -> None:
+    """A container named with NUL, CR, ESC and DEL: every log line stays one line of
+    printable text, in the text and the JSON format alike."""
+    captures = [_capture(TextFormatter()), _capture(JsonFormatter())]
+    hostile = "a\x00b\rc\x1b[2Jd\x7fe\u2028f"
+    logger = logging.getLogger("cri_shim")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        await make_container(pods, pod, busybox, ["true"], name=hostile, log_path="h.log")
+    finally:
+        logger.setLevel(level)
+        for handler, _ in captures:
+            logger.removeHandler(handler)
+    for _, text in captures:
+        output = text.getvalue()
+        assert "container created" in output
+        assert "\\u0000" in output and "\\u001b" in output and "\\u007f" in output
+        for char in "\x00\r\x1b\x7f\u2028":
+            assert char not in output
+
+
+@pytest.mark.parametrize(
+    ("field", "config"),
+    [
+        ("config.hostname", {"hostname": "web\n10.0.0.1 evil"}),
+        ("config.dns_config.servers[0]", {"dns_config": cri.DnsConfig(servers=["1.1.1.1\nx"])}),
+        ("config.dns_config.searches[0]", {"dns_config": cri.DnsConfig(searches=["a\rb"])}),
+        ("config.dns_config.options[0]", {"dns_config": cri.DnsConfig(options=["ndots:5\n"])}),
+    ],
+)
+async def test_line_breaks_in_hostname_and_dns_are_invalid(
+    pods: CriClient, field: str, config: dict[str, object]
+) -> None:
+    request = cri.RunPodSandboxRequest(config=pod_config("dns", **config))
+    with pytest.raises(GRPCError) as caught:
+        await pods.runtime.run_pod_sandbox(request)
+    assert caught.value.status is Status.INVALID_ARGUMENT
+    assert field in (caught.value.message or "")
+
+
+async def test_log_path_through_a_symlink_cannot_leave_the_log_directory(
+    pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str, tmp_path: Path
+) -> None:
+    """A symlink inside the pod's log directory (which a container with that directory
+    mounted could plant) does not make the shim create files elsewhere; a plain log
+    file is created 0640."""
+    pod_id, pod_config_ = pod
+    log_dir = Path(pod_config_.log_directory)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (log_dir / "evil").symlink_to(outside)
+    (log_dir / "evil.log").symlink_to(outside / "direct.log")
+    for log_path in ("evil/0.log", "evil.log"):
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=f"c{len(log_path)}"),
+            image=cri.ImageSpec(image=busybox),
+            command=["echo", "hi"],
+            log_path=log_path,
+        )
+        request = cri.CreateContainerRequest(pod_id, config, pod_config_)
+        with contextlib.suppress(GRPCError):
+            created = await pods.runtime.create_container(request)
+            await pods.runtime.start_container(cri.StartContainerRequest(created.container_id))
+    assert list(outside.iterdir()) == []
+    await make_container(pods, pod, busybox, ["echo", "hi"], name="plain")
+    logs = [p for p in log_dir.rglob("*.log") if not p.is_symlink() and p.is_file()]
+    assert logs and all(stat.S_IMODE(p.stat().st_mode) == 0o640 for p in logs)
+
+
+def test_pull_metrics_have_bounded_registry_labels() -> None:
+    """Pulls from 1,000 registry hosts (image names are chosen by pod authors) make at
+    most MAX_REGISTRY_LABELS + 1 series; the first hosts keep their own."""
+    metrics = Metrics()
+    for index in range(1000):
+        metrics.observe_pull(f"host{index}.example/app:1", 10, 0.1)
+    metrics.observe_pull("host0.example/app:2", 10, 0.1)
+    rendered = metrics.render().decode()
+    series = {
+        line.split('registry="')[1].split('"')[0]
+        for line in rendered.splitlines()
+        if line.startswith("cri_shim_image_pull_bytes") and 'registry="' in line
+    }
+    assert len(series) == MAX_REGISTRY_LABELS + 1
+    assert "host0.example" in series and OTHER_REGISTRY in series

@@ -746,6 +746,7 @@ class ContainerManager:
             stdin=container.config.stdin,
             tty=container.config.tty,
             log_path=container.log_path,
+            log_relative=container.config.log_path,
         )
 
     async def _resync(self, container_id: str) -> None:
