@@ -54,6 +54,7 @@ from cri_shim.metrics import Metrics, MetricsServer
 from cri_shim.network.cni import PodNetwork
 from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
+from cri_shim.oci import apparmor
 from cri_shim.sandbox.lifecycle import SandboxEnvironment, SandboxManager
 from cri_shim.settings import Settings, SettingsError
 from cri_shim.store.containers import ContainerStore
@@ -296,7 +297,7 @@ class Shim:
                 cgroup_driver=cgroup_driver.value,
                 oom_score_adj_floor=floor,
                 seccomp_localhost_root=None,
-                apparmor_available=False,
+                apparmor_available=await apparmor.detect(),
                 recursive_readonly_supported=recursive_readonly_supported(),
                 pod_annotations=settings.runtime.pod_annotations,
                 container_annotations=settings.runtime.container_annotations,

@@ -30,6 +30,7 @@ from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import JsonFormatter, TextFormatter
 from cri_shim.metrics import MAX_REGISTRY_LABELS, OTHER_REGISTRY, Metrics
+from cri_shim.oci import apparmor
 from cri_shim.server import Shim
 from cri_shim.streaming.spdy import (
     Frame,
@@ -600,3 +601,92 @@ def test_pull_metrics_have_bounded_registry_labels() -> None:
     }
     assert len(series) == MAX_REGISTRY_LABELS + 1
     assert "host0.example" in series and OTHER_REGISTRY in series
+
+
+# 6. AppArmor
+
+
+def _fake_sys(root: Path, *, securityfs: bool, enabled: bytes | None) -> Path:
+    if securityfs:
+        (root / "sys/kernel/security/apparmor").mkdir(parents=True)
+    if enabled is not None:
+        params = root / "sys/module/apparmor/parameters"
+        params.mkdir(parents=True)
+        (params / "enabled").write_bytes(enabled)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("securityfs", "enabled", "supported"),
+    [(True, b"Y\n", True), (True, b"N\n", False), (False, b"Y\n", False), (True, None, False)],
+)
+def test_apparmor_detection_is_containerds(
+    tmp_path: Path, securityfs: bool, enabled: bytes | None, supported: bool
+) -> None:
+    root = _fake_sys(tmp_path, securityfs=securityfs, enabled=enabled)
+    assert apparmor.host_supports(root) is supported
+
+
+def test_this_host_has_no_apparmor() -> None:
+    """The kernel here has no AppArmor: detection says so (critest's AppArmor specs skip)."""
+    assert apparmor.host_supports() is False
+
+
+def test_loaded_profiles_and_parser_versions(tmp_path: Path) -> None:
+    root = _fake_sys(tmp_path, securityfs=True, enabled=b"Y")
+    profiles = root / "sys/kernel/security/apparmor/profiles"
+    profiles.write_text("docker-default (enforce)\ncri-containerd.apparmor.d (enforce)\n")
+    assert apparmor.profile_loaded(apparmor.DEFAULT_PROFILE, root)
+    assert not apparmor.profile_loaded("cri-containerd", root)
+    assert apparmor.parser_version("AppArmor parser version 2.13.6\nCopyright") == 213006
+    assert apparmor.parser_version("AppArmor parser version 3.0\n") == 300000
+    assert apparmor.parser_version("garbage") == 0
+
+
+def test_default_profile_matches_containerds_template() -> None:
+    text = apparmor.default_profile(version=300000, daemon_profile="unconfined")
+    assert text.startswith("#include <tunables/global>\n")
+    assert "profile cri-containerd.apparmor.d flags=(attach_disconnected,mediate_deleted) {" in text
+    for rule in (
+        "deny mount,",
+        "deny @{PROC}/sysrq-trigger rwklx,",
+        "deny /sys/kernel/security/** rwklx,",
+        "signal (send,receive) peer=cri-containerd.apparmor.d,",
+        "ptrace (trace,read,tracedby,readby) peer=cri-containerd.apparmor.d,",
+    ):
+        assert rule in text
+    old = apparmor.default_profile(version=208000, tunables=False, abstractions=False)
+    assert old.startswith("@{PROC}=/proc/\n") and "signal" not in old and "ptrace" not in old
+
+
+async def test_runtime_default_apparmor_on_a_host_without_apparmor(
+    pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str
+) -> None:
+    """RuntimeDefault is refused with a message that says why; Unconfined runs."""
+    runtime_default = cri.SecurityProfile(
+        profile_type=cri.SecurityProfileProfileType.RuntimeDefault
+    )
+    with pytest.raises(GRPCError) as caught:
+        await make_container(
+            pods,
+            pod,
+            busybox,
+            ["true"],
+            name="aa-default",
+            linux=cri.LinuxContainerConfig(
+                security_context=cri.LinuxContainerSecurityContext(apparmor=runtime_default)
+            ),
+        )
+    message = caught.value.message or ""
+    assert "apparmor is not supported" in message and "no AppArmor" in message
+    unconfined = cri.SecurityProfile(profile_type=cri.SecurityProfileProfileType.Unconfined)
+    await make_container(
+        pods,
+        pod,
+        busybox,
+        ["true"],
+        name="aa-unconfined",
+        linux=cri.LinuxContainerConfig(
+            security_context=cri.LinuxContainerSecurityContext(apparmor=unconfined)
+        ),
+    )

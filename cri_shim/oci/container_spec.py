@@ -33,6 +33,7 @@ from typing import Any
 
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.host import CGROUP_ROOT, cgroup_v2_unified, clamp_oom_score_adj
+from cri_shim.oci import apparmor
 from cri_shim.oci import capabilities as caps
 from cri_shim.oci.annotations import passthrough
 from cri_shim.oci.defaults import (
@@ -47,7 +48,7 @@ from cri_shim.oci.seccomp import profile_from_path, seccomp_for
 from cri_shim.oci.users import resolve_user
 
 CGROUP_KIND_PREFIX = "cri-containerd"
-APPARMOR_DEFAULT_PROFILE = "cri-containerd.apparmor.d"
+APPARMOR_DEFAULT_PROFILE = apparmor.DEFAULT_PROFILE  # containerd's name, loaded by oci.apparmor
 LOCALHOST_PREFIX = "localhost/"
 ETC_HOSTNAME = "/etc/hostname"
 ETC_HOSTS = "/etc/hosts"
