@@ -12,6 +12,7 @@ and one comparison per read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,6 +21,10 @@ from grpclib.const import Status
 from grpclib.protocol import Buffer
 from grpclib.protocol import Stream as H2Stream
 from grpclib.server import Handler
+
+from cri_shim.logs import log_event
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RECV_MESSAGE_SIZE = 16 * 1024 * 1024
 
@@ -32,6 +37,13 @@ def bounded_buffer_class(limit: int) -> type[Buffer]:
 
         def read(self, size: int) -> Coroutine[Any, Any, bytes]:
             if size > limit:
+                log_event(
+                    log,
+                    "grpc message refused: larger than server.max_recv_message_size",
+                    level=logging.WARNING,
+                    size=size,
+                    limit=limit,
+                )
                 raise GRPCError(
                     Status.RESOURCE_EXHAUSTED,
                     f"grpc: received message larger than max ({size} vs. {limit})",
