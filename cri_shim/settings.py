@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -208,7 +209,32 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+# String keys that cannot work empty.
+_NON_EMPTY = frozenset(
+    {
+        "state_dir",
+        "server.socket",
+        "containerd.address",
+        "containerd.binary",
+        "streaming.address",
+        "cni.conf_dir",
+        "runtime.sandbox_image",
+        "runtime.default_runtime",
+        "metrics.address",
+    }
+)
+# containerd's own rule for namespace names.
+_NAMESPACE = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+
+
 def _check_range(key: str, value: Any) -> None:
+    if key in _NON_EMPTY and not value:
+        raise SettingsError(f"config key {key!r} must not be empty")
+    if key == "containerd.namespace" and not _NAMESPACE.fullmatch(value):
+        raise SettingsError(
+            f"config key {key!r} must be a containerd namespace name "
+            f"(letters and digits joined by '.', '_' or '-'), got {value!r}"
+        )
     if key == "server.socket_mode":
         # The socket runs pods as root: group access at most, never others'.
         if not 0 <= value <= 0o770 or value & 0o007:

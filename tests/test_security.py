@@ -477,6 +477,11 @@ async def test_unknown_control_frame_flood_closes_the_connection(
         ("[registry]\nstall_timeout = nan", "'registry.stall_timeout' must be between"),
         ("[server]\nmax_recv_message_size = 0", "'server.max_recv_message_size' must be"),
         ("[metrics]\nmax_connections = 0", "'metrics.max_connections' must be between"),
+        (
+            '[containerd]\nnamespace = "a/b"',
+            "'containerd.namespace' must be a containerd namespace",
+        ),
+        ('[server]\nsocket = ""', "'server.socket' must not be empty"),
     ],
 )
 async def test_bad_settings_are_one_line_and_exit_2(
