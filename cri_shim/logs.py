@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -20,10 +21,20 @@ def _timestamp(created: float) -> str:
     return f"{seconds}.{int((created % 1) * 1_000_000):06d}Z"
 
 
+# Whatever would break a line apart or reach a terminal raw (NUL, CR, ESC, DEL, C1
+# controls, Unicode line separators) makes a value quoted, and quoting escapes it.
+_NEEDS_QUOTING = re.compile('[\\s"=\x00-\x1f\x7f-\x9f\u2028\u2029]')
+
+
+def _escaped_json(value: Any) -> str:
+    """JSON text with every control character escaped (json leaves DEL raw)."""
+    return json.dumps(value, default=str).replace("\x7f", "\\u007f")
+
+
 def _quote(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\t'):
-        return json.dumps(text)
+    if text == "" or _NEEDS_QUOTING.search(text):
+        return _escaped_json(text)
     return text
 
 
@@ -38,7 +49,7 @@ class TextFormatter(logging.Formatter):
         ]
         parts += [f"{key}={_quote(value)}" for key, value in fields.items()]
         if record.exc_info:
-            parts.append(f"error_trace={json.dumps(self.formatException(record.exc_info))}")
+            parts.append(f"error_trace={_escaped_json(self.formatException(record.exc_info))}")
         return " ".join(parts)
 
 
@@ -53,7 +64,7 @@ class JsonFormatter(logging.Formatter):
         payload.update(getattr(record, _FIELDS, {}))
         if record.exc_info:
             payload["error_trace"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+        return _escaped_json(payload)
 
 
 def configure(level: str = "info", fmt: str = "text") -> None:

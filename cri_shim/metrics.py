@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from cri_shim import __version__
+from cri_shim.http_limits import CappedTCPSite, fd_share, runner_options
 from cri_shim.logs import log_event
 from cri_shim.settings import SettingsError
 
@@ -52,6 +53,11 @@ STATE_KINDS: Final[Mapping[str, tuple[str, str]]] = {
 }
 
 StateProvider = Callable[[], Mapping[str, int]]
+
+
+# Distinct registry hosts that get their own pull series; later ones share "other".
+MAX_REGISTRY_LABELS = 32
+OTHER_REGISTRY = "other"
 
 
 def registry_of(ref: str) -> str:
@@ -90,6 +96,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._registries: set[str] = set()
         self.rpc_duration = Histogram(
             "cri_shim_rpc_duration_seconds",
             "Time to answer a CRI call, by RPC and gRPC status code.",
@@ -133,9 +140,20 @@ class Metrics:
         if status is not Status.OK:
             self.rpc_errors.labels(rpc=rpc, code=code).inc()
 
+    def _registry_label(self, ref: str) -> str:
+        """The registry of `ref`, or "other" once MAX_REGISTRY_LABELS hosts have a series:
+        image names come from pod authors, who must not create series without bound."""
+        registry = registry_of(ref)
+        if registry in self._registries:
+            return registry
+        if len(self._registries) >= MAX_REGISTRY_LABELS:
+            return OTHER_REGISTRY
+        self._registries.add(registry)
+        return registry
+
     def observe_pull(self, ref: str, nbytes: int, seconds: float) -> None:
         """One finished pull of `ref`: `nbytes` fetched (0 when all layers were present)."""
-        registry = registry_of(ref)
+        registry = self._registry_label(ref)
         if nbytes > 0:
             self.pull_bytes.labels(registry=registry).inc(nbytes)
         self.pull_duration.labels(registry=registry).observe(max(seconds, 0.0))
@@ -170,12 +188,16 @@ class MetricsServer:
         alive: HealthCheck,
         address: str,
         port: int,
+        header_timeout: float = 10.0,
+        max_connections: int = 64,
     ) -> None:
         self.metrics = metrics
         self._healthy = healthy
         self._alive = alive
         self.address = address
         self.port = port
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
         self._runner: web.AppRunner | None = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -203,9 +225,16 @@ class MetricsServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/livez", self._livez)
         # Probes hit this every few seconds; an access log line each would drown the log.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, **runner_options(self.header_timeout)
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self.address, self.port)
+        site = CappedTCPSite(
+            runner,
+            self.address,
+            self.port,
+            max_connections=fd_share(self.max_connections, 32, what="metrics"),
+        )
         try:
             await site.start()
         except OSError as err:

@@ -18,6 +18,7 @@ from typing import Any
 import grpclib.const
 from grpclib import GRPCError
 from grpclib.const import Status
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
 from cri_shim.container.events import ContainerEventBus
@@ -37,6 +38,7 @@ from cri_shim.cri.stats import StatsHandlers
 from cri_shim.cri.status import RuntimeFacts, StatusHandlers
 from cri_shim.cri.streaming import StreamingHandlers
 from cri_shim.gen.google.protobuf import Empty
+from cri_shim.grpc_limits import DEFAULT_MAX_RECV_MESSAGE_SIZE, BoundedHandler, bounded_buffer_class
 from cri_shim.host import (
     CgroupDriver,
     can_lower_oom_score_adj,
@@ -52,6 +54,7 @@ from cri_shim.metrics import Metrics, MetricsServer
 from cri_shim.network.cni import PodNetwork
 from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
+from cri_shim.oci import apparmor
 from cri_shim.sandbox.lifecycle import SandboxEnvironment, SandboxManager
 from cri_shim.settings import Settings, SettingsError
 from cri_shim.store.containers import ContainerStore
@@ -83,9 +86,22 @@ class _FallbackMapping(dict[str, grpclib.const.Handler]):
 
 
 class CriServer(Server):
-    def __init__(self, handlers: list[Any]) -> None:
+    def __init__(
+        self, handlers: list[Any], *, max_message_size: int = DEFAULT_MAX_RECV_MESSAGE_SIZE
+    ) -> None:
         super().__init__(handlers)
         self._mapping = _FallbackMapping(self._mapping)
+        self._buffer_class = bounded_buffer_class(max_message_size)
+
+    def _protocol_factory(self) -> H2Protocol:
+        """grpclib's own, with a handler that bounds received messages (grpc_limits)."""
+        self.__gc_step__()
+        handler = BoundedHandler(
+            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        )
+        handler.buffer_class = self._buffer_class
+        self._handlers.add(handler)
+        return H2Protocol(handler, self._config, self._h2_config)
 
     def stop_accepting(self) -> None:
         """Close the listening socket but keep established connections serving."""
@@ -228,7 +244,8 @@ class Shim:
                     streaming=streaming,
                 ),
                 ImageService(self.instrument, ImageHandlers(self.images, self.batch_limits)),
-            ]
+            ],
+            max_message_size=settings.server.max_recv_message_size,
         )
         await self._server.start(path=str(self.socket_path))
         await asyncio.to_thread(os.chmod, self.socket_path, settings.server.socket_mode)
@@ -265,6 +282,7 @@ class Shim:
                 dirs_root=settings.state_path / "sandboxes",
                 cgroup_driver=cgroup_driver.value,
                 oom_score_adj_floor=floor,
+                pod_annotations=settings.runtime.pod_annotations,
             ),
         )
         self.container_manager = ContainerManager(
@@ -279,8 +297,10 @@ class Shim:
                 cgroup_driver=cgroup_driver.value,
                 oom_score_adj_floor=floor,
                 seccomp_localhost_root=None,
-                apparmor_available=False,
+                apparmor_available=await apparmor.detect(),
                 recursive_readonly_supported=recursive_readonly_supported(),
+                pod_annotations=settings.runtime.pod_annotations,
+                container_annotations=settings.runtime.container_annotations,
             ),
         )
         self.sandbox_manager.stop_containers.append(self.container_manager.stop_pod)
@@ -400,6 +420,8 @@ class Shim:
             alive=self.liveness_problems,
             address=config.address,
             port=config.port,
+            header_timeout=config.header_timeout,
+            max_connections=config.max_connections,
         )
         self.metrics_port = await self.metrics_server.start()
 

@@ -8,7 +8,9 @@ typo in a node's config fails loudly instead of silently doing nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -33,6 +35,9 @@ class ServerSettings:
     # many items, and this many bytes (kubelet's default max receive is 16 MiB).
     stream_batch_items: int = 5000
     stream_batch_bytes: int = 15 * 1024 * 1024
+    # Largest gRPC message accepted, checked from its length prefix before it is read
+    # (containerd's and kubelet's default); larger ones get RESOURCE_EXHAUSTED.
+    max_recv_message_size: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,12 @@ class StreamingSettings:
     # Seconds an exec/attach/port-forward connection may pass without traffic (kubelet: 4 h);
     # 0 never closes an idle one.
     idle_timeout: float = 14400.0
+    # Seconds a connection may take to send its request headers (and stay idle before it
+    # upgrades); an exec/attach/port-forward session already running is not affected.
+    header_timeout: float = 10.0
+    # Open connections (sessions included); further ones get a 503. Lowered at start-up to
+    # an eighth of RLIMIT_NOFILE so descriptors remain for the CRI socket and containerd.
+    max_connections: int = 1000
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,11 @@ class RuntimeSettings:
     cgroup_driver: str = "auto"
     sandbox_image: str = "registry.k8s.io/pause:3.9"
     default_runtime: str = "runc"
+    # Pod and container annotations copied into the OCI spec (containerd's per-handler
+    # `pod_annotations` / `container_annotations`): glob patterns of keys, none by default.
+    # The runtime's own `io.kubernetes.cri.*` annotations always win over them.
+    pod_annotations: tuple[str, ...] = ()
+    container_annotations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +156,10 @@ class MetricsSettings:
     address: str = "127.0.0.1"
     # 0 binds a free port (tests); the bound port is `Shim.metrics_port`.
     port: int = 9438
+    # As for streaming: seconds to send request headers, and open connections (lowered
+    # at start-up to 1/32 of RLIMIT_NOFILE).
+    header_timeout: float = 10.0
+    max_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -165,11 +185,71 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log.format": ("text", "json"),
 }
 
-# Integer keys with a floor: below it the setting cannot work.
-_MINIMUM: dict[str, int] = {
-    "server.stream_batch_items": 1,
-    "server.stream_batch_bytes": 1024,
+_MiB = 1024 * 1024
+_HOUR = 3600.0
+
+# Inclusive bounds of numeric keys: outside them the setting cannot work, or is unsafe.
+_RANGES: dict[str, tuple[float, float]] = {
+    "server.shutdown_grace": (0.0, _HOUR),
+    "server.stream_batch_items": (1, 1_000_000),
+    "server.stream_batch_bytes": (1024, 64 * _MiB),
+    "server.max_recv_message_size": (64 * 1024, 2047 * _MiB),
+    "containerd.connect_timeout": (0.1, _HOUR),
+    "containerd.health_interval": (0.1, _HOUR),
+    "streaming.port": (0, 65535),
+    "streaming.idle_timeout": (0.0, 30 * 24 * _HOUR),
+    "streaming.header_timeout": (0.1, _HOUR),
+    "streaming.max_connections": (1, 1_000_000),
+    "cni.plugin_timeout": (0.1, _HOUR),
+    "registry.stall_timeout": (0.1, 24 * _HOUR),
+    "registry.max_concurrent_downloads": (1, 64),
+    "metrics.port": (0, 65535),
+    "metrics.header_timeout": (0.1, _HOUR),
+    "metrics.max_connections": (1, 1_000_000),
 }
+
+
+# String keys that cannot work empty.
+_NON_EMPTY = frozenset(
+    {
+        "state_dir",
+        "server.socket",
+        "containerd.address",
+        "containerd.binary",
+        "streaming.address",
+        "cni.conf_dir",
+        "runtime.sandbox_image",
+        "runtime.default_runtime",
+        "metrics.address",
+    }
+)
+# containerd's own rule for namespace names.
+_NAMESPACE = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+
+
+def _check_range(key: str, value: Any) -> None:
+    if key in _NON_EMPTY and not value:
+        raise SettingsError(f"config key {key!r} must not be empty")
+    if key == "containerd.namespace" and not _NAMESPACE.fullmatch(value):
+        raise SettingsError(
+            f"config key {key!r} must be a containerd namespace name "
+            f"(letters and digits joined by '.', '_' or '-'), got {value!r}"
+        )
+    if key == "server.socket_mode":
+        # The socket runs pods as root: group access at most, never others'.
+        if not 0 <= value <= 0o770 or value & 0o007:
+            raise SettingsError(
+                f"config key {key!r} must give no access to others (at most 0o770), got 0o{value:o}"
+            )
+        return
+    bounds = _RANGES.get(key)
+    if bounds is None:
+        return
+    low, high = bounds
+    if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
+        raise SettingsError(
+            f"config key {key!r} must be between {low:g} and {high:g}, got {value!r}"
+        )
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -271,9 +351,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             allowed = _CHOICES.get(key)
             if allowed is not None and converted not in allowed:
                 raise SettingsError(f"config key {key!r} must be one of {', '.join(allowed)}")
-            floor = _MINIMUM.get(key)
-            if floor is not None and converted < floor:
-                raise SettingsError(f"config key {key!r} must be at least {floor}")
+            _check_range(key, converted)
             kwargs[f.name] = converted
     return cls(**kwargs)
 

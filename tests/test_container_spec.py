@@ -14,6 +14,7 @@ import pytest
 
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.oci import seccomp
+from cri_shim.oci.annotations import glob_match
 from cri_shim.oci.capabilities import CAPABILITY_NAMES
 from cri_shim.oci.container_spec import (
     ContainerSpecInput,
@@ -947,8 +948,18 @@ def test_cgroups_path(driver: str, parent: str, expected: str) -> None:
 
 
 def test_annotations() -> None:
-    config = container(annotations={"team": "web", "io.kubernetes.cri.container-type": "sandbox"})
-    assert build(config)["annotations"] == {
+    """Only allow-listed annotations reach the spec (none by default, as in containerd),
+    and the runtime's own keys win over allowed ones."""
+    hostile = {
+        "team": "web",
+        "io.kubernetes.cri.container-type": "sandbox",
+        "org.systemd.property.CPUQuota": "1%",
+    }
+    config = container(annotations=hostile)
+    assert "team" not in build(config)["annotations"]
+    assert "org.systemd.property.CPUQuota" not in build(config)["annotations"]
+    allowed = build(config, container_annotations=("team", "io.kubernetes.cri.*"))
+    assert allowed["annotations"] == {
         "team": "web",
         "io.kubernetes.cri.container-type": "container",  # the runtime's own wins
         "io.kubernetes.cri.container-name": "app",
@@ -958,3 +969,28 @@ def test_annotations() -> None:
         "io.kubernetes.cri.sandbox-uid": "pod-uid",
         "io.kubernetes.cri.image-name": "registry.example/app:1",
     }
+
+
+def test_pod_annotations_reach_containers_through_their_own_allow_list() -> None:
+    pod = replace(SANDBOX, config=replace(POD, annotations={"pod.team": "a", "other": "b"}))
+    plain = build(sandbox=pod)["annotations"]
+    assert "pod.team" not in plain and "other" not in plain
+    allowed = build(sandbox=pod, pod_annotations=("pod.*",))["annotations"]
+    assert allowed["pod.team"] == "a" and "other" not in allowed
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("io.katacontainers.*", "io.katacontainers.config.hypervisor", True),
+        ("*", "a/b", False),  # Go's path.Match: * does not cross "/"
+        ("example.com/*", "example.com/x", True),
+        ("a?c", "abc", True),
+        ("a[!b]c", "abc", False),
+        ("a[^b]c", "axc", True),
+        ("a[", "a[", False),  # malformed: matches nothing
+        ("a\\*", "a*", True),
+    ],
+)
+def test_annotation_patterns_are_go_path_match(pattern: str, key: str, matches: bool) -> None:
+    assert glob_match(pattern, key) is matches

@@ -1,5 +1,7 @@
 """The pause container's OCI spec, built from CRI configs (no containerd needed)."""
 
+from dataclasses import replace
+
 import pytest
 
 from cri_shim.gen.runtime import v1 as cri
@@ -84,3 +86,35 @@ def test_security_context_user_overrides_image_user() -> None:
     )
     spec = spec_for(pod(security_context=context))
     assert spec["process"]["user"] == {"uid": 1000, "gid": 3000, "additionalGids": [4]}
+
+
+def test_pod_annotations_cannot_impersonate_the_runtime() -> None:
+    """A pod naming another pod's sandbox id or a systemd property gets neither into the
+    pause container's spec; an allow-listed key does, below the runtime's own."""
+    hostile = {
+        "io.kubernetes.cri.sandbox-id": "someone-elses-pod",
+        "io.kubernetes.cri.container-type": "container",
+        "org.systemd.property.TasksMax": "1",
+        "io.katacontainers.config.x": "y",
+    }
+    config = replace(pod(), annotations=hostile)
+    spec = spec_for(config)
+    assert spec["annotations"]["io.kubernetes.cri.sandbox-id"] == "abc"
+    assert spec["annotations"]["io.kubernetes.cri.container-type"] == "sandbox"
+    assert not any(k.startswith(("org.systemd", "io.katacontainers")) for k in spec["annotations"])
+    allowed = build_sandbox_spec(
+        SandboxSpecInput(
+            sandbox_id="abc",
+            config=config,
+            image_config=PAUSE_CONFIG,
+            netns_path="/var/run/netns/x",
+            shm_path="/dev/shm",
+            hostname="h",
+            cgroup_driver="cgroupfs",
+            oom_score_adj_floor=None,
+            pod_annotations=("io.katacontainers.*", "io.kubernetes.cri.*"),
+        )
+    )["annotations"]
+    assert allowed["io.katacontainers.config.x"] == "y"
+    assert allowed["io.kubernetes.cri.sandbox-id"] == "abc"
+    assert allowed["io.kubernetes.cri.container-type"] == "sandbox"

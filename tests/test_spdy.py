@@ -33,6 +33,8 @@ from cri_shim.streaming.spdy import (
 )
 from cri_shim.streaming.transport import StreamChannel
 
+from .conftest import wait_for
+
 # sha256 of the 1423-byte dictionary printed in the SPDY/3 draft (section 2.6.10.1)
 DICTIONARY_SHA256 = "51d27341373f923f3cd88e1eb7162aeaa3723d7585ff2399201dc06498407f02"
 
@@ -343,3 +345,73 @@ def test_connections_survive_any_garbage(garbage: bytes) -> None:
 
     asyncio.run(scenario())
     assert not errors, errors
+
+
+def test_large_data_frames_come_out_in_pieces_as_they_arrive() -> None:
+    """A 1 MiB DATA frame is never held whole: each piece is delivered once its bytes
+    are here, the FIN only on the last."""
+    payload = bytes(range(256)) * 4096
+    wire = spdy.encode_data(3, payload, spdy.FLAG_FIN)
+    decoder = FrameDecoder()
+    pieces: list[spdy.Frame] = []
+    for start in range(0, len(wire), 100_000):
+        decoder.feed(wire[start : start + 100_000])
+        pieces += list(decoder)
+        assert decoder.pending <= 100_000
+    assert all(isinstance(p, DataFrame) and p.stream_id == 3 for p in pieces)
+    data = [p for p in pieces if isinstance(p, DataFrame)]
+    assert max(len(p.data) for p in data) <= spdy.DATA_PIECE
+    assert b"".join(p.data for p in data) == payload
+    assert [p.flags for p in data] == [0] * (len(data) - 1) + [spdy.FLAG_FIN]
+
+
+async def test_streams_after_refuse_new_streams_and_over_the_pending_cap_are_refused() -> None:
+    server, client = await connected()
+    try:
+        first = await client.open_stream(make_headers(streamType="error"))
+        assert (await server.accept()) is not None
+        server.refuse_new_streams()
+        with pytest.raises(StreamClosed):
+            await client.open_stream(make_headers(streamType="stdout"))
+        assert first.id in client.streams
+    finally:
+        await client.close()
+        await server.close()
+    server, client = await connected()
+    try:
+        opened = [
+            client.open_stream(make_headers(streamType="data"), timeout=30)
+            for _ in range(spdy.MAX_PENDING_STREAMS + 5)
+        ]
+        results = await asyncio.gather(*opened, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, StreamClosed)]
+        assert len(refused) == 5  # nobody accepted: only MAX_PENDING_STREAMS are queued
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_a_stream_nobody_reads_stops_the_reader_at_the_connection_budget() -> None:
+    """Unread data is bounded: past STREAM_BUFFER on one stream the server stops reading
+    (the peer's writes then block in TCP), and reading resumes it."""
+    server, client = await connected()
+    try:
+        stream = await client.open_stream(make_headers(streamType="stdin"))
+        accepted = await server.accept()
+        assert accepted is not None
+        writer = asyncio.ensure_future(stream.write(bytes(4 * spdy.STREAM_BUFFER)))
+
+        async def reader_stopped() -> bool:
+            return accepted.inbound.full
+
+        assert await wait_for(reader_stopped, 30, 0.01)
+        assert server._buffered <= spdy.STREAM_BUFFER + spdy.DATA_PIECE + 256 * 1024
+        assert not writer.done()
+        total = 0
+        while total < 4 * spdy.STREAM_BUFFER:
+            total += len(await accepted.read())
+        await writer
+        assert server._buffered == 0
+    finally:
+        await client.close()
+        await server.close()

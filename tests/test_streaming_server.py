@@ -95,6 +95,9 @@ class Served:
     connector: FakeConnector
 
     def exec_url(self, cmd: list[str] | None = None, **flags: bool) -> str:
+        # The client helpers open stderr unless told not to, as client-go does when the
+        # request asks for it; the server refuses streams the request did not ask for.
+        flags.setdefault("stderr", not flags.get("tty", False))
         return self.server.url_for(cri.ExecRequest("c1", cmd or ["echo", "hi"], **flags))
 
 
@@ -531,3 +534,34 @@ async def test_tls(tmp_path: Path) -> None:
             assert b'"reason":"NonZeroExitCode"' in await error.read_all()
         finally:
             await conn.close()
+
+
+async def test_header_timeout_closes_idle_connections_but_never_a_session() -> None:
+    """With a 0.3 s header timeout: a connection that never sends its request is closed,
+    while an upgraded session that outlives the timeout many times over goes on."""
+    settings = StreamingSettings(header_timeout=0.3)
+    runtime, connector = FakeRuntime(), FakeConnector()
+    server = StreamingServer(settings, runtime, connector)  # type: ignore[arg-type]
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /exec/x HTTP/1.1\r\nHost: a\r\n")
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+        url = server.url_for(cri.ExecRequest("c1", ["cat"], stdin=True, stdout=True))
+        session = await open_spdy_command(url, stdin=True, stderr=False)
+        assert session.stdin is not None and session.stdout is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        rounds = 0
+        while loop.time() - started < 5 * settings.header_timeout:
+            message = f"round {rounds}".encode()
+            await session.stdin.write(message)
+            assert await asyncio.wait_for(session.stdout.read(), 30) == message
+            rounds += 1
+        await session.stdin.close()
+        result = await session.collect()
+        await session.close()
+        assert result.status == {"status": "Success"} or result.exit_code == 0
+    finally:
+        await server.stop()

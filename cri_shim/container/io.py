@@ -155,14 +155,34 @@ class LogFile:
     Only the copiers of one container write it, one append at a time under
     `lock`, so an append cut short by a SIGKILL can be found and cut back."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, relative: str = "") -> None:
         self.path = path
+        # The pod's log directory: `path` less the container's relative log_path.
+        depth = len(Path(os.path.normpath(relative)).parts) if relative else 0
+        self.root = path.parents[depth - 1] if depth else None
         self._fd: int | None = None
         self._lock = asyncio.Lock()
 
+    def _check_inside_root(self) -> None:
+        """Symlinks are resolved: the file must still be inside the pod's log directory
+        (a container that can write there must not make the shim write elsewhere)."""
+        if self.root is None:
+            return
+        root = os.path.realpath(self.root)
+        parent = os.path.realpath(self.path.parent)
+        if os.path.commonpath([root, parent]) != root:
+            raise OSError(
+                errno.ELOOP,
+                f"log path {self.path} resolves to {parent}, outside the pod's log "
+                f"directory {root}",
+            )
+
     def _open(self) -> int:
+        self._check_inside_root()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        # 0640 as containerd creates it; never through a symlink at the last component.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.open(self.path, flags, 0o640)
 
     async def create(self) -> None:
         """Open (creating) the file now: kubelet reads it as soon as the container starts."""
@@ -343,14 +363,21 @@ class ContainerIO:
     """FIFOs in `directory`; copiers write what arrives to the CRI log."""
 
     def __init__(
-        self, directory: Path, container_id: str, *, stdin: bool, tty: bool, log_path: str
+        self,
+        directory: Path,
+        container_id: str,
+        *,
+        stdin: bool,
+        tty: bool,
+        log_path: str,
+        log_relative: str = "",
     ) -> None:
         self.directory = directory
         self.container_id = container_id
         self.stdin_path = directory / "stdin" if stdin else None
         self.stdout_path = directory / "stdout"
         self.stderr_path = None if tty else directory / "stderr"
-        self.log = LogFile(Path(log_path)) if log_path else None
+        self.log = LogFile(Path(log_path), log_relative) if log_path else None
         self.tty = tty
         self.listeners: list[Listener] = []
         # Output streams whose copier has not reached EOF yet (attach waits on these).

@@ -75,6 +75,9 @@ class ContainerEnvironment:
     seccomp_localhost_root: Path | None
     apparmor_available: bool
     recursive_readonly_supported: bool
+    # Allow-lists of pod / container annotations for the spec (containerd's per handler).
+    pod_annotations: tuple[str, ...] = ()
+    container_annotations: tuple[str, ...] = ()
 
 
 def _ns(moment: datetime.datetime | None) -> int:
@@ -309,6 +312,8 @@ class ContainerManager:
             recursive_readonly_supported=self.env.recursive_readonly_supported,
             # Missing host paths are created, symlinks resolved, as containerd does.
             resolve_mount_source=ensure_mount_source,
+            pod_annotations=self.env.pod_annotations,
+            container_annotations=self.env.container_annotations,
         )
         # Building stats devices and may create mount sources: off the event loop.
         spec = await asyncio.to_thread(build_container_spec, inputs)
@@ -746,6 +751,7 @@ class ContainerManager:
             stdin=container.config.stdin,
             tty=container.config.tty,
             log_path=container.log_path,
+            log_relative=container.config.log_path,
         )
 
     async def _resync(self, container_id: str) -> None:

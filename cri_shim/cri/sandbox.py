@@ -36,6 +36,21 @@ MAX_NAME_LENGTH = 253
 MAX_PORT = 65535
 
 
+def _refuse_line_breaks(config: cri.PodSandboxConfig) -> None:
+    """Hostname and DNS settings are written into /etc/hosts, /etc/hostname and
+    resolv.conf line by line: a line break would add entries the pod did not ask for."""
+    values: list[tuple[str, str]] = [("config.hostname", config.hostname)]
+    dns = config.dns_config
+    if dns is not None:
+        for field in ("servers", "searches", "options"):
+            values += [
+                (f"config.dns_config.{field}[{i}]", v) for i, v in enumerate(getattr(dns, field))
+            ]
+    for field, value in values:
+        if any(c in value for c in "\n\r\0"):
+            raise invalid_argument(f"{field} {value!r} must not contain a line break or NUL")
+
+
 def _validate_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfig:
     if config is None:
         raise invalid_argument("config must be set")
@@ -64,6 +79,7 @@ def _validate_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfi
                 raise invalid_argument(
                     f"config.port_mappings[{index}].{field} {port} is outside 0-{MAX_PORT}"
                 )
+    _refuse_line_breaks(config)
     if config.log_directory and not config.log_directory.startswith("/"):
         raise invalid_argument(
             f"config.log_directory {config.log_directory!r} must be an absolute path"

@@ -33,7 +33,9 @@ from typing import Any
 
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.host import CGROUP_ROOT, cgroup_v2_unified, clamp_oom_score_adj
+from cri_shim.oci import apparmor
 from cri_shim.oci import capabilities as caps
+from cri_shim.oci.annotations import passthrough
 from cri_shim.oci.defaults import (
     DEFAULT_CAPABILITIES,
     base_spec,
@@ -46,7 +48,7 @@ from cri_shim.oci.seccomp import profile_from_path, seccomp_for
 from cri_shim.oci.users import resolve_user
 
 CGROUP_KIND_PREFIX = "cri-containerd"
-APPARMOR_DEFAULT_PROFILE = "cri-containerd.apparmor.d"
+APPARMOR_DEFAULT_PROFILE = apparmor.DEFAULT_PROFILE  # containerd's name, loaded by oci.apparmor
 LOCALHOST_PREFIX = "localhost/"
 ETC_HOSTNAME = "/etc/hostname"
 ETC_HOSTS = "/etc/hosts"
@@ -179,6 +181,10 @@ class ContainerSpecInput:
     resolve_mount_source: Callable[[str], str] | None = None
     # HOSTNAME for pods without a hostname (hostNetwork); None: this node's name.
     node_hostname: str | None = None
+    # Patterns of pod / container annotation keys copied into the spec (the runtime
+    # handler's pod_annotations / container_annotations, as in containerd).
+    pod_annotations: tuple[str, ...] = ()
+    container_annotations: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------ process
@@ -740,7 +746,8 @@ def build_container_spec(inputs: ContainerSpecInput) -> dict[str, Any]:
     pod_metadata = inputs.sandbox.config.metadata or cri.PodSandboxMetadata()
     metadata = config.metadata or cri.ContainerMetadata()
     spec["annotations"] = {
-        **dict(config.annotations),
+        **passthrough(inputs.sandbox.config.annotations, inputs.pod_annotations),
+        **passthrough(config.annotations, inputs.container_annotations),
         # Ours last: a config annotation cannot pass for the runtime's own.
         "io.kubernetes.cri.container-type": "container",
         "io.kubernetes.cri.container-name": metadata.name,

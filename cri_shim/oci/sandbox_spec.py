@@ -13,6 +13,7 @@ from typing import Any
 
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.host import clamp_oom_score_adj
+from cri_shim.oci.annotations import passthrough
 from cri_shim.oci.defaults import (
     base_spec,
     cgroups_path,
@@ -41,6 +42,8 @@ class SandboxSpecInput:
     hostname: str
     cgroup_driver: str
     oom_score_adj_floor: int | None
+    # Patterns of pod annotation keys copied into the spec (the handler's pod_annotations).
+    pod_annotations: tuple[str, ...] = ()
 
 
 def _namespace_mode(options: cri.NamespaceOption | None, field: str) -> cri.NamespaceMode:
@@ -137,12 +140,13 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
     spec["linux"]["resources"]["cpu"] = {"shares": SANDBOX_CPU_SHARES}
     metadata = config.metadata or cri.PodSandboxMetadata()
     spec["annotations"] = {
+        # Allowed pod annotations first: the runtime's own keys below always win.
+        **passthrough(config.annotations, inputs.pod_annotations),
         "io.kubernetes.cri.container-type": "sandbox",
         "io.kubernetes.cri.sandbox-id": inputs.sandbox_id,
         "io.kubernetes.cri.sandbox-name": metadata.name,
         "io.kubernetes.cri.sandbox-namespace": metadata.namespace,
         "io.kubernetes.cri.sandbox-uid": metadata.uid,
         "io.kubernetes.cri.sandbox-log-directory": config.log_directory,
-        **dict(config.annotations),
     }
     return spec

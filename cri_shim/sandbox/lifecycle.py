@@ -68,6 +68,7 @@ class SandboxEnvironment:
     dirs_root: Path
     cgroup_driver: str
     oom_score_adj_floor: int | None
+    pod_annotations: tuple[str, ...] = ()  # allow-list of pod annotations for the spec
 
 
 def runtime_config(image_config: dict[str, Any]) -> dict[str, Any]:
@@ -321,6 +322,7 @@ class SandboxManager:
                 hostname=hostname,
                 cgroup_driver=self.env.cgroup_driver,
                 oom_score_adj_floor=self.env.oom_score_adj_floor,
+                pod_annotations=self.env.pod_annotations,
             )
         )
         # CNI ADD and the pause container's create (snapshot, record, runc create) need

@@ -268,6 +268,8 @@ async def serve_spdy(
                         await pair.error.write(message.encode())
                 await stream.reset()
                 continue
+            # The error stream only carries our messages; what the peer sends on it is dropped.
+            stream.discard_input = kind == STREAM_ERROR
             setattr(pair, kind, stream)
             if pair.data is not None and pair.error is not None:
                 pair.complete.set()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cri_shim.logs import log_event
-from cri_shim.streaming.spdy import SpdyConnection, SpdyStream, StreamClosed
+from cri_shim.streaming.spdy import RstStatus, SpdyConnection, SpdyStream, StreamClosed
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +282,17 @@ async def _collect_streams(
             if kind in (STREAM_ERROR, STREAM_STDIN, STREAM_STDOUT, STREAM_STDERR) or (
                 kind == STREAM_RESIZE and resize
             ):
+                # The error, stdout and stderr streams only carry our output.
+                stream.discard_input = kind in (STREAM_ERROR, STREAM_STDOUT, STREAM_STDERR)
                 setattr(found, kind, stream)
                 received += 1
             else:
                 log_event(log, "unexpected stream type", level=logging.WARNING, stream_type=kind)
+                await stream.reset(RstStatus.REFUSED_STREAM)
 
     await asyncio.wait_for(collect(), timeout)
+    # Every stream the session uses is here: any further one is refused, not queued.
+    conn.refuse_new_streams()
     return found
 
 

@@ -31,6 +31,7 @@ from grpclib.const import Status
 
 from cri_shim.concurrency import cancel_and_wait
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.http_limits import CappedTCPSite, fd_share, runner_options
 from cri_shim.logs import log_event
 from cri_shim.settings import SettingsError, StreamingSettings
 from cri_shim.streaming import portforward, remotecommand, websocket
@@ -202,9 +203,21 @@ class StreamingServer:
         ):
             app.router.add_route("GET", f"/{kind}/{{token}}", handler)
             app.router.add_route("POST", f"/{kind}/{{token}}", handler)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            **runner_options(self.settings.header_timeout),
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.address, self.settings.port, ssl_context=context)
+        site = CappedTCPSite(
+            runner,
+            self.settings.address,
+            self.settings.port,
+            ssl_context=context,
+            max_connections=fd_share(self.settings.max_connections, 8, what="streaming"),
+        )
         try:
             await site.start()
         except OSError as err:

@@ -13,7 +13,16 @@ client-go) never send WINDOW_UPDATE, so honouring the peer's window would
 stall every stream after 64 KiB. We therefore send without regard to the
 window, as spdystream does, but we do grant window for what we consume, so a
 strict SPDY/3.1 peer keeps sending. Back-pressure comes from TCP: a stream
-holding more than `STREAM_BUFFER` unread bytes stops the connection's reader.
+holding more than `STREAM_BUFFER` unread bytes, or a connection holding more
+than `CONNECTION_BUFFER`, stops the connection's reader.
+
+What one peer can make us hold is bounded: a DATA frame is delivered in
+pieces of at most `DATA_PIECE` bytes as they arrive (never buffered whole),
+a connection has at most `MAX_STREAMS` open streams and `MAX_PENDING_STREAMS`
+not yet taken by its handler (more get RST_STREAM(REFUSED_STREAM), as do
+streams after a handler's `refuse_new_streams()`), and unknown control frames
+are capped at `MAX_UNKNOWN_CONTROL_PER_SECOND`; the reader yields to the event
+loop every `YIELD_EVERY` frames so one flooding client cannot starve others.
 
 Malformed input of any kind raises `ProtocolError` out of the decoder; the
 connection answers with GOAWAY(PROTOCOL_ERROR) and closes, and nothing else
@@ -50,6 +59,18 @@ MAX_HEADER_PAIRS = 1024
 DATA_CHUNK = 32 * 1024
 # Unread bytes one stream may hold before the connection's reader waits for it.
 STREAM_BUFFER = 4 * 1024 * 1024
+# Unread bytes all streams of one connection may hold together.
+CONNECTION_BUFFER = 8 * 1024 * 1024
+# A DATA frame larger than this is delivered in pieces as its bytes arrive.
+DATA_PIECE = 64 * 1024
+# Streams one connection may have open, and opened but not yet taken by its handler
+# (port-forward opens two per forwarded TCP connection).
+MAX_STREAMS = 1024
+MAX_PENDING_STREAMS = 128
+# Control frames of unknown type a peer may send per second before the connection ends.
+MAX_UNKNOWN_CONTROL_PER_SECOND = 100
+# Frames handled between two yields to the event loop.
+YIELD_EVERY = 32
 # Seconds a closing connection waits to send its GOAWAY to a peer that does not read.
 CLOSE_GRACE = 2.0
 
@@ -204,6 +225,13 @@ class HeadersFrame:
 class WindowUpdate:
     stream_id: int
     delta: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownControl:
+    """A control frame of a type SPDY/3.1 does not define (reported only on request)."""
+
+    kind: int
 
 
 Frame = (
@@ -369,13 +397,28 @@ class FrameDecoder:
 
     Anything malformed raises ProtocolError; after that the decoder (and its
     compression context) must not be used again. Control frames of unknown
-    type are skipped, as SPDY/3 requires.
+    type are skipped, as SPDY/3 requires (or yielded as `UnknownControl` with
+    `report_unknown`, so a connection can rate-limit them). A DATA frame of
+    more than `data_piece` bytes comes out in pieces as its bytes arrive,
+    FIN on the last, so a 16 MiB frame is never held whole.
     """
 
-    def __init__(self, *, max_control_payload: int = MAX_CONTROL_PAYLOAD) -> None:
+    def __init__(
+        self,
+        *,
+        max_control_payload: int = MAX_CONTROL_PAYLOAD,
+        data_piece: int = DATA_PIECE,
+        report_unknown: bool = False,
+    ) -> None:
         self._buffer = bytearray()
         self._decompressor = HeaderDecompressor()
         self._max_control = max_control_payload
+        self._data_piece = data_piece
+        self._report_unknown = report_unknown
+        # A large DATA frame being delivered in pieces: its stream, flags, bytes still to come.
+        self._data_stream = 0
+        self._data_flags = 0
+        self._data_left = 0
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -392,7 +435,21 @@ class FrameDecoder:
             if frame is not _SKIPPED:
                 yield frame  # type: ignore[misc]
 
+    def _piece(self) -> DataFrame | None:
+        """The next piece of a DATA frame being delivered in pieces, once some bytes are here."""
+        buffer = self._buffer
+        if not buffer:
+            return None
+        take = min(len(buffer), self._data_left, self._data_piece)
+        payload = bytes(buffer[:take])
+        del buffer[:take]
+        self._data_left -= take
+        last = self._data_left == 0
+        return DataFrame(self._data_stream, payload, self._data_flags if last else 0)
+
     def _next(self) -> Frame | object | None:
+        if self._data_left:
+            return self._piece()
         buffer = self._buffer
         if len(buffer) < 8:
             return None
@@ -402,6 +459,13 @@ class FrameDecoder:
         control = bool(first & 0x80000000)
         if control and length > self._max_control:
             raise ProtocolError(f"control frame of {length} bytes")
+        if not control and length > self._data_piece:
+            stream_id = first & MAX_STREAM_ID
+            if stream_id == 0:
+                raise ProtocolError("DATA frame for stream 0")
+            del buffer[:8]
+            self._data_stream, self._data_flags, self._data_left = stream_id, flags, length
+            return self._piece() or _SKIPPED
         if len(buffer) < 8 + length:
             return None
         payload = bytes(buffer[8 : 8 + length])
@@ -471,7 +535,7 @@ class FrameDecoder:
                 raise ProtocolError("WINDOW_UPDATE must be 8 bytes")
             stream_id, delta = struct.unpack_from(">II", payload, 0)
             return WindowUpdate(stream_id & MAX_STREAM_ID, delta & MAX_STREAM_ID)
-        return _SKIPPED
+        return UnknownControl(kind) if self._report_unknown else _SKIPPED
 
 
 _SKIPPED = object()
@@ -495,6 +559,8 @@ class SpdyStream:
         self.remote_closed = False  # FIN or RST from the peer, or connection gone
         self.local_closed = False  # FIN or RST sent by us
         self.was_reset = False
+        # Set by handlers for streams they only write to: what the peer sends is dropped.
+        self.discard_input = False
         self._unacked = 0  # bytes consumed since we last granted window
         self.replied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -504,16 +570,20 @@ class SpdyStream:
     # peer -> us
 
     def _deliver(self, data: bytes) -> None:
-        if not self.remote_closed:
+        if not self.remote_closed and not self.discard_input and data:
             self.inbound.put(data)
+            self.conn._buffered += len(data)
 
     def _finish_remote(self) -> None:
         self.remote_closed = True
         self.inbound.end()
 
-    def _reset(self) -> None:
+    def _reset(self, *, discard: bool = True) -> None:
         self.was_reset = True
         self.local_closed = True
+        if discard:
+            # Nobody will read it: dropped, so it cannot pin the connection's budget.
+            self.conn._consumed(self.inbound.discard())
         self._finish_remote()
         if not self.replied.done():
             self.replied.set_exception(StreamClosed(f"stream {self.id} was reset"))
@@ -523,6 +593,7 @@ class SpdyStream:
         data = await self.inbound.get()
         if not data:
             return b""
+        self.conn._consumed(len(data))
         self._unacked += len(data)
         if self._unacked >= INITIAL_WINDOW // 2 and not self.remote_closed:
             grant, self._unacked = self._unacked, 0
@@ -591,7 +662,7 @@ class SpdyConnection:
         self.idle_timeout = idle_timeout
         self.name = name
         self._encoder = FrameEncoder()
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(report_unknown=True)
         self._streams: dict[int, SpdyStream] = {}
         self._incoming: asyncio.Queue[SpdyStream | None] = asyncio.Queue()
         self._next_stream_id = 2 if server else 1
@@ -605,6 +676,12 @@ class SpdyConnection:
         self.error: str = ""
         self._last_activity = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
+        # Unread bytes of all streams, and an event set whenever some were taken.
+        self._buffered = 0
+        self._room = asyncio.Event()
+        self._refusing = False
+        self._unknown_window = 0.0
+        self._unknown_count = 0
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._read_loop(), name=f"spdy-read {self.name}"))
@@ -638,6 +715,15 @@ class SpdyConnection:
     def _forget(self, stream: SpdyStream) -> None:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
+
+    def _consumed(self, size: int) -> None:
+        if size:
+            self._buffered -= size
+            self._room.set()
+
+    def refuse_new_streams(self) -> None:
+        """The handler has every stream it needs: later SYN_STREAMs get RST_STREAM."""
+        self._refusing = True
 
     def _maybe_forget(self, stream: SpdyStream) -> None:
         if stream.local_closed and stream.remote_closed:
@@ -693,8 +779,13 @@ class SpdyConnection:
                     break
                 self._last_activity = time.monotonic()
                 self._decoder.feed(data)
-                for frame in self._decoder:
-                    await self._dispatch(frame)
+                for handled, frame in enumerate(self._decoder, 1):
+                    if isinstance(frame, UnknownControl):
+                        self._count_unknown()
+                    else:
+                        await self._dispatch(frame)
+                    if handled % YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # let other connections and the CRI calls run
         except ProtocolError as err:
             reason = f"protocol error: {err}"
             log_event(log, "spdy protocol error", level=logging.WARNING, conn=self.name, error=err)
@@ -709,14 +800,29 @@ class SpdyConnection:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._channel.close())
 
+    def _count_unknown(self) -> None:
+        now = time.monotonic()
+        if now - self._unknown_window >= 1.0:
+            self._unknown_window, self._unknown_count = now, 0
+        self._unknown_count += 1
+        if self._unknown_count > MAX_UNKNOWN_CONTROL_PER_SECOND:
+            raise ProtocolError(
+                f"more than {MAX_UNKNOWN_CONTROL_PER_SECOND} unknown control frames in a second"
+            )
+
     async def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, DataFrame):
             stream = self._streams.get(frame.stream_id)
             if stream is None or stream.remote_closed:
                 return  # gone already (reset, or never existed): dropped, as spdystream does
-            if stream.inbound.full:
-                # The consumer is behind: stop reading the socket until it catches up.
-                await stream.inbound.drained()
+            # The consumer is behind: stop reading the socket until it catches up.
+            while (
+                not stream.discard_input
+                and not stream.remote_closed
+                and (stream.inbound.full or self._buffered > CONNECTION_BUFFER)
+            ):
+                self._room.clear()
+                await self._room.wait()
             stream._deliver(frame.data)
             if frame.flags & FLAG_FIN:
                 stream._finish_remote()
@@ -733,7 +839,7 @@ class SpdyConnection:
         elif isinstance(frame, RstStream):
             stream = self._streams.pop(frame.stream_id, None)
             if stream is not None:
-                stream._reset()
+                stream._reset(discard=False)  # what arrived before the RST can still be read
         elif isinstance(frame, HeadersFrame):
             stream = self._streams.get(frame.stream_id)
             if stream is not None and frame.flags & FLAG_FIN:
@@ -758,7 +864,21 @@ class SpdyConnection:
             await self._send_quietly(RstStream(stream_id, RstStatus.PROTOCOL_ERROR))
             return
         self._last_peer_stream = stream_id
-        if self.goaway_received or self._goaway_sent:
+        if (
+            self.goaway_received
+            or self._goaway_sent
+            or self._refusing
+            or len(self._streams) >= MAX_STREAMS
+            or self._incoming.qsize() >= MAX_PENDING_STREAMS
+        ):
+            log_event(
+                log,
+                "spdy stream refused",
+                level=logging.DEBUG,
+                conn=self.name,
+                stream=stream_id,
+                open_streams=len(self._streams),
+            )
             await self._send_quietly(RstStream(stream_id, RstStatus.REFUSED_STREAM))
             return
         rejection = self._filter(frame.headers) if self._filter is not None else None
@@ -797,8 +917,9 @@ class SpdyConnection:
         self.error = reason
         self.closed.set()
         for stream in list(self._streams.values()):
-            stream._reset()
+            stream._reset(discard=False)  # handlers may still read what arrived
         self._streams.clear()
+        self._room.set()
         for waiter in self._pings.values():
             if not waiter.done():
                 waiter.set_exception(StreamClosed("connection closed"))

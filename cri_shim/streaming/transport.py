@@ -69,6 +69,14 @@ class InboundBuffer:
                 self._drained.clear()
             self._ready.set()
 
+    def discard(self) -> int:
+        """Drop what no reader took (the stream was reset); returns how many bytes."""
+        dropped = self._size
+        self._chunks.clear()
+        self._size = 0
+        self._drained.set()
+        return dropped
+
     def end(self) -> None:
         """No more data will come; readers get what is left, then b""."""
         self.ended = True
