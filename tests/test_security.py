@@ -326,6 +326,7 @@ async def test_pod_annotations_cannot_join_another_pods_shim(
         status = await pods.runtime.pod_sandbox_status(
             cri.PodSandboxStatusRequest(pod_sandbox_id=reply.pod_sandbox_id)
         )
+        assert status.status is not None
         assert status.status.annotations["io.kubernetes.cri.sandbox-id"] == victim_id
     finally:
         await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(reply.pod_sandbox_id))
