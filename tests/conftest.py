@@ -64,16 +64,24 @@ def require_binaries() -> None:
         pytest.fail("containerd tests need root", pytrace=False)
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session", params=CONTAINERD_MATRIX)
-async def containerd(
-    request: pytest.FixtureRequest, session_dir: Path
-) -> AsyncIterator[EmbeddedContainerd]:
-    """The session's private containerd (not restarted automatically), once per
-    containerd version of the matrix: every test using it runs against each."""
-    require_binaries()
+@pytest.fixture(scope="session", params=CONTAINERD_MATRIX)
+def containerd_peer(request: pytest.FixtureRequest) -> ContainerdPeer:
+    """One containerd version of the matrix: every test using it (directly or
+    through `containerd`) runs once per version, named in its id."""
     peer: ContainerdPeer = request.param
+    return peer
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def containerd(
+    containerd_peer: ContainerdPeer, session_dir: Path
+) -> AsyncIterator[EmbeddedContainerd]:
+    """The session's private containerd of that version (not restarted automatically)."""
+    require_binaries()
     daemon = EmbeddedContainerd(
-        session_dir / f"containerd-{peer.version}", binary=peer.binary(), restart=False
+        session_dir / f"containerd-{containerd_peer.version}",
+        binary=containerd_peer.binary(),
+        restart=False,
     )
     await daemon.start()
     yield daemon

@@ -58,7 +58,11 @@ METADATA_TYPE_URL = "cri-shim.io/container-metadata/v1"
 # How long output may keep arriving after the process exited (children holding stdout).
 DRAIN_SECONDS = 2.0
 START_ERROR_EXIT_CODE = 128
+# containerd's CRI (unknownExitCode/unknownExitReason): a running container whose task
+# is gone when containerd comes back (containerd 2.x deletes a task whose process
+# exited while it was down, so its real exit code is lost).
 UNKNOWN_EXIT_CODE = 255
+UNKNOWN_EXIT_REASON = "Unknown"
 # Abandoned exec FIFOs found at start-up: read ends held this long, start-up
 # waits the first part of it (see release_abandoned_execs).
 EXEC_RELEASE_HOLD = 5.0
@@ -443,8 +447,11 @@ class ContainerManager:
             return False
         return bool(kills)
 
-    async def _finish(self, container: Container, exit_code: int, finished_at: int) -> None:
-        """Record an exit once, whichever of event stream and Stop sees it first."""
+    async def _finish(
+        self, container: Container, exit_code: int, finished_at: int, reason: str = ""
+    ) -> None:
+        """Record an exit once, whichever of event stream and Stop sees it first;
+        `reason` overrides the one derived from the exit code."""
         if container.state is not ContainerState.RUNNING:
             return
         finished = self._finished.setdefault(container.id, asyncio.Event())
@@ -455,17 +462,21 @@ class ContainerManager:
         if container.state is not ContainerState.RUNNING:
             return  # finished by a concurrent caller meanwhile
         try:
-            await self._record_exit(container, exit_code, finished_at)
+            await self._record_exit(container, exit_code, finished_at, reason)
         finally:
             finished.set()
 
-    async def _record_exit(self, container: Container, exit_code: int, finished_at: int) -> None:
+    async def _record_exit(
+        self, container: Container, exit_code: int, finished_at: int, reason: str = ""
+    ) -> None:
         container.state = ContainerState.EXITED
         container.exit_code = exit_code
         container.finished_at = finished_at
         container.pid = 0
         if container.oom_killed:
             container.reason = OOM_KILLED
+        elif reason:
+            container.reason = reason
         else:
             container.reason = "Completed" if exit_code == 0 else "Error"
         seen = self._exit_seen.get(container.id)
@@ -753,8 +764,9 @@ class ContainerManager:
         if task is not None and task.status == TaskStatus.RUNNING:
             return
         if task is None:
-            # Deleted behind our back: the exit code is gone with it (containerd's CRI says 255).
-            await self._finish(container, UNKNOWN_EXIT_CODE, time.time_ns())
+            # Deleted behind our back: the exit code is gone with it (containerd's CRI
+            # says 255, reason Unknown).
+            await self._finish(container, UNKNOWN_EXIT_CODE, time.time_ns(), UNKNOWN_EXIT_REASON)
         else:
             await self._finish(container, task.exit_code, _ns(task.exited_at))
         log_event(log, "missed exit picked up by resync", container=container_id)

@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shutil
 import signal
 from pathlib import Path
 
+from cri_shim.containerd.version import parse_version, unsupported_reason, version_field
 from cri_shim.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -25,19 +25,33 @@ CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 # turns NRI on by default with a socket at a fixed host path; none of it is the shim's.
 CRI_PLUGINS_V2 = ("io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images", CRI_PLUGIN)
 NRI_PLUGIN_V2 = "io.containerd.nri.v1.nri"
-# `containerd --version`: "containerd github.com/containerd/containerd[/v2] v2.4.2 <rev>"
-# (Debian's 1.6 drops the "v": "1.6.20~ds1").
-VERSION_PATTERN = re.compile(r"\s(v?(\d+)\.(\d+)\.\d+\S*)")
 
 
 class EmbeddedContainerdError(RuntimeError):
     pass
 
 
-def parse_version(output: str) -> tuple[int, int] | None:
-    """(major, minor) from `containerd --version` output, None if unrecognised."""
-    match = VERSION_PATTERN.search(output)
-    return (int(match.group(2)), int(match.group(3))) if match else None
+async def read_binary_version(path: str, timeout: float = 30.0) -> str:
+    """`<path> --version`'s output ("containerd github.com/containerd/containerd/v2
+    v2.4.2 <rev>"), read without blocking the loop."""
+    process = await asyncio.create_subprocess_exec(
+        path,
+        "--version",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise TimeoutError(f"{path} --version did not answer within {timeout:g}s") from None
+    text = output.decode(errors="replace").strip()
+    if process.returncode != 0:
+        raise OSError(f"{path} --version exited {process.returncode}: {text}")
+    return text
 
 
 def render_config(base: Path, major: int = 1) -> str:
@@ -124,28 +138,18 @@ class EmbeddedContainerd:
     @staticmethod
     async def _read_version(path: str) -> tuple[str, int]:
         """The binary's version: 2.x needs another config format than 1.6/1.7."""
-        process = await asyncio.create_subprocess_exec(
-            path,
-            "--version",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
         try:
-            output, _ = await asyncio.wait_for(process.communicate(), 30.0)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise EmbeddedContainerdError(f"{path} --version did not answer within 30s") from None
-        text = output.decode(errors="replace")
+            text = await read_binary_version(path)
+        except (OSError, TimeoutError) as err:
+            raise EmbeddedContainerdError(f"cannot start a private containerd: {err}") from err
+        version = version_field(text) or ""
         parsed = parse_version(text)
-        if process.returncode != 0 or parsed is None:
+        problem = unsupported_reason(version or text)
+        if problem is not None or parsed is None:
             raise EmbeddedContainerdError(
-                f"cannot start a private containerd: `{path} --version` gave {text.strip()!r}"
+                f"cannot start a private containerd from {path}: {problem}"
             )
-        match = VERSION_PATTERN.search(text)
-        assert match is not None
-        return match.group(1), parsed[0]
+        return version, parsed[0]
 
     def _prepare(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)

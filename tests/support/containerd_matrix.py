@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from cri_shim.containerd.embedded import VERSION_PATTERN
+from cri_shim.containerd.version import version_field
 from tests.support.peers import require_peer, versions
 
 
@@ -52,8 +52,8 @@ def system_containerd_version() -> str:
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "system"
-    match = VERSION_PATTERN.search(output)
-    return match.group(1).lstrip("v").split("~")[0].split("-")[0] if match else "system"
+    version = version_field(output)
+    return version.lstrip("v").split("~")[0].split("-")[0] if version else "system"
 
 
 def _matrix() -> list[ContainerdPeer]:
