@@ -26,9 +26,9 @@ STREAMING_MODES = {
     "spdy": [],
     "websocket": ["-websocket-exec", "-websocket-attach", "-websocket-portforward"],
 }
-# critest v1.37.0 here: 101 specs run in either mode on either containerd (the rest
-# are AppArmor, user-namespace and benchmark specs critest skips itself on this host).
-MIN_SPECS_RAN = 101
+# critest v1.37.0 here: 108 of its 142 specs run in either mode on either containerd
+# (critest skips the rest itself on this host: AppArmor, user namespaces, benchmarks...).
+MIN_SPECS_RAN = 108
 
 
 @pytest.mark.parametrize("mode", list(STREAMING_MODES))
@@ -38,10 +38,10 @@ async def test_critest_passes(peer: ContainerdPeer, mode: str) -> None:
         require_peer("CRITEST"), containerd=peer.binary(), extra=STREAMING_MODES[mode]
     )
     print(result.summary())
-    failed = "\n  ".join(result.failed)
-    assert not result.failed, f"{len(result.failed)} critest specs failed:\n  {failed}"
-    assert result.code == 0, result.summary()
-    assert result.ran >= MIN_SPECS_RAN, (
-        f"only {result.ran} critest specs ran, expected at least {MIN_SPECS_RAN}: "
-        f"{result.summary()}"
-    )
+    if result.failed:
+        names = "\n  ".join(result.failed)
+        pytest.fail(f"{len(result.failed)} critest specs failed:\n  {names}\n{result.summary()}")
+    if result.code != 0:
+        pytest.fail(f"critest failed outside any spec: {result.summary()}")
+    if result.ran < MIN_SPECS_RAN:
+        pytest.fail(f"only {result.ran} specs ran, expected {MIN_SPECS_RAN}: {result.summary()}")

@@ -55,7 +55,8 @@ async def read_binary_version(path: str, timeout: float = 30.0) -> str:
 
 
 def render_config(base: Path, major: int = 1) -> str:
-    """containerd config confined to `base`: version 2 for 1.6/1.7, version 3 for 2.x."""
+    """containerd config confined to `base`: version 2 for 1.6/1.7, version 3 for 2.x
+    (every 2.x reads it; 2.4, whose own format is 4, migrates it and logs a warning)."""
     disabled = (CRI_PLUGIN,) if major < 2 else (*CRI_PLUGINS_V2, NRI_PLUGIN_V2)
     return "\n".join(
         [
