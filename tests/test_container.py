@@ -298,3 +298,25 @@ async def test_bad_requests(
     assert caught.value.status is Status.NOT_FOUND
     await pods.runtime.stop_container(cri.StopContainerRequest("e" * 64))
     await pods.runtime.remove_container(cri.RemoveContainerRequest("e" * 64))
+
+
+async def test_exited_is_reported_only_once_the_log_is_complete(
+    pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str
+) -> None:
+    """containerd's CRI reports EXITED after its task delete waited for the IO, so
+    a client that reads the log as soon as it sees EXITED (critest's log spec)
+    finds every line. Polled without pause, as a fast client would."""
+    log_dir = Path(pod[1].log_directory)
+    for attempt in range(3):
+        name = f"talker{attempt}"
+        container = await make_container(
+            pods, pod, busybox, ["sh", "-c", "seq 1 30000; echo done"], name=name
+        )
+        while True:
+            reply = await pods.runtime.container_status(cri.ContainerStatusRequest(container))
+            assert reply.status is not None
+            if reply.status.state == cri.ContainerState.CONTAINER_EXITED:
+                break
+        lines = (log_dir / f"{name}.log").read_text().splitlines()
+        assert len(lines) == 30001, (attempt, len(lines), lines[-1:])
+        assert lines[-1].endswith(" stdout F done")

@@ -140,6 +140,8 @@ class ContainerManager:
         self._io: dict[str, ContainerIO] = {}
         self._specs: dict[str, dict[str, Any]] = {}
         self._exit_seen: dict[str, asyncio.Event] = {}
+        # Containers whose exit is being recorded (still RUNNING until their log is complete).
+        self._exiting: set[str] = set()
         self._early_exits: dict[str, TaskExit] = {}
         self._releases: set[asyncio.Task[None]] = set()
         # Set once an exit is fully recorded (task deleted, output drained, persisted).
@@ -452,24 +454,25 @@ class ContainerManager:
     ) -> None:
         """Record an exit once, whichever of event stream and Stop sees it first;
         `reason` overrides the one derived from the exit code."""
-        if container.state is not ContainerState.RUNNING:
+        if container.state is not ContainerState.RUNNING or container.id in self._exiting:
             return
         finished = self._finished.setdefault(container.id, asyncio.Event())
         if not container.oom_killed and exit_code != 0:
             container.oom_killed = await self._cgroup_oom_killed(container)
             if container.oom_killed:
                 log_event(log, "OOM kill found in the cgroup", container=container.id)
-        if container.state is not ContainerState.RUNNING:
-            return  # finished by a concurrent caller meanwhile
+        if container.state is not ContainerState.RUNNING or container.id in self._exiting:
+            return  # finished (or being finished) by a concurrent caller meanwhile
+        self._exiting.add(container.id)
         try:
             await self._record_exit(container, exit_code, finished_at, reason)
         finally:
+            self._exiting.discard(container.id)
             finished.set()
 
     async def _record_exit(
         self, container: Container, exit_code: int, finished_at: int, reason: str = ""
     ) -> None:
-        container.state = ContainerState.EXITED
         container.exit_code = exit_code
         container.finished_at = finished_at
         container.pid = 0
@@ -482,15 +485,20 @@ class ContainerManager:
         seen = self._exit_seen.get(container.id)
         if seen is not None:
             seen.set()
-        # Recorded before the task goes: a shim killed in between still finds the
-        # exit code (in the record, or in the stopped task) when it starts again.
-        await self._persist_exit(container)
-        await self.ops.delete_task(container.id)
-        self._task_deleted.add(container.id)
-        io = self._io.pop(container.id, None)
-        if io is not None:
-            await io.drained(DRAIN_SECONDS)
-            await io.close()
+        try:
+            # Recorded before the task goes: a shim killed in between still finds the
+            # exit code (in the record, or in the stopped task) when it starts again.
+            await self._persist_exit(container)
+            await self.ops.delete_task(container.id)
+            self._task_deleted.add(container.id)
+            io = self._io.pop(container.id, None)
+            if io is not None:
+                await io.drained(DRAIN_SECONDS)
+                await io.close()
+        finally:
+            # EXITED only once the output is copied, as containerd's CRI (its task
+            # delete waits for the IO): whoever sees the exit finds the whole log.
+            container.state = ContainerState.EXITED
         self._publish(container, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
         log_event(
             log,
