@@ -1,8 +1,8 @@
 """Which containerd versions cri-shim runs on, read from a version string.
 
-Supported: 1.6, 1.7 and 2.x (tested: Debian's 1.6.20 and 2.4.2). Older
-containerds lack APIs the shim calls (the sandbox-less task API of 1.6 is the
-floor); a 3.x would be a new API major nobody has tested.
+Supported: 1.6, 1.7 and 2.x (the test suite runs against Debian's 1.6.20 and
+2.4.2). Older containerds are past their end of life and untested; a 3.x would
+be a new API major nobody has tried, so `cri-shim check` refuses both.
 """
 
 from __future__ import annotations
