@@ -22,6 +22,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from cri_shim.containerd.client import ContainerdClient
+from cri_shim.containerd.embedded import read_binary_version
+from cri_shim.containerd.version import (
+    SUPPORTED,
+    parse_version,
+    unsupported_reason,
+    version_field,
+)
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd.services.introspection import v1 as introspection_v1
 from cri_shim.host import detect_cgroup_driver, runs_systemd
@@ -121,6 +128,28 @@ async def _snapshotter(client: ContainerdClient, timeout: float) -> list[CheckRe
     )
 
 
+async def _private_containerd(
+    binary: str, address: str, reason: str, timeout: float
+) -> list[CheckResult]:
+    """Nothing answers at `address`: `serve` would start `binary`, if its version fits."""
+    try:
+        version = version_field(await read_binary_version(binary, timeout)) or "unknown"
+    except (OSError, TimeoutError) as err:
+        return _fail("containerd", f"not reachable at {address} ({reason}); {err}")
+    problem = unsupported_reason(version)
+    if problem is not None:
+        return _fail(
+            "containerd",
+            f"not reachable at {address}, and {binary} (containerd.binary) is {version}: "
+            f"cri-shim needs containerd {SUPPORTED}",
+        )
+    return _warn(
+        "containerd",
+        f"not reachable at {address} ({reason}); `serve` would start a private containerd "
+        f"{version} from {binary} (containerd.embedded = true: not for production)",
+    )
+
+
 async def check_containerd(ctx: Context) -> list[CheckResult]:
     """Version answers prove the socket, gRPC and the namespace header all work."""
     config = ctx.settings.containerd
@@ -133,17 +162,23 @@ async def check_containerd(ctx: Context) -> list[CheckResult]:
             reason = str(cause or err) or f"no answer within {ctx.timeout:g}s"
             private = await asyncio.to_thread(shutil.which, config.binary)
             if config.embedded and private is not None:
-                return _warn(
-                    "containerd",
-                    f"not reachable at {config.address} ({reason}); `serve` would start a "
-                    f"private one from {private} (containerd.embedded = true: not for production)",
-                )
+                return await _private_containerd(private, config.address, reason, ctx.timeout)
             return _fail("containerd", f"not reachable at {config.address}: {reason}")
-        results = _pass(
-            "containerd",
+        found = (
             f"containerd {version.version} (revision {version.revision or 'unknown'}) "
-            f"at {config.address}",
+            f"at {config.address}"
         )
+        problem = unsupported_reason(version.version)
+        if problem is not None and parse_version(version.version) is not None:
+            return _fail(
+                "containerd", f"{found} is not supported: cri-shim needs containerd {SUPPORTED}"
+            )
+        if problem is not None:
+            results = _warn(
+                "containerd", f"{found}: {problem}; cri-shim needs containerd {SUPPORTED}"
+            )
+        else:
+            results = _pass("containerd", found)
         try:
             results += await _snapshotter(client, ctx.timeout)
         except (ContainerdError, ContainerdUnavailable, TimeoutError) as err:

@@ -29,6 +29,7 @@ from cri_shim.server import Shim
 from cri_shim.settings import ContainerdSettings, ServerSettings, Settings, load
 from tests.pods import CNI_BIN, POD_IMAGES, pod_config, write_conflist
 from tests.support.catalog import ServedCatalog, catalog
+from tests.support.containerd_matrix import CONTAINERD_MATRIX, ContainerdPeer
 from tests.support.reaper import reap
 
 REQUIRED_BINARIES = ("containerd", "runc")
@@ -72,11 +73,25 @@ def require_binaries() -> None:
         pytest.fail("containerd tests need root", pytrace=False)
 
 
+@pytest.fixture(scope="session", params=CONTAINERD_MATRIX)
+def containerd_peer(request: pytest.FixtureRequest) -> ContainerdPeer:
+    """One containerd version of the matrix: every test using it (directly or
+    through `containerd`) runs once per version, named in its id."""
+    peer: ContainerdPeer = request.param
+    return peer
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def containerd(session_dir: Path) -> AsyncIterator[EmbeddedContainerd]:
-    """The session's private containerd (not restarted automatically)."""
+async def containerd(
+    containerd_peer: ContainerdPeer, session_dir: Path
+) -> AsyncIterator[EmbeddedContainerd]:
+    """The session's private containerd of that version (not restarted automatically)."""
     require_binaries()
-    daemon = EmbeddedContainerd(session_dir / "containerd", restart=False)
+    daemon = EmbeddedContainerd(
+        session_dir / f"containerd-{containerd_peer.version}",
+        binary=containerd_peer.binary(),
+        restart=False,
+    )
     await daemon.start()
     yield daemon
     await daemon.stop()
@@ -118,7 +133,7 @@ class CriClient:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def shim(session_dir: Path, containerd: EmbeddedContainerd) -> AsyncIterator[Shim]:
     """One in-process shim for the session, talking to the private containerd."""
-    settings = make_settings(session_dir / "shim", containerd.address)
+    settings = make_settings(session_dir / f"shim-{containerd.base.name}", containerd.address)
     server = Shim(settings)
     await server.start()
     yield server

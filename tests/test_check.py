@@ -14,6 +14,7 @@ import pytest
 
 from cri_shim import check
 from cri_shim.check import Node, Outcome, run_checks
+from cri_shim.containerd.client import ContainerdClient, ContainerdVersion
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.settings import Settings, load
 
@@ -86,7 +87,9 @@ async def test_healthy_node_passes(containerd: EmbeddedContainerd) -> None:
     )
     assert code == 0, "\n".join(lines)
     assert all(text.split(" ", 1)[0] in ("PASS", "WARN") for text in lines), lines
-    assert line(lines, "containerd").startswith("PASS containerd: containerd ")
+    assert line(lines, "containerd").startswith(
+        f"PASS containerd: containerd {containerd.version} "
+    )
     assert containerd.address in line(lines, "containerd")
     assert line(lines, "snapshotter").startswith("PASS snapshotter: containerd's overlayfs")
     assert line(lines, "runc").startswith("PASS runc: runc ")
@@ -152,11 +155,63 @@ def only(*names: str) -> list[check.Check]:
     return [c for c in check.CHECKS if c.name in names]
 
 
+def fake_containerd(base: Path, version_line: str) -> Path:
+    """An executable answering `--version` as a containerd of that version does."""
+    binary = base / "containerd"
+    binary.write_text(f"#!/bin/sh\necho '{version_line}'\n")
+    binary.chmod(0o755)
+    return binary
+
+
 async def test_embedded_containerd_turns_a_missing_one_into_a_warning(tmp_path: Path) -> None:
-    config = settings_for(tmp_path, containerd__embedded=True, containerd__binary="sh")
+    binary = fake_containerd(tmp_path, "containerd github.com/containerd/containerd/v2 v2.4.2 ")
+    config = settings_for(tmp_path, containerd__embedded=True, containerd__binary=str(binary))
     (result,) = await run_checks(config, checks=only("containerd"))
     assert result.outcome is Outcome.WARN
-    assert "`serve` would start a private one" in result.line
+    assert f"`serve` would start a private containerd v2.4.2 from {binary}" in result.line
+
+
+@pytest.mark.parametrize(
+    "version_line",
+    [
+        "containerd github.com/containerd/containerd v1.5.18 abcdef",
+        "containerd github.com/containerd/containerd/v3 v3.0.0 abcdef",
+    ],
+)
+async def test_an_unsupported_private_containerd_fails(tmp_path: Path, version_line: str) -> None:
+    binary = fake_containerd(tmp_path, version_line)
+    config = settings_for(tmp_path, containerd__embedded=True, containerd__binary=str(binary))
+    (result,) = await run_checks(config, checks=only("containerd"))
+    version = version_line.split()[2]
+    assert result.line == (
+        f"FAIL containerd: not reachable at {tmp_path / 'none.sock'}, and {binary} "
+        f"(containerd.binary) is {version}: cri-shim needs containerd 1.6, 1.7 or 2.x"
+    )
+
+
+@pytest.mark.parametrize(
+    ("reported", "outcome"),
+    [("v1.5.18", Outcome.FAIL), ("v3.1.0", Outcome.FAIL), ("1.7.24-0ubuntu1", Outcome.PASS)],
+)
+async def test_the_containerd_version_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reported: str, outcome: Outcome
+) -> None:
+    """The version containerd's API reports decides (the daemon itself is faked)."""
+
+    async def server_version(self: object, timeout: float) -> ContainerdVersion:
+        return ContainerdVersion(version=reported, revision="abc")
+
+    monkeypatch.setattr(ContainerdClient, "server_version", server_version)
+    config = settings_for(tmp_path, containerd__embedded=False)
+    results = await run_checks(config, checks=only("containerd"))
+    first = results[0]
+    assert first.outcome is outcome, first.line
+    if outcome is Outcome.FAIL:
+        assert len(results) == 1
+        assert first.line == (
+            f"FAIL containerd: containerd {reported} (revision abc) at "
+            f"{tmp_path / 'none.sock'} is not supported: cri-shim needs containerd 1.6, 1.7 or 2.x"
+        )
 
 
 async def test_a_hung_containerd_fails_within_the_timeout(tmp_path: Path) -> None:

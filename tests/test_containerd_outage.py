@@ -16,16 +16,19 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
 from .conftest import CriClient, make_settings, short_tempdir, wait_for
+from .support.containerd_matrix import ContainerdPeer
 
 # Starts a containerd of its own.
 pytestmark = pytest.mark.containerd
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fragile() -> AsyncIterator[tuple[EmbeddedContainerd, Shim, CriClient]]:
+async def fragile(
+    containerd_peer: ContainerdPeer,
+) -> AsyncIterator[tuple[EmbeddedContainerd, Shim, CriClient]]:
     """A containerd of this test's own, so killing it disturbs no other test."""
     base = short_tempdir("crishim-out-")
-    daemon = EmbeddedContainerd(base / "containerd", restart=False)
+    daemon = EmbeddedContainerd(base / "containerd", binary=containerd_peer.binary(), restart=False)
     await daemon.start()
     shim = Shim(make_settings(base, daemon.address))
     await shim.start()
@@ -64,9 +67,11 @@ async def _negate(pending: object) -> bool:
     return not await pending  # type: ignore[misc]
 
 
-async def test_embedded_containerd_is_restarted_after_a_crash() -> None:
+async def test_embedded_containerd_is_restarted_after_a_crash(
+    containerd_peer: ContainerdPeer,
+) -> None:
     base = short_tempdir("crishim-sup-")
-    daemon = EmbeddedContainerd(base / "containerd", restart=True)
+    daemon = EmbeddedContainerd(base / "containerd", binary=containerd_peer.binary(), restart=True)
     await daemon.start()
     try:
         first_pid = daemon.pid

@@ -19,6 +19,7 @@ from cri_shim.settings import SettingsError
 from .conftest import CriClient, make_settings, short_tempdir, wait_for
 from .pods import pod_config
 from .support.catalog import ServedCatalog
+from .support.containerd_matrix import ContainerdPeer
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -83,10 +84,12 @@ async def test_health_endpoints_on_a_healthy_shim(shim: Shim) -> None:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fragile() -> AsyncIterator[tuple[EmbeddedContainerd, Shim]]:
+async def fragile(
+    containerd_peer: ContainerdPeer,
+) -> AsyncIterator[tuple[EmbeddedContainerd, Shim]]:
     """A containerd of this test's own, so stopping it disturbs no other test."""
     base = short_tempdir("crishim-hz-")
-    daemon = EmbeddedContainerd(base / "containerd", restart=False)
+    daemon = EmbeddedContainerd(base / "containerd", binary=containerd_peer.binary(), restart=False)
     await daemon.start()
     shim = Shim(make_settings(base, daemon.address))
     await shim.start()

@@ -1,7 +1,7 @@
 """crictl, the real client (client-go's SPDY and WebSocket code), against the
 streaming server: exec with and without a terminal, attach, port-forward, in
-both transports. crictl is not part of this repository: these tests run when
-`crictl` is on PATH or $CRICTL names it, and are skipped otherwise."""
+both transports. crictl is the pinned peer build ($CRICTL, or tests/peers/build.sh,
+which deploy/setup-dev.sh runs): without it these tests fail, they never skip."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import fcntl
 import hashlib
 import os
 import pty
-import shutil
 import signal
 import struct
 import termios
@@ -27,10 +26,8 @@ from cri_shim.server import Shim
 from .conftest import CriClient
 from .pods import make_container, wait_exited
 from .streaming_pods import ECHO_PORT, NC_ECHO, echo_server_in_pod, wait_listening
+from .support.peers import require_peer
 from .support.ports import free_port
-
-CRICTL = os.environ.get("CRICTL") or shutil.which("crictl")
-pytestmark = pytest.mark.skipif(not CRICTL, reason="crictl not found (PATH or $CRICTL)")
 
 TRANSPORTS = ["spdy", "websocket"]
 
@@ -41,8 +38,7 @@ def _args(shim: Shim, *args: str) -> list[str]:
     if not config.exists():
         # An explicit config, so crictl does not warn about a missing /etc/crictl.yaml.
         config.write_text(f"runtime-endpoint: {endpoint}\nimage-endpoint: {endpoint}\n")
-    assert CRICTL is not None
-    return [CRICTL, "--config", str(config), *args]
+    return [require_peer("CRICTL"), "--config", str(config), *args]
 
 
 async def crictl(

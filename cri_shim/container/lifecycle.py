@@ -58,7 +58,11 @@ METADATA_TYPE_URL = "cri-shim.io/container-metadata/v1"
 # How long output may keep arriving after the process exited (children holding stdout).
 DRAIN_SECONDS = 2.0
 START_ERROR_EXIT_CODE = 128
+# containerd's CRI (unknownExitCode/unknownExitReason): a running container whose task
+# is gone when containerd comes back (containerd 2.x deletes a task whose process
+# exited while it was down, so its real exit code is lost).
 UNKNOWN_EXIT_CODE = 255
+UNKNOWN_EXIT_REASON = "Unknown"
 # Abandoned exec FIFOs found at start-up: read ends held this long, start-up
 # waits the first part of it (see release_abandoned_execs).
 EXEC_RELEASE_HOLD = 5.0
@@ -139,11 +143,12 @@ class ContainerManager:
         self._io: dict[str, ContainerIO] = {}
         self._specs: dict[str, dict[str, Any]] = {}
         self._exit_seen: dict[str, asyncio.Event] = {}
+        # Containers whose exit is being recorded (still RUNNING until their log is complete).
+        self._exiting: set[str] = set()
         self._early_exits: dict[str, TaskExit] = {}
         self._releases: set[asyncio.Task[None]] = set()
         # Set once an exit is fully recorded (task deleted, output drained, persisted).
         self._finished: dict[str, asyncio.Event] = {}
-        self._finishing: set[str] = set()  # exits being recorded (output still draining)
         # Containers whose task an exit record already deleted: Remove skips that call.
         self._task_deleted: set[str] = set()
         # Rootfs mounts from CreateContainer's Prepare, so StartContainer needs no
@@ -449,47 +454,56 @@ class ContainerManager:
             return False
         return bool(kills)
 
-    async def _finish(self, container: Container, exit_code: int, finished_at: int) -> None:
-        """Record an exit once, whichever of event stream and Stop sees it first."""
-        if container.state is not ContainerState.RUNNING:
+    async def _finish(
+        self, container: Container, exit_code: int, finished_at: int, reason: str = ""
+    ) -> None:
+        """Record an exit once, whichever of event stream and Stop sees it first;
+        `reason` overrides the one derived from the exit code."""
+        if container.state is not ContainerState.RUNNING or container.id in self._exiting:
             return
         finished = self._finished.setdefault(container.id, asyncio.Event())
         if not container.oom_killed and exit_code != 0:
             container.oom_killed = await self._cgroup_oom_killed(container)
             if container.oom_killed:
                 log_event(log, "OOM kill found in the cgroup", container=container.id)
-        if container.state is not ContainerState.RUNNING or container.id in self._finishing:
-            return  # finished, or being finished, by a concurrent caller meanwhile
-        self._finishing.add(container.id)
+        if container.state is not ContainerState.RUNNING or container.id in self._exiting:
+            return  # finished (or being finished) by a concurrent caller meanwhile
+        self._exiting.add(container.id)
         try:
-            await self._record_exit(container, exit_code, finished_at)
+            await self._record_exit(container, exit_code, finished_at, reason)
         finally:
-            self._finishing.discard(container.id)
+            self._exiting.discard(container.id)
             finished.set()
 
-    async def _record_exit(self, container: Container, exit_code: int, finished_at: int) -> None:
-        # The output first: once the exit shows, the log is complete, as under
-        # containerd's CRI (its task.Delete waits for the container's IO).
-        io = self._io.pop(container.id, None)
-        if io is not None:
-            await io.drained(DRAIN_SECONDS)
-            await io.close()
-        container.state = ContainerState.EXITED
+    async def _record_exit(
+        self, container: Container, exit_code: int, finished_at: int, reason: str = ""
+    ) -> None:
         container.exit_code = exit_code
         container.finished_at = finished_at
         container.pid = 0
         if container.oom_killed:
             container.reason = OOM_KILLED
+        elif reason:
+            container.reason = reason
         else:
             container.reason = "Completed" if exit_code == 0 else "Error"
         seen = self._exit_seen.get(container.id)
         if seen is not None:
             seen.set()
-        # Recorded before the task goes: a shim killed in between still finds the
-        # exit code (in the record, or in the stopped task) when it starts again.
-        await self._persist_exit(container)
-        await self.ops.delete_task(container.id)
-        self._task_deleted.add(container.id)
+        try:
+            # Recorded before the task goes: a shim killed in between still finds the
+            # exit code (in the record, or in the stopped task) when it starts again.
+            await self._persist_exit(container)
+            await self.ops.delete_task(container.id)
+            self._task_deleted.add(container.id)
+            io = self._io.pop(container.id, None)
+            if io is not None:
+                await io.drained(DRAIN_SECONDS)
+                await io.close()
+        finally:
+            # EXITED only once the output is copied, as containerd's CRI (its task
+            # delete waits for the IO): whoever sees the exit finds the whole log.
+            container.state = ContainerState.EXITED
         self._publish(container, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
         log_event(
             log,
@@ -764,8 +778,9 @@ class ContainerManager:
         if task is not None and task.status == TaskStatus.RUNNING:
             return
         if task is None:
-            # Deleted behind our back: the exit code is gone with it (containerd's CRI says 255).
-            await self._finish(container, UNKNOWN_EXIT_CODE, time.time_ns())
+            # Deleted behind our back: the exit code is gone with it (containerd's CRI
+            # says 255, reason Unknown).
+            await self._finish(container, UNKNOWN_EXIT_CODE, time.time_ns(), UNKNOWN_EXIT_REASON)
         else:
             await self._finish(container, task.exit_code, _ns(task.exited_at))
         log_event(log, "missed exit picked up by resync", container=container_id)

@@ -10,29 +10,60 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 from pathlib import Path
 
+from cri_shim.containerd.version import parse_version, unsupported_reason, version_field
 from cri_shim.logs import log_event
 
 log = logging.getLogger(__name__)
 
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+# containerd 2.x splits its CRI into these (plus the streaming server, CRI_PLUGIN), and
+# turns NRI on by default with a socket at a fixed host path; none of it is the shim's.
+CRI_PLUGINS_V2 = ("io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images", CRI_PLUGIN)
+NRI_PLUGIN_V2 = "io.containerd.nri.v1.nri"
 
 
 class EmbeddedContainerdError(RuntimeError):
     pass
 
 
-def render_config(base: Path) -> str:
-    """containerd config (version 2, as 1.6 and 1.7 read it) confined to `base`."""
+async def read_binary_version(path: str, timeout: float = 30.0) -> str:
+    """`<path> --version`'s output ("containerd github.com/containerd/containerd/v2
+    v2.4.2 <rev>"), read without blocking the loop."""
+    process = await asyncio.create_subprocess_exec(
+        path,
+        "--version",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise TimeoutError(f"{path} --version did not answer within {timeout:g}s") from None
+    text = output.decode(errors="replace").strip()
+    if process.returncode != 0:
+        raise OSError(f"{path} --version exited {process.returncode}: {text}")
+    return text
+
+
+def render_config(base: Path, major: int = 1) -> str:
+    """containerd config confined to `base`: version 2 for 1.6/1.7, version 3 for 2.x
+    (every 2.x reads it; 2.4, whose own format is 4, migrates it and logs a warning)."""
+    disabled = (CRI_PLUGIN,) if major < 2 else (*CRI_PLUGINS_V2, NRI_PLUGIN_V2)
     return "\n".join(
         [
-            "version = 2",
+            f"version = {2 if major < 2 else 3}",
             f'root = "{base / "root"}"',
             f'state = "{base / "state"}"',
-            f'disabled_plugins = ["{CRI_PLUGIN}"]',
+            "disabled_plugins = [{}]".format(", ".join(f'"{p}"' for p in disabled)),
             "",
             "[grpc]",
             f'  address = "{base / "containerd.sock"}"',
@@ -66,6 +97,9 @@ class EmbeddedContainerd:
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
+        # `containerd --version`'s version field, read at start (e.g. "v2.4.2", "1.6.20~ds1").
+        self.version = ""
+        self.major = 1
 
     @property
     def address(self) -> str:
@@ -93,6 +127,7 @@ class EmbeddedContainerd:
             raise EmbeddedContainerdError(
                 f"cannot start a private containerd: {self.binary!r} is not installed"
             )
+        self.version, self.major = await self._read_version(path)
         await asyncio.to_thread(self._prepare)
         self._stopping = False
         await self._launch(path)
@@ -101,15 +136,35 @@ class EmbeddedContainerd:
                 self._supervise(path), name="containerd-supervisor"
             )
 
+    @staticmethod
+    async def _read_version(path: str) -> tuple[str, int]:
+        """The binary's version: 2.x needs another config format than 1.6/1.7."""
+        try:
+            text = await read_binary_version(path)
+        except (OSError, TimeoutError) as err:
+            raise EmbeddedContainerdError(f"cannot start a private containerd: {err}") from err
+        version = version_field(text) or ""
+        parsed = parse_version(text)
+        problem = unsupported_reason(version or text)
+        if problem is not None or parsed is None:
+            raise EmbeddedContainerdError(
+                f"cannot start a private containerd from {path}: {problem}"
+            )
+        return version, parsed[0]
+
     def _prepare(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(render_config(self.base))
+        self.config_path.write_text(render_config(self.base, self.major))
         sock = Path(self.address)
         if sock.exists() or sock.is_symlink():
             sock.unlink()
 
     async def _launch(self, path: str) -> None:
         logfile = await asyncio.to_thread(self.log_path.open, "ab")
+        # containerd finds containerd-shim-runc-v2 on its PATH: the one beside this binary
+        # (a containerd build ships its own shim) must win over any other version's.
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(path).parent), env.get("PATH", "")])
         try:
             self.process = await asyncio.create_subprocess_exec(
                 path,
@@ -119,10 +174,17 @@ class EmbeddedContainerd:
                 stdout=logfile,
                 stderr=logfile,
                 start_new_session=True,
+                env=env,
             )
         finally:
             logfile.close()
-        log_event(log, "private containerd started", pid=self.process.pid, address=self.address)
+        log_event(
+            log,
+            "private containerd started",
+            pid=self.process.pid,
+            address=self.address,
+            version=self.version,
+        )
         await self._wait_ready()
 
     async def _wait_ready(self) -> None:

@@ -432,11 +432,19 @@ class ImageManager:
 
     async def _pin(self, record: ImageRecord) -> ImageRecord:
         for name in record.references:
+            # The update carries the record's target although the mask leaves it alone:
+            # containerd 2.x dereferences it regardless (a nil target crashes the daemon).
+            got = await self.client.call(
+                "Images.Get", self.client.images.get(images_v1.GetImageRequest(name=name))
+            )
+            target = got.image.target if got.image is not None else None
             await self.client.call(
                 "Images.Update",
                 self.client.images.update(
                     images_v1.UpdateImageRequest(
-                        image=images_v1.Image(name=name, labels={PINNED_LABEL: PINNED_VALUE}),
+                        image=images_v1.Image(
+                            name=name, labels={PINNED_LABEL: PINNED_VALUE}, target=target
+                        ),
                         update_mask=FieldMask(paths=[f"labels.{PINNED_LABEL}"]),
                     )
                 ),
