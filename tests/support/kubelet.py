@@ -100,6 +100,7 @@ class Kubelet:
     runtime_endpoint: str
     node_name: str
     feature_gates: Mapping[str, bool] = field(default_factory=dict)
+    verbosity: int = 2
     port: int = field(default_factory=free_port)
     healthz_port: int = field(default_factory=free_port)
     cgroup_root: str = field(default_factory=lambda: f"/crishim-kubelet-{uuid.uuid4().hex[:8]}")
@@ -165,7 +166,7 @@ class Kubelet:
         }
 
     async def start(self, timeout: float = 90.0) -> None:
-        """Start kubelet and wait for its /healthz."""
+        """Start kubelet and wait for its /healthz on both ports."""
         for directory in (self.manifests, self.root_dir, self.pod_logs):
             directory.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(make_cgroup_root, self.cgroup_root)
@@ -177,7 +178,7 @@ class Kubelet:
                 f"--root-dir={self.root_dir}",
                 f"--cert-dir={self.root_dir / 'pki'}",
                 f"--hostname-override={self.node_name}",
-                "--v=2",
+                f"--v={self.verbosity}",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -190,7 +191,7 @@ class Kubelet:
                 raise AssertionError(
                     f"kubelet exited {self.process.returncode}:\n{self.log_tail()}"
                 )
-            if await self.healthy():
+            if await self.healthy() and await self.serving():
                 return
             await asyncio.sleep(0.2)
         raise AssertionError(f"kubelet not healthy within {timeout}s:\n{self.log_tail()}")
@@ -217,6 +218,13 @@ class Kubelet:
                 ) as reply,
             ):
                 return reply.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def serving(self) -> bool:
+        """The authenticated port answers (it opens after the healthz port)."""
+        try:
+            return await self.get_text("/healthz") == "ok"
         except (aiohttp.ClientError, TimeoutError):
             return False
 
