@@ -53,12 +53,14 @@ def peer_binaries(*groups: str) -> dict[str, str]:
     return found
 
 
-def cgroup_v1_hierarchies() -> list[Path]:
-    """Mount points of the cgroup v1 hierarchies (cpu, memory, name=systemd, ...)."""
+def cgroup_v1_hierarchies(*, with_v2: bool = False) -> list[Path]:
+    """Mount points of the cgroup v1 hierarchies (cpu, memory, name=systemd, ...),
+    and with `with_v2` the hybrid host's cgroup2 mount too."""
+    kinds = ("cgroup", "cgroup2") if with_v2 else ("cgroup",)
     points = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         left, _, right = line.partition(" - ")
-        if right.split()[0] == "cgroup":
+        if right.split()[0] in kinds:
             points.append(Path(left.split()[4]))
     return points
 
@@ -70,9 +72,10 @@ def make_cgroup_root(name: str) -> None:
 
 
 def remove_cgroup_tree(name: str) -> None:
-    """Remove a cgroup subtree in every hierarchy, deepest first (only empty
-    cgroups can go; the tests have killed every process in it before)."""
-    for hierarchy in cgroup_v1_hierarchies():
+    """Remove a cgroup subtree in every hierarchy (kubelet mirrors its tree in
+    the hybrid host's cgroup2 mount), deepest first: only empty cgroups can go,
+    the tests have killed every process in it before."""
+    for hierarchy in cgroup_v1_hierarchies(with_v2=True):
         top = hierarchy / name.strip("/")
         if not top.is_dir():
             continue
