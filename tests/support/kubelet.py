@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import uuid
@@ -374,7 +373,3 @@ class Containerd2:
         except TimeoutError:
             process.kill()
             await process.wait()
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
