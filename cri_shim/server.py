@@ -38,6 +38,7 @@ from cri_shim.cri.stats import StatsHandlers
 from cri_shim.cri.status import RuntimeFacts, StatusHandlers
 from cri_shim.cri.streaming import StreamingHandlers
 from cri_shim.gen.google.protobuf import Empty
+from cri_shim.gen.runtime import v1 as cri
 from cri_shim.grpc_limits import DEFAULT_MAX_RECV_MESSAGE_SIZE, BoundedHandler, bounded_buffer_class
 from cri_shim.host import (
     CgroupDriver,
@@ -302,6 +303,19 @@ class Shim:
                 pod_annotations=settings.runtime.pod_annotations,
                 container_annotations=settings.runtime.container_annotations,
             ),
+        )
+        sandboxes, containers, bus = self.sandboxes, self.containers, self.container_events
+
+        def pod_view(
+            sandbox_id: str,
+        ) -> tuple[cri.PodSandboxStatus | None, list[cri.ContainerStatus]]:
+            sandbox = sandboxes.by_id.find(sandbox_id)
+            statuses = [c.to_status() for c in containers.in_sandbox(sandbox_id)]
+            return (sandbox.to_status() if sandbox is not None else None), statuses
+
+        bus.pod_view = pod_view
+        self.sandbox_manager.lifecycle_events.append(
+            lambda sandbox, kind: bus.publish_for(sandbox.id, sandbox.id, kind)
         )
         self.sandbox_manager.stop_containers.append(self.container_manager.stop_pod)
         self.sandbox_manager.remove_containers.append(self.container_manager.remove_pod)

@@ -22,7 +22,7 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
 from .conftest import CriClient, wait_for
-from .pods import make_container, wait_exited
+from .pods import make_container, pod_config, wait_exited
 
 LOG_LINE = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z) (stdout|stderr) ([FP]) (.*)$")
 
@@ -347,3 +347,64 @@ async def test_exited_is_reported_only_once_the_log_is_complete(
         lines = (log_dir / f"{name}.log").read_text().splitlines()
         assert len(lines) == 30001, (attempt, len(lines), lines[-1:])
         assert lines[-1].endswith(" stdout F done")
+
+
+async def test_events_carry_the_whole_pod(
+    pods: CriClient, pod_shim: Shim, busybox: str, tmp_path: Path
+) -> None:
+    """As containerd sends them, and kubelet's evented PLEG needs them: every
+    event carries the pod's sandbox status and all its containers' statuses,
+    and the sandbox has events of its own under its id."""
+    Event = tuple[str, cri.ContainerEventType, str, list[str]]
+    seen: list[Event] = []
+
+    async def watch() -> None:
+        async for event in pods.runtime.get_container_events(cri.GetEventsRequest()):
+            pod_status = event.pod_sandbox_status
+            seen.append(
+                (
+                    event.container_id,
+                    event.container_event_type,
+                    pod_status.id if pod_status and pod_status.metadata else "",
+                    sorted(c.id for c in event.containers_statuses),
+                )
+            )
+
+    watcher = asyncio.create_task(watch())
+    try:
+        subscribers = pod_shim.container_events.subscribers
+
+        async def subscribed() -> bool:
+            return pod_shim.container_events.subscribers > subscribers
+
+        assert await wait_for(subscribed, 5)
+        config = pod_config("evented", log_directory=str(tmp_path))
+        pod_id = (
+            await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+        ).pod_sandbox_id
+        first = await make_container(pods, (pod_id, config), busybox, ["sleep", "60"], name="a")
+        second = await make_container(pods, (pod_id, config), busybox, ["true"], name="b")
+        await wait_exited(pods, second)
+        await pods.runtime.stop_pod_sandbox(cri.StopPodSandboxRequest(pod_id))
+        await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(pod_id))
+
+        async def sandbox_deleted() -> bool:
+            return (pod_id, cri.ContainerEventType.CONTAINER_DELETED_EVENT) in [
+                (e[0], e[1]) for e in seen
+            ]
+
+        assert await wait_for(sandbox_deleted, 10)
+    finally:
+        watcher.cancel()
+    assert all(e[2] == pod_id for e in seen if e[0] in (pod_id, first, second)), seen
+    kinds = [e[1] for e in seen if e[0] == pod_id]
+    assert kinds == [
+        cri.ContainerEventType.CONTAINER_CREATED_EVENT,
+        cri.ContainerEventType.CONTAINER_STARTED_EVENT,
+        cri.ContainerEventType.CONTAINER_STOPPED_EVENT,
+        cri.ContainerEventType.CONTAINER_DELETED_EVENT,
+    ]
+    started_b = next(
+        e for e in seen if e[0] == second and e[1] == cri.ContainerEventType.CONTAINER_STARTED_EVENT
+    )
+    assert started_b[3] == sorted([first, second])  # all the pod's containers

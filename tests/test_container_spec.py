@@ -888,7 +888,7 @@ def test_resources() -> None:
         hugepage_limits=[cri.HugepageLimit(page_size="2MB", limit=4 << 20)],
         unified={"memory.high": "200M"},
     )
-    spec = build(container(resources=resources))
+    spec = build(container(resources=resources), hugetlb_available=True)
     assert spec["linux"]["resources"] == {
         "devices": [{"allow": False, "access": "rwm"}],
         "cpu": {"period": 100000, "quota": 50000, "shares": 512, "cpus": "0-1", "mems": "0"},
@@ -897,6 +897,18 @@ def test_resources() -> None:
         "unified": {"memory.high": "200M"},
     }
     assert spec["process"]["oomScoreAdj"] == 900
+
+
+def test_hugepage_limits_left_out_without_hugetlb_controller() -> None:
+    """runc would fail the container (kubelet always sends limits, 0 bytes per
+    page size); containerd's tolerate_missing_hugetlb_controller drops them."""
+    resources = cri.LinuxContainerResources(
+        memory_limit_in_bytes=64 << 20,
+        hugepage_limits=[cri.HugepageLimit(page_size="2MB", limit=0)],
+    )
+    spec = build(container(resources=resources), hugetlb_available=False)
+    assert "hugepageLimits" not in spec["linux"]["resources"]
+    assert spec["linux"]["resources"]["memory"]["limit"] == 64 << 20
 
 
 @pytest.mark.parametrize(

@@ -205,14 +205,7 @@ class ContainerManager:
             )
 
     def _publish(self, container: Container, kind: cri.ContainerEventType) -> None:
-        self.events.publish(
-            cri.ContainerEventResponse(
-                container_id=container.id,
-                container_event_type=kind,
-                created_at=time.time_ns(),
-                containers_statuses=[container.to_status()],
-            )
-        )
+        self.events.publish_for(container.id, container.sandbox_id, kind)
 
     # create
 

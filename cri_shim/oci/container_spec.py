@@ -154,6 +154,20 @@ def swap_controller_available(root: Path = CGROUP_ROOT) -> bool:
     return False
 
 
+@lru_cache(maxsize=1)
+def hugetlb_controller_available(root: Path = CGROUP_ROOT) -> bool:
+    """Whether hugepage limits can be set. runc fails every container that
+    carries them when the hugetlb controller is missing (kubelet sends one,
+    limit 0, per page size the node has), so they are left out then, as
+    containerd's `tolerate_missing_hugetlb_controller` (on by default) does."""
+    if not cgroup_v2_unified(root):
+        return (root / "hugetlb").is_dir()
+    try:
+        return "hugetlb" in (root / "cgroup.controllers").read_text().split()
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class ContainerSpecInput:
     container_id: str
@@ -175,6 +189,7 @@ class ContainerSpecInput:
     # None: detect from /sys/fs/cgroup.
     cgroup_v2: bool | None = None
     swap_available: bool | None = None
+    hugetlb_available: bool | None = None
     # Finds device nodes: (host path, container path) -> linux.devices entries.
     device_lookup: DeviceLookup = field(default=devices_from_path)
     # Maps each bind mount's host path before use, e.g. ensure_mount_source.
@@ -570,6 +585,7 @@ def apply_linux_resources(
     res: cri.LinuxContainerResources,
     *,
     swap_available: bool | None = None,
+    hugetlb_available: bool | None = None,
 ) -> None:
     """Merge CRI resources into linux.resources the way containerd's WithResources
     does: only the fields set are written, so an update keeps what it leaves out.
@@ -605,7 +621,10 @@ def apply_linux_resources(
         resources.setdefault("cpu", {}).update(cpu)
     if memory:
         resources.setdefault("memory", {}).update(memory)
-    if res.hugepage_limits:
+    hugetlb_ok = (
+        hugetlb_available if hugetlb_available is not None else hugetlb_controller_available()
+    )
+    if res.hugepage_limits and hugetlb_ok:
         limits = {entry["pageSize"]: entry for entry in resources.get("hugepageLimits", [])}
         for limit in res.hugepage_limits:
             if not limit.page_size:
@@ -646,7 +665,9 @@ def _resources(spec: dict[str, Any], inputs: ContainerSpecInput) -> None:
     res = linux_config.resources if linux_config is not None else None
     if res is None:
         return
-    apply_linux_resources(spec, res, swap_available=inputs.swap_available)
+    apply_linux_resources(
+        spec, res, swap_available=inputs.swap_available, hugetlb_available=inputs.hugetlb_available
+    )
     spec["process"]["oomScoreAdj"] = clamp_oom_score_adj(
         res.oom_score_adj, inputs.oom_score_adj_floor
     )

@@ -123,6 +123,8 @@ class SandboxManager:
         # Registered by the container module: stop / remove a pod's containers.
         self.stop_containers: list[PodHook] = []
         self.remove_containers: list[PodHook] = []
+        # Told of each sandbox lifecycle step (GetContainerEvents, under the sandbox id).
+        self.lifecycle_events: list[Callable[[Sandbox, cri.ContainerEventType], None]] = []
         # Runs in flight by name: a kubelet retry joins the first call's work.
         self._running: dict[str, asyncio.Task[str]] = {}
         # Loaded records of runs a killed shim never finished (see discard_unfinished).
@@ -348,6 +350,8 @@ class SandboxManager:
         await run_all(self._persist_run_complete(sandbox), start())
         sandbox.state = SandboxState.READY
         self.store.add(sandbox)
+        self._publish(sandbox, cri.ContainerEventType.CONTAINER_CREATED_EVENT)
+        self._publish(sandbox, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
         log_event(
             log,
             "sandbox running",
@@ -430,10 +434,21 @@ class SandboxManager:
             sandbox.stop_complete = True
             log_event(log, "sandbox stopped", pod=sandbox.id, name=sandbox.name)
 
-    async def _stop_task(self, sandbox: Sandbox) -> None:
-        await self._kill_and_delete_task(sandbox.id)
+    def _publish(self, sandbox: Sandbox, kind: cri.ContainerEventType) -> None:
+        for hook in self.lifecycle_events:
+            hook(sandbox, kind)
+
+    def _mark_not_ready(self, sandbox: Sandbox) -> None:
+        """One STOPPED event, whichever of StopPodSandbox and the pause exit comes first."""
+        was_ready = sandbox.state is SandboxState.READY
         sandbox.pid = 0
         sandbox.state = SandboxState.NOTREADY
+        if was_ready:
+            self._publish(sandbox, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
+
+    async def _stop_task(self, sandbox: Sandbox) -> None:
+        await self._kill_and_delete_task(sandbox.id)
+        self._mark_not_ready(sandbox)
 
     async def _stop_network(self, sandbox: Sandbox) -> None:
         if not sandbox.host_network and sandbox.netns_path:
@@ -447,6 +462,8 @@ class SandboxManager:
             for hook in self.remove_containers:
                 await hook(sandbox)
             await run_all(self._remove_record(sandbox.id), self.dirs(sandbox.id).remove())
+            # Sent while the pod's status can still be read, as containerd does.
+            self._publish(sandbox, cri.ContainerEventType.CONTAINER_DELETED_EVENT)
             self.store.remove(sandbox)
             log_event(log, "sandbox removed", pod=sandbox.id, name=sandbox.name)
 
@@ -458,8 +475,7 @@ class SandboxManager:
         sandbox = self.store.by_id.find(event.container_id) if event.is_init else None
         if sandbox is None or sandbox.id != event.container_id:
             return
-        sandbox.state = SandboxState.NOTREADY
-        sandbox.pid = 0
+        self._mark_not_ready(sandbox)
         log_event(
             log,
             "sandbox pause process exited",

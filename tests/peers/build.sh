@@ -86,7 +86,7 @@ build_kubelet() {
     mkdir -p "$work"
     cp "$here/kubelet/go.mod" "$here/kubelet/go.sum" "$work/"
     build_in "$work" "$dest/kubelet" k8s.io/kubernetes/cmd/kubelet \
-      -ldflags "-X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${KUBERNETES_VERSION#v1.}"
+      -ldflags "-X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
     rm -rf "$work"
     log "kubelet built in $((SECONDS - start)) s"
   fi
