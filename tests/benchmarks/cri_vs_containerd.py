@@ -44,23 +44,20 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import struct
-import subprocess
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from grpclib.const import Cardinality
 
 from cri_shim.gen.runtime import v1 as cri
-from tests.benchmarks.daemons import BenchContainerd, ContainerdBuild, peer
-from tests.conftest import CriClient, ShimProcess, short_tempdir, start_shim_process
-from tests.pods import POD_IMAGES, write_conflist, write_shim_config
+from tests.benchmarks.daemons import ContainerdBuild, Pair, default_builds, start_runtimes
+from tests.conftest import CriClient, short_tempdir
+from tests.pods import POD_IMAGES
 from tests.support.catalog import ServedCatalog, catalog
 
 BUSYBOX = "library/busybox:latest"
@@ -384,21 +381,6 @@ def chart(path: Path, rows: list[tuple[str, float, float]]) -> str:
     return "chart written with matplotlib"
 
 
-@dataclass(frozen=True)
-class Pair:
-    """A containerd line: its built-in CRI (the anchor) and cri-shim on the same build."""
-
-    build: ContainerdBuild
-
-    @property
-    def anchor(self) -> str:
-        return f"containerd {self.build.label} CRI"
-
-    @property
-    def shim(self) -> str:
-        return f"cri-shim on {self.build.label}"
-
-
 async def main(
     levels: list[int],
     rounds: int,
@@ -413,10 +395,6 @@ async def main(
     wanted = [e for e in catalog() if any(n in POD_IMAGES for n in e.names())]
     served = ServedCatalog(entries=wanted)
     await served.start()
-    pairs = [Pair(build) for build in builds]
-    bridges: list[str] = []
-    daemons: list[BenchContainerd] = []
-    shims: dict[str, ShimProcess] = {}
     results: dict[str, Any] = {}
     try:
         image = served.local(BUSYBOX)
@@ -427,58 +405,29 @@ async def main(
             f'server = "http://{local_host}"\n\n'
             f'[host."http://{local_host}"]\n  capabilities = ["pull", "resolve"]\n'
         )
-        octet = random.randrange(10, 120)
-        endpoints: dict[str, str] = {}
-        for i, pair in enumerate(pairs):
-            # containerd's own CRI, and cri-shim in a subprocess over a containerd without it.
-            anchor_dir, shim_dir = base / f"cd{i}", base / f"shim{i}"
-            for j, directory in enumerate((anchor_dir, shim_dir)):
-                bridge = f"crivs{octet + 2 * i + j}"
-                bridges.append(bridge)
-                subnet = f"10.237.{octet + 2 * i + j}.0/24"
-                write_conflist(directory / "cni", subnet, bridge, directory / "ipam")
-            anchor = BenchContainerd(
-                anchor_dir / "d", pair.build, cni_dir=anchor_dir / "cni", hosts_dir=hosts_dir
-            )
-            daemons.append(anchor)
-            await anchor.start()
-            endpoints[pair.anchor] = anchor.address
-            plain = BenchContainerd(shim_dir / "d", pair.build)
-            daemons.append(plain)
-            await plain.start()
-            config = write_shim_config(shim_dir, hosts_dir, plain.address)
-            shims[pair.shim] = await start_shim_process(
-                ["--config", str(config)], shim_dir / "cri.sock", shim_dir / "shim.log"
-            )
-            endpoints[pair.shim] = str(shim_dir / "cri.sock")
-        clients = {name: CriClient.connect(address) for name, address in endpoints.items()}
-        try:
-            works = {
-                name: Workload(client, image, name, base / name.replace(" ", "-") / "logs")
-                for name, client in clients.items()
-            }
-            results = await drive(
-                works,
-                levels,
-                rounds,
-                lifecycle_rounds,
-                lambda: {name: rss_kib(s.process.pid) for name, s in shims.items()},
-            )
-        finally:
-            for client in clients.values():
-                client.close()
+        async with start_runtimes(base, builds, hosts_dir, "10.237") as runtimes:
+            clients = {name: CriClient.connect(addr) for name, addr in runtimes.endpoints.items()}
+            try:
+                works = {
+                    name: Workload(client, image, name, base / name.replace(" ", "-") / "logs")
+                    for name, client in clients.items()
+                }
+                pids = runtimes.shim_pids()
+                results = await drive(
+                    works,
+                    levels,
+                    rounds,
+                    lifecycle_rounds,
+                    lambda: {name: rss_kib(pid) for name, pid in pids.items()},
+                )
+            finally:
+                for client in clients.values():
+                    client.close()
     finally:
-        for shim in shims.values():
-            if shim.process.returncode is None:
-                shim.process.send_signal(signal.SIGTERM)
-                await shim.process.wait()
-        for daemon in daemons:
-            await daemon.stop()
         await served.stop()
-        for bridge in bridges:
-            subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
+    pairs = [Pair(build) for build in builds]
     names = [name for pair in pairs for name in (pair.anchor, pair.shim)]
     summaries = {name: summarize(results[name]["times"]) for name in names}
     table = []
@@ -587,9 +536,7 @@ def cli() -> None:
     parser.add_argument("--png", type=Path, default=Path("cri_vs_containerd.png"))
     args = parser.parse_args()
     levels = sorted(int(x) for x in args.containers.split(","))
-    builds = [ContainerdBuild.find("containerd")]
-    if not args.no_containerd2:
-        builds.append(ContainerdBuild.find(args.containerd2 or peer("CONTAINERD2", "containerd2")))
+    builds = default_builds(args.containerd2, with_containerd2=not args.no_containerd2)
     report = asyncio.run(
         main(levels, args.rounds, args.lifecycle_rounds, builds, args.json, args.png)
     )

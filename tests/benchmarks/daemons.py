@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
+import signal
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cri_shim.containerd import embedded
 from cri_shim.containerd.embedded import EmbeddedContainerd
-from tests.pods import CNI_BIN
+from tests.conftest import ShimProcess, start_shim_process
+from tests.pods import CNI_BIN, write_conflist, write_shim_config
 
 PEERS_BUILD = Path(__file__).resolve().parent.parent / "peers" / "build.sh"
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.9"
@@ -203,3 +206,90 @@ def _path_first(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.environ["PATH"] = saved
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A containerd line: its built-in CRI (the anchor) and cri-shim on the same build."""
+
+    build: ContainerdBuild
+
+    @property
+    def anchor(self) -> str:
+        return f"containerd {self.build.label} CRI"
+
+    @property
+    def shim(self) -> str:
+        return f"cri-shim on {self.build.label}"
+
+
+def default_builds(
+    containerd2: str | None, *, with_containerd2: bool = True
+) -> list[ContainerdBuild]:
+    """containerd on PATH (Debian's 1.6), then the 2.x peer unless left out."""
+    builds = [ContainerdBuild.find("containerd")]
+    if with_containerd2:
+        builds.append(ContainerdBuild.find(containerd2 or peer("CONTAINERD2", "containerd2")))
+    return builds
+
+
+@dataclass
+class Runtimes:
+    """The CRI endpoints of every pair's two runtimes, by column name, and the shims."""
+
+    pairs: list[Pair]
+    endpoints: dict[str, str] = field(default_factory=dict)
+    shims: dict[str, ShimProcess] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for pair in self.pairs for name in (pair.anchor, pair.shim)]
+
+    def shim_pids(self) -> dict[str, int]:
+        return {name: shim.process.pid for name, shim in self.shims.items()}
+
+
+@contextlib.asynccontextmanager
+async def start_runtimes(
+    base: Path, builds: list[ContainerdBuild], hosts_dir: Path, subnet_prefix: str
+) -> AsyncIterator[Runtimes]:
+    """Per build: a containerd with its CRI, and `cri-shim serve` over one without it;
+    each runtime with its own CNI bridge (a /24 of `subnet_prefix`, e.g. "10.237"),
+    all pulling through the mirrors in `hosts_dir`. Everything is stopped and the
+    bridges deleted on exit (containers must be removed by then)."""
+    runtimes = Runtimes([Pair(build) for build in builds])
+    octet = random.randrange(10, 240 - 2 * len(builds))
+    bridges: list[str] = []
+    daemons: list[BenchContainerd] = []
+    try:
+        for i, pair in enumerate(runtimes.pairs):
+            anchor_dir, shim_dir = base / f"cd{i}", base / f"shim{i}"
+            for j, directory in enumerate((anchor_dir, shim_dir)):
+                bridge = f"crivs{octet + 2 * i + j}"
+                bridges.append(bridge)
+                subnet = f"{subnet_prefix}.{octet + 2 * i + j}.0/24"
+                write_conflist(directory / "cni", subnet, bridge, directory / "ipam")
+            anchor = BenchContainerd(
+                anchor_dir / "d", pair.build, cni_dir=anchor_dir / "cni", hosts_dir=hosts_dir
+            )
+            daemons.append(anchor)
+            await anchor.start()
+            runtimes.endpoints[pair.anchor] = anchor.address
+            plain = BenchContainerd(shim_dir / "d", pair.build)
+            daemons.append(plain)
+            await plain.start()
+            config = write_shim_config(shim_dir, hosts_dir, plain.address)
+            runtimes.shims[pair.shim] = await start_shim_process(
+                ["--config", str(config)], shim_dir / "cri.sock", shim_dir / "shim.log"
+            )
+            runtimes.endpoints[pair.shim] = str(shim_dir / "cri.sock")
+        yield runtimes
+    finally:
+        for shim in runtimes.shims.values():
+            if shim.process.returncode is None:
+                shim.process.send_signal(signal.SIGTERM)
+                await shim.process.wait()
+        for daemon in daemons:
+            await daemon.stop()
+        for bridge in bridges:
+            subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
