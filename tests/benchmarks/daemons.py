@@ -14,6 +14,7 @@ binary's directory first on PATH, so it runs its own containerd-shim-runc-v2.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -28,6 +29,7 @@ from cri_shim.containerd import embedded
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from tests.conftest import ShimProcess, start_shim_process
 from tests.pods import CNI_BIN, write_conflist, write_shim_config
+from tests.support.reaper import reap
 
 PEERS_BUILD = Path(__file__).resolve().parent.parent / "peers" / "build.sh"
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.9"
@@ -293,3 +295,5 @@ async def start_runtimes(
             await daemon.stop()
         for bridge in bridges:
             subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
+        # What a failed run left running, and the shims' netns dir mounts.
+        await asyncio.to_thread(reap, base)
