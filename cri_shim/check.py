@@ -32,6 +32,7 @@ from cri_shim.containerd.version import (
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd.services.introspection import v1 as introspection_v1
 from cri_shim.host import detect_cgroup_driver, runs_systemd
+from cri_shim.network import default_network
 from cri_shim.network.cni_config import CniConfigError, load_network_config
 from cri_shim.settings import Settings
 
@@ -246,6 +247,14 @@ async def check_cni(ctx: Context) -> list[CheckResult]:
     try:
         config = await asyncio.to_thread(load_network_config, Path(cni.conf_dir), cni.bin_dirs)
     except CniConfigError as err:
+        missing = await asyncio.to_thread(default_network.missing_plugins, cni.bin_dirs)
+        if ctx.settings.containerd.embedded and cni.default_network and not missing:
+            return _warn(
+                "cni",
+                f"{err}; a `serve` that starts a private containerd writes a default network "
+                f"(bridge {cni.default_bridge}, {cni.default_subnet}) into "
+                f"{ctx.settings.state_path / 'cni' / 'net.d'}",
+            )
         return _fail("cni", str(err))
     return _pass(
         "cni",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import stat
@@ -52,6 +53,7 @@ from cri_shim.images.store import ImageRecord
 from cri_shim.instrument import Instrumentation
 from cri_shim.logs import log_event
 from cri_shim.metrics import Metrics, MetricsServer
+from cri_shim.network import default_network
 from cri_shim.network.cni import PodNetwork
 from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
@@ -206,6 +208,20 @@ class Shim:
         )
         return client
 
+    async def _use_default_network_if_needed(self) -> Settings:
+        """With a private containerd and no CNI config, pods get the default network
+        (written into the state dir); the effective settings name its conf dir."""
+        cni = self.settings.cni
+        conf_dir = await asyncio.to_thread(
+            default_network.ensure_default_network, cni, self.settings.state_path
+        )
+        if conf_dir is not None:
+            self.settings = dataclasses.replace(
+                self.settings, cni=dataclasses.replace(cni, conf_dir=str(conf_dir))
+            )
+            self.network = NetworkReadiness(conf_dir, cni.bin_dirs)
+        return self.settings
+
     async def start(self) -> None:
         settings = self.settings
         try:
@@ -214,8 +230,12 @@ class Shim:
             raise SettingsError(
                 f"cannot create state dir {settings.state_path}: {err.strerror or err}"
             ) from err
+        if settings.cni.default_network:
+            default_network.validate(settings.cni)  # a bad key fails start-up, used or not
         await claim_socket(self.socket_path)
         self.client = await self._connect_containerd()
+        if self.embedded is not None:
+            settings = await self._use_default_network_if_needed()
         self.health = ContainerdHealth(self.client, settings.containerd.health_interval)
         await self.health.start()
         self.images = ImageManager(settings, self.client, on_pull=self.metrics.observe_pull)

@@ -79,6 +79,12 @@ class CniSettings:
     plugin_timeout: float = 60.0
     # ADD results kept for DEL after a restart; "" means <state_dir>/cni-cache.
     cache_dir: str = ""
+    # With a private containerd and no usable config in conf_dir: write a bridge network
+    # into <state_dir>/cni/net.d and use it. Bridge and subnet chosen to avoid the usual
+    # defaults (cni0, docker0, 10.88/10.42/10.244, 172.17).
+    default_network: bool = True
+    default_bridge: str = "crishim0"
+    default_subnet: str = "10.209.0.0/16"
 
 
 @dataclass(frozen=True)

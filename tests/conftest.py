@@ -180,9 +180,14 @@ class ShimProcess:
 
 
 async def start_shim_process(
-    args: list[str], socket: Path, log_path: Path, timeout: float = 30.0
+    args: list[str],
+    socket: Path,
+    log_path: Path,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
 ) -> ShimProcess:
-    """Run `python -m cri_shim serve ...` and wait until its socket answers."""
+    """Run `python -m cri_shim serve ...` (with `env` added to this process's
+    environment) and wait until its socket answers."""
     with log_path.open("ab") as log:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -193,6 +198,7 @@ async def start_shim_process(
             stdout=log,
             stderr=log,
             stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
     handle = ShimProcess(process, socket, log_path)
     loop = asyncio.get_running_loop()

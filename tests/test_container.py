@@ -92,6 +92,11 @@ async def test_exit_is_recorded_in_containerd_before_the_task_is_deleted(
     quitter = await make_container(pods, pod, busybox, ["sh", "-c", "exit 7"], name="quitter")
     status = await wait_exited(pods, quitter)
     assert status.exit_code == 7
+
+    async def task_deleted() -> bool:  # the exit is visible before the delete happens
+        return quitter in recorded
+
+    assert await wait_for(task_deleted, timeout=30)
     assert recorded[quitter] == 7
 
 

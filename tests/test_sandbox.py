@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import subprocess
 from pathlib import Path
 
@@ -130,6 +131,21 @@ async def test_dns_config_and_sysctls_are_applied(pod_shim: Shim, pods: CriClien
         info["netNamespacePath"], "cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"
     )
     assert value.strip() == "79"
+
+
+async def test_pod_without_hostname_gets_the_node_name_in_etc_hostname(
+    pod_shim: Shim, pods: CriClient
+) -> None:
+    """containerd's CRI writes the node's hostname when the pod config names none."""
+    named = await pods.runtime.run_pod_sandbox(
+        cri.RunPodSandboxRequest(config=pod_config("named", hostname="web-0"))
+    )
+    unnamed = await pods.runtime.run_pod_sandbox(
+        cri.RunPodSandboxRequest(config=pod_config("unnamed"))
+    )
+    root = pod_shim.settings.state_path / "sandboxes"
+    assert (root / named.pod_sandbox_id / "hostname").read_text() == "web-0\n"
+    assert (root / unnamed.pod_sandbox_id / "hostname").read_text() == f"{socket.gethostname()}\n"
 
 
 async def test_stop_and_remove_are_idempotent(pod_shim: Shim, pods: CriClient) -> None:

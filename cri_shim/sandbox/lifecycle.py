@@ -303,11 +303,15 @@ class SandboxManager:
         options = sandbox.namespace_options()
         host_ipc = options.ipc == cri.NamespaceMode.NODE
         dirs = self.dirs(sandbox.id)
-        hostname = config.hostname or (
-            (await asyncio.to_thread(_host_hostname)) if sandbox.host_network else ""
-        )
+        node_hostname = "" if config.hostname else await asyncio.to_thread(_host_hostname)
+        # A pod that names no hostname gets the node's in /etc/hostname, as containerd
+        # writes it; the spec sets it only for host-network pods (a new UTS namespace
+        # starts with the node's name anyway).
+        hostname = config.hostname or (node_hostname if sandbox.host_network else "")
         undo.append(dirs.remove)
-        await dirs.create(hostname, config.dns_config, private_shm=not host_ipc)
+        await dirs.create(
+            config.hostname or node_hostname, config.dns_config, private_shm=not host_ipc
+        )
 
         if not sandbox.host_network:
             sandbox.netns_path = await self.network.create_netns()

@@ -1,13 +1,22 @@
-"""CRI latency: cri-shim against containerd's built-in CRI plugin, one machine, one run.
+"""CRI latency: cri-shim against containerd's built-in CRI plugin, 1.6 and 2.x, one run.
 
     python -m tests.benchmarks.cri_vs_containerd [--containers 100,500,1000] [--rounds 40]
-        [--lifecycle-rounds 3] [--json out.json] [--png out.png]
+        [--lifecycle-rounds 3] [--containerd2 PATH | --no-containerd2]
+        [--json out.json] [--png out.png]
 
-Two private containerd 1.6 daemons: one with its own CRI plugin (its grpc
-socket is the CRI endpoint), one without it and driven by `cri-shim serve` in
-a subprocess (so its RSS is its own). Each gets its own CNI bridge and subnet;
-both pull from the same local registries (pause under its real name through a
-mirror). The same CRI client code drives both with the same workload:
+Four runtimes, each on a private containerd of its own (tests/benchmarks/daemons.py):
+
+* `containerd 1.6 CRI`: Debian's containerd 1.6 with its built-in CRI plugin
+  (its grpc socket is the CRI endpoint);
+* `cri-shim on 1.6`: `cri-shim serve` in a subprocess (so its RSS is its own)
+  over a containerd 1.6 without that plugin;
+* `containerd 2.x CRI` and `cri-shim on 2.x`: the same with the containerd 2.x
+  peer build (tests/peers/build.sh; `--no-containerd2` leaves them out).
+
+Each shim is compared with the CRI of the containerd it runs on. Each runtime
+gets its own CNI bridge and subnet; all pull from the same local registries
+(pause under its real name through a mirror). The same CRI client code drives
+all four with the same workload:
 
 * PullImage of busybox from the local registry (pull, remove, again);
 * 20 RunPodSandbox at once, then per pod Create/Start/Status/ExecSync/Stop/
@@ -19,12 +28,12 @@ mirror). The same CRI client code drives both with the same workload:
   created but not started: starting 1000 runc tasks on 2 cores takes minutes
   and List/Status cost does not depend on the task running.
 
-Both are up for the whole run but called one at a time: every phase runs on
-both back to back, the order alternating per round, so load from elsewhere on
-the machine falls on both alike. Prints
-p50/p99 per operation and the ratio cri-shim/containerd, the shim's RSS idle
-and at the largest container count, writes JSON and a PNG chart. This is a
-benchmark, not a test, and asserts nothing.
+All are up for the whole run but called one at a time: every phase runs on
+each back to back, the order rotating per round, so load from elsewhere on
+the machine falls on all alike. Prints p50/p99 per operation and each shim's
+ratio to its containerd's CRI, the shims' RSS idle and at the largest container
+count, writes JSON and a PNG chart. This is a benchmark, not a test, and
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -35,10 +44,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import struct
-import subprocess
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -47,53 +54,16 @@ from typing import Any
 
 from grpclib.const import Cardinality
 
-from cri_shim.containerd import embedded
-from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
-from tests.conftest import CriClient, short_tempdir, start_shim_process
-from tests.pods import CNI_BIN, POD_IMAGES, write_conflist, write_shim_config
+from tests.benchmarks.daemons import ContainerdBuild, Pair, default_builds, start_runtimes
+from tests.conftest import CriClient, short_tempdir
+from tests.pods import POD_IMAGES
 from tests.support.catalog import ServedCatalog, catalog
 
 BUSYBOX = "library/busybox:latest"
 PODS_AT_ONCE = 20
 PER_POD = 20
 Timings = dict[str, list[float]]
-
-
-class CriContainerd(EmbeddedContainerd):
-    """A private containerd WITH its CRI plugin, confined to `base` like the embedded one."""
-
-    def __init__(self, base: Path, cni_dir: Path, hosts_dir: Path) -> None:
-        super().__init__(base, restart=False)
-        self.cni_dir = cni_dir
-        self.hosts_dir = hosts_dir
-
-    def _prepare(self) -> None:
-        super()._prepare()
-        text = embedded.render_config(self.base).replace(
-            f'disabled_plugins = ["{embedded.CRI_PLUGIN}"]', "disabled_plugins = []"
-        )
-        text += "\n".join(
-            [
-                f'[plugins."{embedded.CRI_PLUGIN}"]',
-                '  sandbox_image = "registry.k8s.io/pause:3.9"',
-                "  restrict_oom_score_adj = true",
-                "  disable_apparmor = true",
-                f'  [plugins."{embedded.CRI_PLUGIN}".cni]',
-                f'    bin_dir = "{CNI_BIN}"',
-                f'    conf_dir = "{self.cni_dir}"',
-                f'  [plugins."{embedded.CRI_PLUGIN}".registry]',
-                f'    config_path = "{self.hosts_dir}"',
-                f'  [plugins."{embedded.CRI_PLUGIN}".containerd]',
-                '    default_runtime_name = "runc"',
-                f'  [plugins."{embedded.CRI_PLUGIN}".containerd.runtimes.runc]',
-                '    runtime_type = "io.containerd.runc.v2"',
-                f'  [plugins."{embedded.CRI_PLUGIN}".containerd.runtimes.runc.options]',
-                "    SystemdCgroup = false",
-                "",
-            ]
-        )
-        self.config_path.write_text(text)
 
 
 def rss_kib(pid: int) -> int:
@@ -297,14 +267,15 @@ async def drive(
     levels: list[int],
     rounds: int,
     lifecycle_rounds: int,
-    rss: Callable[[], int],
+    rss: Callable[[], dict[str, int]],
 ) -> dict[str, Any]:
-    """Every phase on both runtimes back to back, the order alternating per round, so
-    load from elsewhere on the machine falls on both alike."""
+    """Every phase on each runtime back to back, the order rotating per round, so
+    load from elsewhere on the machine falls on all alike."""
     names = list(works)
 
     def order(round_: int) -> list[Workload]:
-        return [works[n] for n in (names if round_ % 2 == 0 else names[::-1])]
+        first = round_ % len(names)
+        return [works[n] for n in names[first:] + names[:first]]
 
     print("pull, 20 concurrent pods, lifecycle", flush=True)
     for round_ in range(3):
@@ -314,7 +285,7 @@ async def drive(
         warm = await work.run_pod()
         await work.rt.remove_pod_sandbox(cri.RemovePodSandboxRequest(warm[0]))
         work.times.pop("RunPodSandbox", None)
-    memory = {"idle_kib": rss()}
+    memory = {"idle": rss()}
     walls: dict[str, list[float]] = {n: [] for n in names}
     for round_ in range(lifecycle_rounds):
         for work in order(round_):
@@ -334,7 +305,7 @@ async def drive(
         for round_ in range(rounds):
             for work in order(round_):
                 await work.scale_round(level, ids[work.tag], pods[work.tag])
-    memory[f"at_{levels[-1]}_kib"] = rss()
+    memory[f"at_{levels[-1]}"] = rss()
     for name, work in works.items():
         await work.cleanup(pods[name])
     return {
@@ -344,7 +315,7 @@ async def drive(
             "reply_bytes": work.reply_bytes,
         }
         for name, work in works.items()
-    } | {"rss": memory}
+    } | {"rss_kib": memory}
 
 
 def summarize(times: Timings) -> dict[str, dict[str, float]]:
@@ -411,7 +382,12 @@ def chart(path: Path, rows: list[tuple[str, float, float]]) -> str:
 
 
 async def main(
-    levels: list[int], rounds: int, lifecycle_rounds: int, json_path: Path, png_path: Path
+    levels: list[int],
+    rounds: int,
+    lifecycle_rounds: int,
+    builds: list[ContainerdBuild],
+    json_path: Path,
+    png_path: Path,
 ) -> dict[str, Any]:
     base = short_tempdir("crishim-vs-")
     load_before = os.getloadavg()
@@ -419,9 +395,6 @@ async def main(
     wanted = [e for e in catalog() if any(n in POD_IMAGES for n in e.names())]
     served = ServedCatalog(entries=wanted)
     await served.start()
-    bridges = []
-    daemons: list[EmbeddedContainerd] = []
-    shim = None
     results: dict[str, Any] = {}
     try:
         image = served.local(BUSYBOX)
@@ -432,67 +405,46 @@ async def main(
             f'server = "http://{local_host}"\n\n'
             f'[host."http://{local_host}"]\n  capabilities = ["pull", "resolve"]\n'
         )
-        octet = random.randrange(10, 120)
-        for i, name in enumerate(("containerd", "shim")):
-            bridge = f"crivs{octet + i}"
-            bridges.append(bridge)
-            write_conflist(
-                base / name / "cni", f"10.237.{octet + i}.0/24", bridge, base / name / "ipam"
-            )
-
-        # containerd's own CRI, and cri-shim in a subprocess over a containerd without it.
-        cri_daemon = CriContainerd(
-            base / "containerd" / "d", base / "containerd" / "cni", hosts_dir
-        )
-        daemons.append(cri_daemon)
-        await cri_daemon.start()
-        plain = EmbeddedContainerd(base / "shim" / "d", restart=False)
-        daemons.append(plain)
-        await plain.start()
-        config = write_shim_config(base / "shim", hosts_dir, plain.address)
-        shim = await start_shim_process(
-            ["--config", str(config)], base / "shim" / "cri.sock", base / "shim" / "shim.log"
-        )
-        pid = shim.process.pid
-        clients = [CriClient.connect(cri_daemon.address), CriClient.connect(shim.socket)]
-        try:
-            works = {
-                name: Workload(client, image, name, base / name / "logs")
-                for name, client in zip(("containerd", "cri-shim"), clients, strict=True)
-            }
-            results = await drive(works, levels, rounds, lifecycle_rounds, lambda: rss_kib(pid))
-        finally:
-            for client in clients:
-                client.close()
+        async with start_runtimes(base, builds, hosts_dir, "10.237") as runtimes:
+            clients = {name: CriClient.connect(addr) for name, addr in runtimes.endpoints.items()}
+            try:
+                works = {
+                    name: Workload(client, image, name, base / name.replace(" ", "-") / "logs")
+                    for name, client in clients.items()
+                }
+                pids = runtimes.shim_pids()
+                results = await drive(
+                    works,
+                    levels,
+                    rounds,
+                    lifecycle_rounds,
+                    lambda: {name: rss_kib(pid) for name, pid in pids.items()},
+                )
+            finally:
+                for client in clients.values():
+                    client.close()
     finally:
-        if shim is not None and shim.process.returncode is None:
-            shim.process.send_signal(signal.SIGTERM)
-            await shim.process.wait()
-        for daemon in daemons:
-            await daemon.stop()
         await served.stop()
-        for bridge in bridges:
-            subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
-    base_sum = summarize(results["containerd"]["times"])
-    shim_sum = summarize(results["cri-shim"]["times"])
+    pairs = [Pair(build) for build in builds]
+    names = [name for pair in pairs for name in (pair.anchor, pair.shim)]
+    summaries = {name: summarize(results[name]["times"]) for name in names}
     table: list[dict[str, Any]] = []
-    for op in base_sum:
-        if op in shim_sum:
-            b, s = base_sum[op], shim_sum[op]
-            table.append(
-                {
-                    "op": op,
-                    "containerd_p50_ms": b["p50_ms"],
-                    "containerd_p99_ms": b["p99_ms"],
-                    "shim_p50_ms": s["p50_ms"],
-                    "shim_p99_ms": s["p99_ms"],
-                    "ratio_p50": s["p50_ms"] / b["p50_ms"],
-                    "ratio_p99": s["p99_ms"] / b["p99_ms"],
-                    "n": s["n"],
-                }
-            )
+    for op in summaries[names[0]]:
+        if not all(op in summaries[name] for name in names):
+            continue
+        row: dict[str, Any] = {"op": op, "n": summaries[pairs[0].shim][op]["n"]}
+        for pair in pairs:
+            a, s = summaries[pair.anchor][op], summaries[pair.shim][op]
+            row[pair.anchor] = {"p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"]}
+            row[pair.shim] = {
+                "p50_ms": s["p50_ms"],
+                "p99_ms": s["p99_ms"],
+                "ratio_p50": s["p50_ms"] / a["p50_ms"],
+                "ratio_p99": s["p99_ms"] / a["p99_ms"],
+            }
+        table.append(row)
     report = {
         "levels": levels,
         "rounds": rounds,
@@ -502,17 +454,64 @@ async def main(
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "list_containers_started": False,
+        "containerd_versions": {pair.build.label: pair.build.version for pair in pairs},
+        "pairs": [[pair.anchor, pair.shim] for pair in pairs],
         "table": table,
-        "pods20_wall_s": {k: results[k]["pods20_wall_s"] for k in ("containerd", "cri-shim")},
-        "shim_rss_kib": results["rss"],
-        "raw_s": {k: results[k]["times"] for k in ("containerd", "cri-shim")},
-        "reply_bytes": {k: results[k]["reply_bytes"] for k in ("containerd", "cri-shim")},
+        "pods20_wall_s": {k: results[k]["pods20_wall_s"] for k in names},
+        "shim_rss_kib": results["rss_kib"],
+        "raw_s": {k: results[k]["times"] for k in names},
+        "reply_bytes": {k: results[k]["reply_bytes"] for k in names},
     }
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     report["chart"] = chart(
-        png_path, [(r["op"], r["containerd_p50_ms"], r["shim_p50_ms"]) for r in table]
+        png_path,
+        [
+            (f"{r['op']} ({pair.build.label})", r[pair.anchor]["p50_ms"], r[pair.shim]["p50_ms"])
+            for r in table
+            for pair in pairs
+        ],
     )
     return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The markdown table (p50 / p99 ms; ratio = cri-shim / the CRI of its containerd)."""
+    pairs = report["pairs"]
+    head = ["op", "n"]
+    for anchor, shim in pairs:
+        head += [anchor, shim, "ratio p50 / p99"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    for r in report["table"]:
+        cells = [r["op"], str(r["n"])]
+        for anchor, shim in pairs:
+            a, s = r[anchor], r[shim]
+            cells += [
+                f"{a['p50_ms']:.3g} / {a['p99_ms']:.3g}",
+                f"{s['p50_ms']:.3g} / {s['p99_ms']:.3g}",
+                f"{s['ratio_p50']:.2f}x / {s['ratio_p99']:.2f}x",
+            ]
+        print("| " + " | ".join(cells) + " |")
+    walls = report["pods20_wall_s"]
+    print(
+        "\n20 concurrent RunPodSandbox wall: "
+        + ", ".join(f"{name} {wall:.2f}s" for name, wall in walls.items())
+    )
+    print(
+        f"started {report['started_at']}; load average before "
+        f"{'/'.join(f'{x:.2f}' for x in report['load_before'])}, after "
+        f"{'/'.join(f'{x:.2f}' for x in report['load_after'])}; containerd "
+        + ", ".join(report["containerd_versions"].values())
+    )
+    sizes = report["reply_bytes"]
+    for op in sorted(sizes[pairs[0][0]]):
+        if op.startswith("List"):
+            print(
+                f"{op} reply bytes: " + ", ".join(f"{k} {v.get(op, 0)}" for k, v in sizes.items())
+            )
+    for moment, by_shim in report["shim_rss_kib"].items():
+        print(f"RSS {moment}: " + ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in by_shim.items()))
+    print("List/Status-at-scale containers were created, not started.")
 
 
 def cli() -> None:
@@ -527,40 +526,22 @@ def cli() -> None:
         default=3,
         help="times the 20-pod lifecycle phase runs (20 samples per op each)",
     )
+    parser.add_argument(
+        "--containerd2", help="containerd 2.x binary (default: $CONTAINERD2 or the peer build)"
+    )
+    parser.add_argument(
+        "--no-containerd2", action="store_true", help="only containerd 1.6 and cri-shim on it"
+    )
     parser.add_argument("--json", type=Path, default=Path("cri_vs_containerd.json"))
     parser.add_argument("--png", type=Path, default=Path("cri_vs_containerd.png"))
     args = parser.parse_args()
     levels = sorted(int(x) for x in args.containers.split(","))
-    report = asyncio.run(main(levels, args.rounds, args.lifecycle_rounds, args.json, args.png))
+    builds = default_builds(args.containerd2, with_containerd2=not args.no_containerd2)
+    report = asyncio.run(
+        main(levels, args.rounds, args.lifecycle_rounds, builds, args.json, args.png)
+    )
     print()
-    print("| op | containerd p50 / p99 ms | cri-shim p50 / p99 ms | ratio p50 / p99 |")
-    print("| --- | --- | --- | --- |")
-    for r in report["table"]:
-        print(
-            f"| {r['op']} | {r['containerd_p50_ms']:.2f} / {r['containerd_p99_ms']:.2f} "
-            f"| {r['shim_p50_ms']:.2f} / {r['shim_p99_ms']:.2f} "
-            f"| {r['ratio_p50']:.2f}x / {r['ratio_p99']:.2f}x |"
-        )
-    walls = report["pods20_wall_s"]
-    print(
-        f"\n20 concurrent RunPodSandbox wall: containerd {walls['containerd']:.2f}s, "
-        f"cri-shim {walls['cri-shim']:.2f}s"
-    )
-    print(
-        f"started {report['started_at']}; load average before "
-        f"{'/'.join(f'{x:.2f}' for x in report['load_before'])}, after "
-        f"{'/'.join(f'{x:.2f}' for x in report['load_after'])}"
-    )
-    sizes = report["reply_bytes"]
-    for op in sorted(sizes["containerd"]):
-        if op.startswith("List"):
-            print(
-                f"{op} reply: containerd {sizes['containerd'][op]} bytes, "
-                f"cri-shim {sizes['cri-shim'].get(op, 0)} bytes"
-            )
-    rss = report["shim_rss_kib"]
-    print(f"cri-shim RSS: {', '.join(f'{k} {v / 1024:.1f} MiB' for k, v in rss.items())}")
-    print("List/Status-at-scale containers were created, not started.")
+    print_report(report)
     print(f"JSON: {args.json}; PNG: {args.png} ({report['chart']})")
 
 
