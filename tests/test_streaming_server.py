@@ -28,6 +28,7 @@ from cri_shim.streaming.remotecommand import RemoteStreams, StreamStatus
 from cri_shim.streaming.server import RequestCache, StreamingServer, _url_host
 from cri_shim.streaming.spdy import make_headers
 
+from .conftest import wait_for
 from .support.streaming_client import (
     PortForwardClient,
     UpgradeRefused,
@@ -386,7 +387,11 @@ async def test_idle_connections_are_closed() -> None:
         )
         await asyncio.wait_for(client.conn.closed.wait(), 5)
         await client.close()
-        assert served.server.sessions == 0
+
+        async def ended() -> bool:  # the server closes once the client has closed too
+            return served.server.sessions == 0
+
+        assert await wait_for(ended, 5, interval=0.02)
 
 
 # hostile input

@@ -82,8 +82,6 @@ async def exec_sync(
     collectors: list[asyncio.Task[None]] = []
     started = False
     try:
-        for reader in readers:
-            await reader.connect()
         collectors = [
             asyncio.create_task(_collect(readers[0], out)),
             asyncio.create_task(_collect(readers[1], err)),

@@ -189,9 +189,7 @@ class StreamRuntime:
             paths = await asyncio.to_thread(_make_fifos, directory, streams.tty, streams.stdin)
             for path in (paths["stdout"], paths["stderr"]):
                 if path:
-                    reader = FifoReader(Path(path), hold_open=True)
-                    readers.append(reader)
-                    await reader.connect()
+                    readers.append(FifoReader(Path(path), hold_open=True))
             if paths["stdin"]:
                 stdin = FifoWriter(await asyncio.to_thread(_open_rw, paths["stdin"]))
             await self.ops.client.call(
@@ -237,6 +235,8 @@ class StreamRuntime:
                 )
             exit_info = await waiter
             exited = True
+            # The silence that ends the drain counts from the exit, not from a quiet run before it.
+            activity.last = time.monotonic()
             # Output still in flight after exit; a child holding the pipes must not stall us.
             await _drain(outputs, activity)
             code = exit_info.exit_code if exit_info is not None else -1
