@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from grpclib import GRPCError
 from grpclib.const import Status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cri_shim.errors import ResourceExhausted, to_grpc_error
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.settings import StreamingSettings
 from cri_shim.streaming import portforward
@@ -152,9 +152,9 @@ def test_request_cache_expires_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -
     first = cache.insert(cri.ExecRequest("a"))
     second = cache.insert(cri.ExecRequest("b"))
     assert len(first) >= 32 and first != second
-    with pytest.raises(GRPCError) as caught:
+    with pytest.raises(ResourceExhausted) as caught:
         cache.insert(cri.ExecRequest("c"))
-    assert caught.value.status is Status.RESOURCE_EXHAUSTED
+    assert to_grpc_error(caught.value, "Exec").status is Status.RESOURCE_EXHAUSTED
     assert cache.consume(first) == cri.ExecRequest("a")
     assert cache.consume(first) is None
     import time

@@ -22,7 +22,7 @@ from grpclib.client import Stream
 from grpclib.const import Cardinality, Status
 
 from cri_shim.containerd.client import NAMESPACE_HEADER, ContainerdClient
-from cri_shim.errors import ContainerdError
+from cri_shim.errors import ContainerdError, DeadlineExceeded
 from cri_shim.gen.containerd.services.content import v1 as content_v1
 from cri_shim.gen.google.protobuf import FieldMask
 from cri_shim.logs import log_event
@@ -176,9 +176,8 @@ class ContentStore:
         except GRPCError as err:
             raise ContainerdError("Content.Write", err.status, err.message or "") from err
         except TimeoutError as err:
-            raise GRPCError(
-                Status.DEADLINE_EXCEEDED,
-                f"containerd did not answer {what} within {self.timeout:g}s",
+            raise DeadlineExceeded(
+                f"containerd did not answer {what} within {self.timeout:g}s"
             ) from err
         return reply
 
@@ -211,8 +210,7 @@ class ContentStore:
                 if err.status is not Status.UNAVAILABLE or "locked" not in err.detail:
                     raise
                 if loop.time() >= deadline:
-                    raise GRPCError(
-                        Status.DEADLINE_EXCEEDED,
+                    raise DeadlineExceeded(
                         f"blob {desc.digest} stayed locked by another writer for "
                         f"{self.timeout:g}s ({err.detail})",
                     ) from err

@@ -397,7 +397,7 @@ class ImageManager:
                 "image pull failed",
                 level=logging.WARNING,
                 ref=str(ref),
-                code=mapped.status.name,
+                code=type(mapped).__name__,
                 error=mapped.message,
             )
             raise mapped from err
