@@ -35,6 +35,7 @@ from cri_shim.gen.google.protobuf import Any as AnyMessage
 from cri_shim.logs import log_event
 
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 LINUX_RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
 RUNC_RUNTIME = "io.containerd.runc.v2"
@@ -325,6 +326,67 @@ class RuntimeOps:
             ),
         )
         return reply.pid
+
+    # exec processes
+
+    async def exec_process(
+        self,
+        container_id: str,
+        exec_id: str,
+        process: dict[str, Any],
+        *,
+        stdin: str = "",
+        stdout: str = "",
+        stderr: str = "",
+        terminal: bool = False,
+    ) -> None:
+        """Register an extra process in the container's task (started by start_task)."""
+        await self.client.call(
+            "Tasks.Exec",
+            self.client.tasks.exec(
+                tasks_v1.ExecProcessRequest(
+                    container_id=container_id,
+                    exec_id=exec_id,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    terminal=terminal,
+                    spec=pack_json(PROCESS_TYPE_URL, process),
+                )
+            ),
+        )
+
+    async def delete_process(self, container_id: str, exec_id: str) -> None:
+        """Forget an exec process; one already gone is success."""
+        try:
+            await self.client.call(
+                "Tasks.DeleteProcess",
+                self.client.tasks.delete_process(
+                    tasks_v1.DeleteProcessRequest(container_id=container_id, exec_id=exec_id)
+                ),
+            )
+        except ContainerdError as err:
+            if not _missing(err):
+                raise
+
+    async def resize_pty(self, container_id: str, exec_id: str, width: int, height: int) -> None:
+        await self.client.call(
+            "Tasks.ResizePty",
+            self.client.tasks.resize_pty(
+                tasks_v1.ResizePtyRequest(
+                    container_id=container_id, exec_id=exec_id, width=width, height=height
+                )
+            ),
+        )
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        """The process's stdin sees EOF once what was written is read (Tasks.CloseIO)."""
+        await self.client.call(
+            "Tasks.CloseIO",
+            self.client.tasks.close_io(
+                tasks_v1.CloseIoRequest(container_id=container_id, exec_id=exec_id, stdin=True)
+            ),
+        )
 
     async def task(self, container_id: str) -> TaskInfo | None:
         """The task's state. containerd answers UNKNOWN when its runc shim does
