@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cri_shim.concurrency import run_all
+from cri_shim.concurrency import InFlight, run_all
 from cri_shim.container.cgroups import oom_kills
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.io import ContainerIO
@@ -147,7 +147,7 @@ class ContainerManager:
         self._mounts: dict[str, list[Mount]] = {}
         self.status_provider: Callable[[str], Awaitable[cri.PodSandboxStatus | None]] | None = None
         # Creates in flight by name: a kubelet retry joins the first call's work.
-        self._creating: dict[str, asyncio.Task[str]] = {}
+        self._creating: InFlight[str] = InFlight()
 
     def io_dir(self, container_id: str) -> Path:
         return self.env.state_dir / "containers" / container_id
@@ -209,20 +209,17 @@ class ContainerManager:
 
     def in_flight(self) -> list[asyncio.Task[str]]:
         """Creates still working (their callers may be gone): shutdown awaits them."""
-        return list(self._creating.values())
+        return self._creating.running()
 
     async def create(self, sandbox: Sandbox, config: cri.ContainerConfig) -> str:
         """Shielded: a caller that gives up (kubelet's timeout) does not undo the
         work, which finishes and is handed to the retry with the same name."""
         name = container_name(sandbox.name, config.metadata or cri.ContainerMetadata())
-        pending = self._creating.get(name)
-        if pending is None:
-            pending = asyncio.create_task(self._create_once(sandbox, config))
-            self._creating[name] = pending
-            pending.add_done_callback(lambda done: _forget_create(self._creating, name, done))
-        else:
-            log_event(log, "retried create joins the one in flight", name=name)
-        return await asyncio.shield(pending)
+        return await self._creating.join(
+            name,
+            lambda: self._create_once(sandbox, config),
+            on_join=lambda: log_event(log, "retried create joins the one in flight", name=name),
+        )
 
     async def _create_once(self, sandbox: Sandbox, config: cri.ContainerConfig) -> str:
         metadata = config.metadata or cri.ContainerMetadata()
@@ -758,15 +755,6 @@ class ContainerManager:
         else:
             await self._finish(container, task.exit_code, _ns(task.exited_at))
         log_event(log, "missed exit picked up by resync", container=container_id)
-
-
-def _forget_create(
-    creating: dict[str, asyncio.Task[str]], name: str, done: asyncio.Task[str]
-) -> None:
-    if creating.get(name) is done:
-        del creating[name]
-    if not done.cancelled():
-        done.exception()  # retrieved here: the caller that would have may be gone
 
 
 def _rmtree(path: Path) -> None:

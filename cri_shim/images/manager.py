@@ -20,6 +20,7 @@ from typing import Any
 
 from grpclib.const import Status
 
+from cri_shim.concurrency import InFlight
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.errors import ContainerdError, ContainerdUnavailable, invalid_argument
 from cri_shim.gen.containerd import types as ctypes
@@ -107,7 +108,7 @@ class ImageManager:
         self.unpacker = Unpacker(client, SNAPSHOTTER)
         self.puller = Puller(client, self.registry, self.content, self.unpacker)
         self.usage = SnapshotUsage(client, SNAPSHOTTER)
-        self._flights: dict[str, asyncio.Task[ImageRecord]] = {}
+        self._flights: InFlight[ImageRecord] = InFlight()
         self._load_lock = asyncio.Lock()
         # Store changes made while a load reads containerd, replayed on its result.
         self._journal: list[Callable[[], None]] | None = None
@@ -131,7 +132,7 @@ class ImageManager:
             )
 
     async def stop(self) -> None:
-        flights = list(self._flights.values())
+        flights = self._flights.running()
         for task in flights:
             task.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
@@ -342,23 +343,12 @@ class ImageManager:
         except ReferenceError as err:
             raise invalid_argument(str(err)) from err
         key = _flight_key(ref, credentials)
-        task = self._flights.get(key)
-        if task is None:
-            task = asyncio.create_task(
-                self._pull(ref, image, credentials, pinned), name=f"pull {ref}"
-            )
-            self._flights[key] = task
-
-            def finished(done: asyncio.Task[ImageRecord]) -> None:
-                if self._flights.get(key) is done:
-                    del self._flights[key]
-                if not done.cancelled():
-                    done.exception()  # retrieved, even if every caller went away
-
-            task.add_done_callback(finished)
-        else:
-            log_event(log, "joining image pull in progress", ref=str(ref))
-        record = await asyncio.shield(task)
+        record = await self._flights.join(
+            key,
+            lambda: self._pull(ref, image, credentials, pinned),
+            on_join=lambda: log_event(log, "joining image pull in progress", ref=str(ref)),
+            name=f"pull {ref}",
+        )
         if pinned and not record.pinned:
             record = await self._pin(record)
         return record

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cri_shim.concurrency import run_all
+from cri_shim.concurrency import InFlight, run_all
 from cri_shim.containerd.events import TaskExit
 from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
 from cri_shim.errors import already_exists
@@ -123,13 +123,13 @@ class SandboxManager:
         self.stop_containers: list[PodHook] = []
         self.remove_containers: list[PodHook] = []
         # Runs in flight by name: a kubelet retry joins the first call's work.
-        self._running: dict[str, asyncio.Task[str]] = {}
+        self._running: InFlight[str] = InFlight()
         # Loaded records of runs a killed shim never finished (see discard_unfinished).
         self._unfinished: set[str] = set()
 
     def in_flight(self) -> list[asyncio.Task[str]]:
         """Runs still working (their callers may be gone): shutdown awaits them."""
-        return list(self._running.values())
+        return self._running.running()
 
     def dirs(self, sandbox_id: str) -> SandboxDirs:
         return SandboxDirs(self.env.dirs_root, sandbox_id)
@@ -241,14 +241,11 @@ class SandboxManager:
         work, which finishes and is handed to the retry with the same name."""
         metadata = config.metadata or cri.PodSandboxMetadata()
         name = sandbox_name(metadata)
-        pending = self._running.get(name)
-        if pending is None:
-            pending = asyncio.create_task(self._run_once(name, config, runtime_handler))
-            self._running[name] = pending
-            pending.add_done_callback(lambda done: _forget_run(self._running, name, done))
-        else:
-            log_event(log, "retried run joins the one in flight", name=name)
-        return await asyncio.shield(pending)
+        return await self._running.join(
+            name,
+            lambda: self._run_once(name, config, runtime_handler),
+            on_join=lambda: log_event(log, "retried run joins the one in flight", name=name),
+        )
 
     async def _run_once(self, name: str, config: cri.PodSandboxConfig, runtime_handler: str) -> str:
         owner = self.store.names.owner(name)
@@ -465,13 +462,6 @@ class SandboxManager:
             pod=sandbox.id,
             exit_code=event.exit_code,
         )
-
-
-def _forget_run(running: dict[str, asyncio.Task[str]], name: str, done: asyncio.Task[str]) -> None:
-    if running.get(name) is done:
-        del running[name]
-    if not done.cancelled():
-        done.exception()  # retrieved here: the caller that would have may be gone
 
 
 def _host_hostname() -> str:
