@@ -46,6 +46,9 @@ class InFlight(Generic[T]):
     def __contains__(self, key: str) -> bool:
         return key in self._runs
 
+    def __len__(self) -> int:
+        return len(self._runs)
+
     def running(self) -> list[asyncio.Task[T]]:
         """Runs still working (their callers may be gone): shutdown awaits or cancels them."""
         return list(self._runs.values())
