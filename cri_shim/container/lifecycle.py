@@ -30,7 +30,6 @@ from cri_shim.container.rootfs import read_image_file
 from cri_shim.containerd.events import TaskExit
 from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
 from cri_shim.errors import already_exists, failed_precondition, invalid_argument, not_found
-from cri_shim.gen.containerd.types import Mount
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.store import ImageStore
 from cri_shim.logs import log_event
@@ -133,18 +132,9 @@ class ContainerManager:
         self.ops = ops
         self.events = events
         self.env = environment
-        self._io: dict[str, ContainerIO] = {}
-        self._specs: dict[str, dict[str, Any]] = {}
-        self._exit_seen: dict[str, asyncio.Event] = {}
-        self._early_exits: dict[str, TaskExit] = {}
+        # A container's IO, spec, mounts and exit signals live on its record
+        # (`Container.runtime`), so removing the record drops them.
         self._releases: set[asyncio.Task[None]] = set()
-        # Set once an exit is fully recorded (task deleted, output drained, persisted).
-        self._finished: dict[str, asyncio.Event] = {}
-        # Containers whose task an exit record already deleted: Remove skips that call.
-        self._task_deleted: set[str] = set()
-        # Rootfs mounts from CreateContainer's Prepare, so StartContainer needs no
-        # second Prepare/Mounts round-trip (after a restart it asks containerd).
-        self._mounts: dict[str, list[Mount]] = {}
         self.status_provider: Callable[[str], Awaitable[cri.PodSandboxStatus | None]] | None = None
         # Creates in flight by name: a kubelet retry joins the first call's work.
         self._creating: InFlight[str] = InFlight()
@@ -154,7 +144,13 @@ class ContainerManager:
 
     def container_io(self, container_id: str) -> ContainerIO | None:
         """The stdio of a running container (attach joins it); None when it has none."""
-        return self._io.get(container_id)
+        container = self._record(container_id)
+        return container.runtime.io if container is not None else None
+
+    def _record(self, container_id: str) -> Container | None:
+        """The record with exactly this id (not a prefix)."""
+        container = self.store.by_id.find(container_id)
+        return container if container is not None and container.id == container_id else None
 
     # persistence
 
@@ -331,8 +327,10 @@ class ContainerManager:
             snapshot_key=container.id,
             lease=lease,
         )
-        self._specs[container.id] = spec
-        self._mounts[container.id] = mounts
+        container.runtime.spec = spec
+        # StartContainer then needs no second Prepare/Mounts round-trip
+        # (after a restart it asks containerd).
+        container.runtime.mounts = mounts
 
     async def _forget(self, container: Container) -> None:
         await self.ops.delete_container(container.id)
@@ -350,13 +348,13 @@ class ContainerManager:
             if sandbox is None or sandbox.state is not SandboxState.READY:
                 raise failed_precondition(f"pod sandbox {container.sandbox_id} is not ready")
             io = self._container_io(container)
-            self._io[container.id] = io
-            self._exit_seen[container.id] = asyncio.Event()
+            runtime = container.runtime
+            runtime.io = io
+            runtime.exit_seen = asyncio.Event()
             try:
                 await io.open()
-                mounts = self._mounts.pop(container.id, None) or await self.ops.prepare_snapshot(
-                    container.id, ""
-                )
+                mounts, runtime.mounts = runtime.mounts, None
+                mounts = mounts or await self.ops.prepare_snapshot(container.id, "")
                 stdin, stdout, stderr = io.stdio()
                 await self.ops.create_task(
                     container.id,
@@ -372,14 +370,14 @@ class ContainerManager:
                 started_at = time.time_ns()
                 container.pid = await self.ops.start_task(container.id)
             except BaseException as err:
-                self._early_exits.pop(container.id, None)
+                runtime.early_exit = None
                 await asyncio.shield(self._start_failed(container, io, err))
                 raise
             container.state = ContainerState.RUNNING
             container.started_at = started_at
         self._publish(container, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
         log_event(log, "container started", container=container.id, pid=container.pid)
-        early = self._early_exits.pop(container.id, None)
+        early, container.runtime.early_exit = container.runtime.early_exit, None
         if early is not None:
             await self._finish(container, early.exit_code, _ns(early.exited_at))
 
@@ -389,7 +387,7 @@ class ContainerManager:
         await self.ops.kill(container.id)
         await self.ops.delete_task(container.id)
         await io.close()
-        self._io.pop(container.id, None)
+        container.runtime.io = None
         container.state = ContainerState.EXITED
         container.exit_code = START_ERROR_EXIT_CODE
         container.reason = "StartError"
@@ -403,9 +401,9 @@ class ContainerManager:
         container = self.store.by_id.find(event.container_id) if event.is_init else None
         if container is None or container.id != event.container_id:
             return
-        if container.state is ContainerState.CREATED and container.id in self._io:
+        if container.state is ContainerState.CREATED and container.runtime.io is not None:
             # Exited before StartContainer returned; finished once the start completes.
-            self._early_exits[container.id] = event
+            container.runtime.early_exit = event
             return
         await self._finish(container, event.exit_code, _ns(event.exited_at))
 
@@ -444,7 +442,9 @@ class ContainerManager:
         """Record an exit once, whichever of event stream and Stop sees it first."""
         if container.state is not ContainerState.RUNNING:
             return
-        finished = self._finished.setdefault(container.id, asyncio.Event())
+        finished = container.runtime.finished
+        if finished is None:
+            finished = container.runtime.finished = asyncio.Event()
         if not container.oom_killed and exit_code != 0:
             container.oom_killed = await self._cgroup_oom_killed(container)
             if container.oom_killed:
@@ -465,15 +465,15 @@ class ContainerManager:
             container.reason = OOM_KILLED
         else:
             container.reason = "Completed" if exit_code == 0 else "Error"
-        seen = self._exit_seen.get(container.id)
+        seen = container.runtime.exit_seen
         if seen is not None:
             seen.set()
         # Recorded before the task goes: a shim killed in between still finds the
         # exit code (in the record, or in the stopped task) when it starts again.
         await self._persist_exit(container)
         await self.ops.delete_task(container.id)
-        self._task_deleted.add(container.id)
-        io = self._io.pop(container.id, None)
+        container.runtime.task_deleted = True
+        io, container.runtime.io = container.runtime.io, None
         if io is not None:
             await io.drained(DRAIN_SECONDS)
             await io.close()
@@ -493,14 +493,16 @@ class ContainerManager:
         fully recorded (task deleted, as containerd's StopContainer does), also when
         the event stream got there first: RemoveContainer then finds nothing to wait on."""
         await self._stop(container, timeout)
-        finished = self._finished.get(container.id)
+        finished = container.runtime.finished
         if finished is not None:
             await finished.wait()
 
     async def _stop(self, container: Container, timeout: int) -> None:
         if container.state is not ContainerState.RUNNING:
             return
-        seen = self._exit_seen.setdefault(container.id, asyncio.Event())
+        seen = container.runtime.exit_seen
+        if seen is None:
+            seen = container.runtime.exit_seen = asyncio.Event()
         if timeout > 0:
             await self.ops.kill(container.id, _signal_number(container.stop_signal))
             try:
@@ -531,20 +533,15 @@ class ContainerManager:
     async def remove(self, container: Container) -> None:
         await self.stop(container, 0)
         async with container.lock:
-            if container.id not in self._task_deleted:
+            if not container.runtime.task_deleted:
                 await self.ops.delete_task(container.id)
-            io = self._io.pop(container.id, None)
+            io, container.runtime.io = container.runtime.io, None
             if io is not None:
                 await io.close()
             await run_all(
                 self._forget(container), asyncio.to_thread(_rmtree, self.io_dir(container.id))
             )
             self.store.remove(container)
-            self._specs.pop(container.id, None)
-            self._exit_seen.pop(container.id, None)
-            self._finished.pop(container.id, None)
-            self._task_deleted.discard(container.id)
-            self._mounts.pop(container.id, None)
         self._publish(container, cri.ContainerEventType.CONTAINER_DELETED_EVENT)
         log_event(log, "container removed", container=container.id)
 
@@ -557,7 +554,7 @@ class ContainerManager:
     # logs
 
     async def reopen_log(self, container: Container) -> None:
-        io = self._io.get(container.id)
+        io = container.runtime.io
         if container.state is not ContainerState.RUNNING or io is None:
             raise failed_precondition(f"container {container.id} is not running")
         await io.reopen_log()
@@ -577,7 +574,7 @@ class ContainerManager:
             # May look at the cgroup tree (is swap limitable?): off the event loop.
             await asyncio.to_thread(apply_linux_resources, new, resources)
             await self.ops.update_spec(container.id, new)
-            self._specs[container.id] = new
+            container.runtime.spec = new
             try:
                 if container.state is ContainerState.RUNNING:
                     applied = await self.ops.update_task_resources(
@@ -586,7 +583,7 @@ class ContainerManager:
                     if not applied:
                         log_event(log, "task gone before its update", container=container.id)
             except BaseException:
-                self._specs[container.id] = old
+                container.runtime.spec = old
                 await asyncio.shield(self.ops.update_spec(container.id, old))
                 raise
             container.resources = resources_from_spec(new)
@@ -599,19 +596,21 @@ class ContainerManager:
         )
 
     def spec(self, container_id: str) -> dict[str, Any] | None:
-        return self._specs.get(container_id)
+        container = self._record(container_id)
+        return container.runtime.spec if container is not None else None
 
     async def load_spec(self, container_id: str) -> dict[str, Any]:
-        cached = self._specs.get(container_id)
-        if cached is not None:
-            return cached
+        container = self._record(container_id)
+        if container is not None and container.runtime.spec is not None:
+            return container.runtime.spec
         record = await self.ops.get_container(container_id)
         if record is None:
             raise not_found(f"container {container_id} not found in containerd")
         spec = unpack_json(record.spec)
         if not isinstance(spec, dict):
             raise failed_precondition(f"container {container_id} has no runtime spec")
-        self._specs[container_id] = spec
+        if container is not None:
+            container.runtime.spec = spec
         return spec
 
     # recovery
@@ -642,7 +641,7 @@ class ContainerManager:
             )
             spec = unpack_json(record.spec)
             if isinstance(spec, dict):
-                self._specs[record.id] = spec
+                container.runtime.spec = spec
                 container.resources = resources_from_spec(spec)
             task = await self.ops.task(record.id)
             if task is not None and task.status in (TaskStatus.RUNNING, TaskStatus.UNKNOWN):
@@ -653,8 +652,8 @@ class ContainerManager:
                 container.started_at = int(data.get("startedAt", 0)) or container.created_at
                 io = self._container_io(container)
                 await io.open(fresh=False)
-                self._io[record.id] = io
-                self._exit_seen[record.id] = asyncio.Event()
+                container.runtime.io = io
+                container.runtime.exit_seen = asyncio.Event()
             elif task is not None and task.status == TaskStatus.CREATED:
                 # A StartContainer the kill cut off between Tasks.Create and Tasks.Start:
                 # never started, so it ends as a failed start, as a start error would.
@@ -685,7 +684,7 @@ class ContainerManager:
                 # no writer left, so the copier sees EOF right after the buffered bytes.
                 await io.open()
                 io.task_created()
-                self._io[record.id] = io
+                container.runtime.io = io
                 await self._finish(container, task.exit_code, _ns(task.exited_at))
                 continue
             elif "finishedAt" in data:

@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.store.encoded import EncodingCache
 from cri_shim.store.index import IdIndex, NameIndex
+
+if TYPE_CHECKING:  # types only: the store does not depend on the domain code
+    from cri_shim.container.io import ContainerIO
+    from cri_shim.containerd.events import TaskExit
+    from cri_shim.gen.containerd.types import Mount
 
 
 class ContainerState(StrEnum):
@@ -26,6 +31,22 @@ _CRI_STATE = {
     ContainerState.EXITED: cri.ContainerState.CONTAINER_EXITED,
     ContainerState.UNKNOWN: cri.ContainerState.CONTAINER_UNKNOWN,
 }
+
+
+@dataclass
+class ContainerRuntime:
+    """What the shim holds for a container besides its CRI status, kept on its
+    record (as containerd's store/container keeps IO, StopCh and Status) so
+    that removing the record drops all of it. Changed in place: no part of it
+    is in the record's cached encodings."""
+
+    io: ContainerIO | None = None  # stdio and log copier while the task runs
+    spec: dict[str, Any] | None = None  # the OCI spec, as stored in containerd
+    mounts: list[Mount] | None = None  # rootfs mounts from Create's Prepare, for Start
+    exit_seen: asyncio.Event | None = None  # the exit is known (Stop's signal wait)
+    early_exit: TaskExit | None = None  # an exit that came before Start returned
+    finished: asyncio.Event | None = None  # the exit is fully recorded (task deleted)
+    task_deleted: bool = False  # recording the exit deleted the task: Remove skips it
 
 
 @dataclass
@@ -54,6 +75,7 @@ class Container(EncodingCache):
     user: tuple[int, int, tuple[int, ...]] | None = None
     resources: cri.LinuxContainerResources | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
+    runtime: ContainerRuntime = field(default_factory=ContainerRuntime, repr=False, compare=False)
 
     @property
     def metadata(self) -> cri.ContainerMetadata:
