@@ -45,6 +45,7 @@ from cri_shim.sandbox.files import SandboxDirs
 from cri_shim.sandbox.lifecycle import runtime_config
 from cri_shim.store.containers import Container, ContainerState, ContainerStore, container_name
 from cri_shim.store.index import new_id
+from cri_shim.store.record import RecordVersionError
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore
 
 log = logging.getLogger(__name__)
@@ -154,30 +155,8 @@ class ContainerManager:
 
     # persistence
 
-    def _metadata(self, container: Container) -> dict[str, Any]:
-        return {
-            "id": container.id,
-            "name": container.name,
-            "sandboxId": container.sandbox_id,
-            "config": container.config.to_dict(),
-            "imageRef": container.image_ref,
-            "imageId": container.image_id,
-            "imageRepoRef": container.image_repo_ref,
-            "createdAt": container.created_at,
-            "logPath": container.log_path,
-            "stopSignal": container.stop_signal,
-            "user": [*container.user[:2], list(container.user[2])] if container.user else None,
-        }
-
     async def _persist_exit(self, container: Container) -> None:
-        data = self._metadata(container)
-        data.update(
-            startedAt=container.started_at,
-            finishedAt=container.finished_at,
-            exitCode=container.exit_code,
-            reason=container.reason,
-            message=container.message,
-        )
+        data = container.to_record(with_exit=True)
         try:
             await self.ops.update_extension(
                 container.id, METADATA_EXTENSION, pack_json(METADATA_TYPE_URL, data)
@@ -321,9 +300,7 @@ class ContainerManager:
             image=container.image_ref,
             spec=spec,
             labels=labels,
-            extensions={
-                METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, self._metadata(container))
-            },
+            extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, container.to_record())},
             snapshot_key=container.id,
             lease=lease,
         )
@@ -625,20 +602,11 @@ class ContainerManager:
             if record.id in self.store.by_id:
                 await self._resync(record.id)
                 continue
-            user = data.get("user")
-            container = Container(
-                id=record.id,
-                name=data["name"],
-                sandbox_id=data["sandboxId"],
-                config=cri.ContainerConfig.from_dict(data["config"]),
-                image_ref=data.get("imageRef", ""),
-                image_id=data.get("imageId", ""),
-                image_repo_ref=data.get("imageRepoRef", ""),
-                created_at=int(data.get("createdAt", 0)),
-                log_path=data.get("logPath", ""),
-                stop_signal=data.get("stopSignal", "SIGTERM"),
-                user=(int(user[0]), int(user[1]), tuple(user[2])) if user else None,
-            )
+            try:
+                container = Container.from_record(record.id, data)
+            except RecordVersionError as err:
+                log_event(log, "container record skipped", level=logging.WARNING, error=err)
+                continue
             spec = unpack_json(record.spec)
             if isinstance(spec, dict):
                 container.runtime.spec = spec

@@ -31,6 +31,7 @@ from cri_shim.network.netns import netns_exists
 from cri_shim.oci.sandbox_spec import SandboxSpecInput, build_sandbox_spec
 from cri_shim.sandbox.files import SandboxDirs
 from cri_shim.store.index import new_id
+from cri_shim.store.record import RecordVersionError
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore, sandbox_name
 
 log = logging.getLogger(__name__)
@@ -136,23 +137,10 @@ class SandboxManager:
 
     # persistence
 
-    def _metadata(self, sandbox: Sandbox) -> dict[str, Any]:
-        return {
-            "id": sandbox.id,
-            "name": sandbox.name,
-            "config": sandbox.config.to_dict(),
-            "runtimeHandler": sandbox.runtime_handler,
-            "createdAt": sandbox.created_at,
-            "imageId": sandbox.image_id,
-            "netnsPath": sandbox.netns_path,
-            "ip": sandbox.ip,
-            "additionalIps": sandbox.additional_ips,
-        }
-
     async def _persist_run_complete(self, sandbox: Sandbox) -> None:
         """The record's last write of a run: with the IP CNI gave and the mark that
         tells a restarted shim this run finished (see `discard_unfinished`)."""
-        data = self._metadata(sandbox)
+        data = sandbox.to_record()
         data[RUN_COMPLETE] = True
         await self.ops.update_extension(
             sandbox.id, METADATA_EXTENSION, pack_json(METADATA_TYPE_URL, data)
@@ -175,17 +163,11 @@ class SandboxManager:
                 self.store.by_id.find(container.id) if container.id in self.store.by_id else None
             )
             if sandbox is None:
-                sandbox = Sandbox(
-                    id=data["id"],
-                    name=data["name"],
-                    config=cri.PodSandboxConfig.from_dict(data["config"]),
-                    runtime_handler=data.get("runtimeHandler", ""),
-                    created_at=int(data.get("createdAt", 0)),
-                    image_id=data.get("imageId", ""),
-                    netns_path=data.get("netnsPath", ""),
-                    ip=data.get("ip", ""),
-                    additional_ips=list(data.get("additionalIps", [])),
-                )
+                try:
+                    sandbox = Sandbox.from_record(data)
+                except RecordVersionError as err:
+                    log_event(log, "sandbox record skipped", level=logging.WARNING, error=err)
+                    continue
                 self.store.add(sandbox)
                 self.store.names.reserve(sandbox.name, sandbox.id)
             task = await self.ops.task(sandbox.id)
@@ -385,7 +367,7 @@ class SandboxManager:
             image=self.env.sandbox_image,
             spec=spec,
             labels=labels,
-            extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, self._metadata(sandbox))},
+            extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, sandbox.to_record())},
             snapshot_key=sandbox.id,
             lease=lease,
         )
