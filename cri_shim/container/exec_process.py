@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cri_shim.container.io import FifoReader, FifoWriter, make_fifo
-from cri_shim.containerd.runtime import ExitInfo, RuntimeOps
+from cri_shim.containerd.runtime import ExitInfo, Runtime
 
 # How long a killed exec may take to die before cleanup goes on anyway.
 KILL_WAIT_SECONDS = 2.0
@@ -57,7 +57,7 @@ class ExecProcess:
 
     def __init__(
         self,
-        ops: RuntimeOps,
+        ops: Runtime,
         container_id: str,
         work_dir: Path,
         *,

@@ -16,7 +16,7 @@ from typing import Any
 
 from cri_shim.container.exec_process import KILL_WAIT_SECONDS, ExecProcess, process_spec
 from cri_shim.container.io import FifoReader
-from cri_shim.containerd.runtime import PROCESS_TYPE_URL, RuntimeOps
+from cri_shim.containerd.runtime import PROCESS_TYPE_URL, Runtime
 
 __all__ = ["PROCESS_TYPE_URL", "ExecResult", "ExecTimeout", "exec_sync", "process_spec"]
 
@@ -43,7 +43,7 @@ async def _collect(reader: FifoReader, sink: bytearray) -> None:
 
 
 async def exec_sync(
-    ops: RuntimeOps,
+    ops: Runtime,
     container_id: str,
     container_spec: dict[str, Any],
     cmd: list[str],

@@ -28,7 +28,7 @@ from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.io import ContainerIO
 from cri_shim.container.rootfs import read_image_file
 from cri_shim.containerd.events import TaskExit
-from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
+from cri_shim.containerd.runtime import Runtime, TaskStatus, pack_json, unpack_json
 from cri_shim.errors import already_exists, failed_precondition, invalid_argument, not_found
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.store import ImageStore
@@ -123,7 +123,7 @@ class ContainerManager:
         store: ContainerStore,
         sandboxes: SandboxStore,
         images: ImageStore,
-        ops: RuntimeOps,
+        ops: Runtime,
         events: ContainerEventBus,
         environment: ContainerEnvironment,
     ) -> None:

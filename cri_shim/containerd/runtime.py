@@ -17,8 +17,9 @@ import os
 import secrets
 import signal as signals
 from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from grpclib.const import Status
 
@@ -95,6 +96,98 @@ def _missing_mount_paths(mounts: list[Mount]) -> list[str]:
 
 def _missing(err: ContainerdError) -> bool:
     return err.status is Status.NOT_FOUND
+
+
+class Runtime(Protocol):
+    """What the container domain code asks of containerd: `RuntimeOps` below
+    over gRPC, or an in-memory fake in unit tests (tests/fake_runtime.py), so
+    lifecycle races run in milliseconds without a containerd."""
+
+    def creation_lease(self) -> AbstractAsyncContextManager[str]: ...
+
+    async def prepare_snapshot(
+        self, key: str, parent: str, labels: dict[str, str] | None = None, *, lease: str = ""
+    ) -> list[Mount]: ...
+
+    async def remove_snapshot(self, key: str) -> None: ...
+
+    async def create_container(
+        self,
+        container_id: str,
+        *,
+        image: str,
+        spec: dict[str, Any],
+        labels: dict[str, str],
+        extensions: dict[str, AnyMessage],
+        snapshot_key: str,
+        lease: str = "",
+    ) -> None: ...
+
+    async def get_container(self, container_id: str) -> containers_v1.Container | None: ...
+
+    async def list_containers(self, *filters: str) -> list[containers_v1.Container]: ...
+
+    async def update_extension(self, container_id: str, key: str, value: AnyMessage) -> None: ...
+
+    async def delete_container(self, container_id: str) -> None: ...
+
+    async def create_task(
+        self,
+        container_id: str,
+        rootfs: list[Mount],
+        *,
+        stdin: str = "",
+        stdout: str = "",
+        stderr: str = "",
+        terminal: bool = False,
+    ) -> int: ...
+
+    async def start_task(self, container_id: str, exec_id: str = "") -> int: ...
+
+    async def task(self, container_id: str) -> TaskInfo | None: ...
+
+    async def kill(
+        self,
+        container_id: str,
+        signal: int = signals.SIGKILL,
+        *,
+        exec_id: str = "",
+        all_processes: bool = False,
+    ) -> bool: ...
+
+    async def wait(
+        self, container_id: str, exec_id: str = "", timeout: float | None = None
+    ) -> ExitInfo | None: ...
+
+    async def delete_task(self, container_id: str) -> ExitInfo | None: ...
+
+    async def exec_process(
+        self,
+        container_id: str,
+        exec_id: str,
+        process: dict[str, Any],
+        *,
+        stdin: str = "",
+        stdout: str = "",
+        stderr: str = "",
+        terminal: bool = False,
+    ) -> None: ...
+
+    async def delete_process(self, container_id: str, exec_id: str) -> None: ...
+
+    async def resize_pty(
+        self, container_id: str, exec_id: str, width: int, height: int
+    ) -> None: ...
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None: ...
+
+    async def update_spec(self, container_id: str, spec: dict[str, Any]) -> None: ...
+
+    async def update_task_resources(self, container_id: str, resources: dict[str, Any]) -> bool: ...
+
+    async def task_metrics(self, container_ids: Iterable[str]) -> list[Metric]: ...
+
+    async def snapshot_usage(self, key: str) -> tuple[int, int] | None: ...
 
 
 class RuntimeOps:

@@ -26,7 +26,7 @@ from cri_shim.concurrency import cancel_and_wait
 from cri_shim.container.exec_process import ExecProcess, process_spec
 from cri_shim.container.io import FifoReader, FifoWriter
 from cri_shim.container.lifecycle import ContainerManager
-from cri_shim.containerd.runtime import RuntimeOps
+from cri_shim.containerd.runtime import Runtime
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.logs import log_event
 from cri_shim.store.containers import Container, ContainerState, ContainerStore
@@ -106,7 +106,7 @@ class StreamRuntime:
         self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
-    def ops(self) -> RuntimeOps:
+    def ops(self) -> Runtime:
         return self.manager.ops
 
     def _running(self, container_id: str) -> Container:
