@@ -510,6 +510,10 @@ class ContainerManager:
     async def remove(self, container: Container) -> None:
         await self.stop(container, 0)
         async with container.lock:
+            if container.state is ContainerState.RUNNING:
+                # A StartContainer that held the lock ran the task after the stop
+                # above: stop that too, as containerd's RemoveContainer does.
+                await self.stop(container, 0)
             if not container.runtime.task_deleted:
                 await self.ops.delete_task(container.id)
             io, container.runtime.io = container.runtime.io, None
