@@ -369,26 +369,13 @@ class RegistryClient:
             complete = yielded = False
             try:
                 while True:
-                    try:
-                        async with asyncio.timeout(self.stall_timeout):
-                            chunk = await resp.content.read(CHUNK_SIZE)
-                    except TimeoutError as err:
-                        raise PullStalledError(
-                            f"registry {endpoint.host} sent nothing for {self.stall_timeout:g}s "
-                            f"while pulling blob {descriptor.digest} of {name} "
-                            f"({received} of {descriptor.size} bytes received)",
-                            host=endpoint.host,
-                            reference=name,
-                        ) from err
-                    except aiohttp.ClientError as err:
-                        raise BlobInterruptedError(
-                            f"registry {endpoint.host} broke off blob {descriptor.digest} of "
-                            f"{name} after {received} of {descriptor.size} bytes: "
-                            f"{_describe(err)}",
-                            received=received,
-                            host=endpoint.host,
-                            reference=name,
-                        ) from err
+                    chunk = await self._read_chunk(
+                        resp,
+                        endpoint,
+                        name,
+                        functools.partial(_pulling_blob, descriptor, name, received),
+                        functools.partial(_blob_broken, endpoint, descriptor, name, received),
+                    )
                     if not chunk:
                         break
                     if skip:
@@ -661,6 +648,28 @@ class RegistryClient:
             raise RegistryUnavailableError(message, host=endpoint.host, reference=name)
         raise RegistryError(message, host=endpoint.host, reference=name)
 
+    async def _read_chunk(
+        self,
+        resp: aiohttp.ClientResponse,
+        endpoint: Endpoint,
+        name: str,
+        doing: Callable[[], str],
+        broken: Callable[[aiohttp.ClientError], RegistryError],
+    ) -> bytes:
+        """The next chunk of a body (b"" at its end). Silence for `stall_timeout`
+        fails the pull as stalled; a connection that breaks becomes `broken(err)`."""
+        try:
+            async with asyncio.timeout(self.stall_timeout):
+                return await resp.content.read(CHUNK_SIZE)
+        except TimeoutError as err:
+            raise PullStalledError(
+                f"registry {endpoint.host} sent nothing for {self.stall_timeout:g}s {doing()}",
+                host=endpoint.host,
+                reference=name,
+            ) from err
+        except aiohttp.ClientError as err:
+            raise broken(err) from err
+
     async def _read_small(
         self,
         resp: aiohttp.ClientResponse,
@@ -680,22 +689,17 @@ class RegistryClient:
         parts: list[bytes] = []
         total = 0
         while True:
-            try:
-                async with asyncio.timeout(self.stall_timeout):
-                    chunk = await resp.content.read(CHUNK_SIZE)
-            except TimeoutError as err:
-                raise PullStalledError(
-                    f"registry {endpoint.host} sent nothing for {self.stall_timeout:g}s while "
-                    f"sending {what} of {name}",
-                    host=endpoint.host,
-                    reference=name,
-                ) from err
-            except aiohttp.ClientError as err:
-                raise RegistryUnavailableError(
+            chunk = await self._read_chunk(
+                resp,
+                endpoint,
+                name,
+                lambda: f"while sending {what} of {name}",
+                lambda err: RegistryUnavailableError(
                     f"registry {endpoint.host} broke off {what} of {name}: {_describe(err)}",
                     host=endpoint.host,
                     reference=name,
-                ) from err
+                ),
+            )
             if not chunk:
                 return b"".join(parts)
             total += len(chunk)
@@ -983,3 +987,23 @@ __all__ = [
     "DigestVerifier",
     "RegistryClient",
 ]
+
+
+def _pulling_blob(descriptor: Descriptor, name: str, received: int) -> str:
+    return (
+        f"while pulling blob {descriptor.digest} of {name} "
+        f"({received} of {descriptor.size} bytes received)"
+    )
+
+
+def _blob_broken(
+    endpoint: Endpoint, descriptor: Descriptor, name: str, received: int, err: aiohttp.ClientError
+) -> RegistryError:
+    return BlobInterruptedError(
+        f"registry {endpoint.host} broke off blob {descriptor.digest} of "
+        f"{name} after {received} of {descriptor.size} bytes: "
+        f"{_describe(err)}",
+        received=received,
+        host=endpoint.host,
+        reference=name,
+    )
