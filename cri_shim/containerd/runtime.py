@@ -24,10 +24,10 @@ from typing import Any, Protocol
 from grpclib.const import Status
 
 from cri_shim.containerd.client import NAMESPACE_HEADER, ContainerdClient
+from cri_shim.containerd.leases import Leases, expires_in
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd.runc import v1 as runc_v1
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
-from cri_shim.gen.containerd.services.leases import v1 as leases_v1
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.containerd.types import Metric, Mount
@@ -48,7 +48,6 @@ TaskStatus = task_types.Status
 # Tasks.Get answers that said UNKNOWN asked again (0.5 s apart) before it is believed.
 UNKNOWN_STATUS_RETRIES = 3
 LEASE_HEADER = "containerd-lease"
-LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
 # Long enough for any create; a lease left by a crash then expires on its own.
 CREATION_LEASE_EXPIRY = datetime.timedelta(hours=1)
 CREATION_LEASE_PREFIX = "cri-shim-create-"
@@ -194,6 +193,7 @@ class RuntimeOps:
     def __init__(self, client: ContainerdClient, *, systemd_cgroup: bool) -> None:
         self.client = client
         self.systemd_cgroup = systemd_cgroup
+        self.leases = Leases(client)
 
     # leases
 
@@ -208,38 +208,20 @@ class RuntimeOps:
         this, containerd's GC (run after any removal) may collect the snapshot
         between Prepare and Containers.Create."""
         lease_id = f"{CREATION_LEASE_PREFIX}{secrets.token_hex(8)}"
-        expires = datetime.datetime.now(datetime.UTC) + CREATION_LEASE_EXPIRY
-        await self.client.call(
-            "Leases.Create",
-            self.client.leases.create(
-                leases_v1.CreateRequest(
-                    id=lease_id,
-                    labels={LEASE_EXPIRE_LABEL: expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
-                )
-            ),
-        )
+        await self.leases.create(lease_id, expires_in(CREATION_LEASE_EXPIRY))
         try:
             yield lease_id
         finally:
             with contextlib.suppress(ContainerdError, ContainerdUnavailable):
-                await self.client.call(
-                    "Leases.Delete",
-                    self.client.leases.delete(leases_v1.DeleteRequest(id=lease_id)),
-                )
+                await self.leases.delete(lease_id)
 
     async def release_stale_creation_leases(self) -> int:
         """Leases a shim killed mid-create left behind. Only safe before serving (no
         create is in flight then); their half-made snapshots go now, not in an hour."""
-        reply = await self.client.call(
-            "Leases.List", self.client.leases.list(leases_v1.ListRequest())
-        )
-        stale = [lease.id for lease in reply.leases if lease.id.startswith(CREATION_LEASE_PREFIX)]
+        stale = [i for i in await self.leases.ids() if i.startswith(CREATION_LEASE_PREFIX)]
         for lease_id in stale:
             with contextlib.suppress(ContainerdError):
-                await self.client.call(
-                    "Leases.Delete",
-                    self.client.leases.delete(leases_v1.DeleteRequest(id=lease_id, sync=True)),
-                )
+                await self.leases.delete(lease_id, sync=True)
         return len(stale)
 
     # snapshots
