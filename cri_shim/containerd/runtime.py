@@ -23,8 +23,9 @@ from typing import Any, Protocol
 
 from grpclib.const import Status
 
-from cri_shim.containerd.client import NAMESPACE_HEADER, ContainerdClient
+from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.leases import Leases, expires_in
+from cri_shim.containerd.snapshots import SNAPSHOTTER, Snapshots
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd.runc import v1 as runc_v1
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
@@ -40,14 +41,12 @@ PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 LINUX_RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
 RUNC_RUNTIME = "io.containerd.runc.v2"
-SNAPSHOTTER = "overlayfs"
 
 log = logging.getLogger(__name__)
 
 TaskStatus = task_types.Status
 # Tasks.Get answers that said UNKNOWN asked again (0.5 s apart) before it is believed.
 UNKNOWN_STATUS_RETRIES = 3
-LEASE_HEADER = "containerd-lease"
 # Long enough for any create; a lease left by a crash then expires on its own.
 CREATION_LEASE_EXPIRY = datetime.timedelta(hours=1)
 CREATION_LEASE_PREFIX = "cri-shim-create-"
@@ -194,13 +193,9 @@ class RuntimeOps:
         self.client = client
         self.systemd_cgroup = systemd_cgroup
         self.leases = Leases(client)
+        self.snapshots = Snapshots(client, SNAPSHOTTER)
 
     # leases
-
-    def _metadata(self, lease: str) -> dict[str, str] | None:
-        if not lease:
-            return None
-        return {NAMESPACE_HEADER: self.client.namespace, LEASE_HEADER: lease}
 
     @contextlib.asynccontextmanager
     async def creation_lease(self) -> AsyncIterator[str]:
@@ -230,36 +225,16 @@ class RuntimeOps:
         self, key: str, parent: str, labels: dict[str, str] | None = None, *, lease: str = ""
     ) -> list[Mount]:
         """Writable snapshot on top of the image's chain; reuses one left by a retry."""
-        client = self.client
-        metadata = self._metadata(lease)
         try:
-            reply = await client.call(
-                "Snapshots.Prepare",
-                client.snapshots.prepare(
-                    snapshots_v1.PrepareSnapshotRequest(
-                        snapshotter=SNAPSHOTTER, key=key, parent=parent, labels=labels or {}
-                    ),
-                    metadata=metadata,
-                ),
-            )
-            return list(reply.mounts)
+            return await self.snapshots.prepare(key, parent, labels, lease=lease)
         except ContainerdError as err:
             if err.status is not Status.ALREADY_EXISTS:
                 raise
-        mounts = await client.call(
-            "Snapshots.Mounts",
-            client.snapshots.mounts(snapshots_v1.MountsRequest(snapshotter=SNAPSHOTTER, key=key)),
-        )
-        return list(mounts.mounts)
+        return await self.snapshots.mounts(key)
 
     async def remove_snapshot(self, key: str) -> None:
         try:
-            await self.client.call(
-                "Snapshots.Remove",
-                self.client.snapshots.remove(
-                    snapshots_v1.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key)
-                ),
-            )
+            await self.snapshots.remove(key)
         except ContainerdError as err:
             if not _missing(err):
                 raise

@@ -21,7 +21,7 @@ from grpclib import GRPCError
 from grpclib.client import Stream
 from grpclib.const import Cardinality, Status
 
-from cri_shim.containerd.client import NAMESPACE_HEADER, ContainerdClient
+from cri_shim.containerd.client import LEASE_HEADER, ContainerdClient, metadata_for
 from cri_shim.errors import ContainerdError, DeadlineExceeded
 from cri_shim.gen.containerd.services.content import v1 as content_v1
 from cri_shim.gen.google.protobuf import FieldMask
@@ -38,7 +38,6 @@ from cri_shim.registry.types import (
 
 log = logging.getLogger(__name__)
 
-LEASE_HEADER = "containerd-lease"
 WRITE_ROUTE = "/containerd.services.content.v1.Content/Write"
 # containerd accepts 16 MiB messages; 1 MiB writes keep memory flat and round-trips few.
 WRITE_CHUNK = 1 << 20
@@ -47,14 +46,6 @@ RESUME_ATTEMPTS = 3
 
 Source = Callable[[int], AsyncIterator[bytes]]
 Progress = Callable[[int], None]
-
-
-def metadata_for(client: ContainerdClient, lease: str | None) -> dict[str, str]:
-    """gRPC headers for calls whose new objects must be held by `lease`."""
-    headers = {NAMESPACE_HEADER: client.namespace}
-    if lease:
-        headers[LEASE_HEADER] = lease
-    return headers
 
 
 def ref_key(desc: Descriptor) -> str:
