@@ -57,7 +57,7 @@ class FifoReader:
         self._placeholder: int | None = None
         if hold_open:
             self._placeholder = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._waiter: asyncio.Future[None] | None = None
+        self._watch = _FdWatch(write=False)
 
     def release_placeholder(self) -> None:
         if self._placeholder is not None:
@@ -70,36 +70,58 @@ class FifoReader:
             try:
                 return os.read(fd, READ_CHUNK)
             except BlockingIOError:
-                await self._readable(fd)
+                await self._watch.wait(fd)
         return b""
-
-    async def _readable(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiter = waiter
-        loop.add_reader(fd, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
-                loop.remove_reader(fd)
 
     def close(self) -> None:
         self.release_placeholder()
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            asyncio.get_running_loop().remove_reader(fd)
-            _wake(waiter)
+        self._watch.cancel()
         os.close(fd)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class _FdWatch:
+    """The one pending wait for a descriptor to turn readable (or writable)."""
+
+    def __init__(self, *, write: bool) -> None:
+        self._write = write
+        self._waiter: asyncio.Future[None] | None = None
+        self._fd = -1
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        if self._write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+    async def wait(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter, self._fd = waiter, fd
+        if self._write:
+            loop.add_writer(fd, _wake, waiter)
+        else:
+            loop.add_reader(fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+                self._unwatch(loop, fd)
+
+    def cancel(self) -> None:
+        """Before its descriptor is closed: stop watching it and wake the waiter."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._unwatch(asyncio.get_running_loop(), self._fd)
+            _wake(waiter)
 
 
 class FifoWriter:
@@ -112,7 +134,7 @@ class FifoWriter:
 
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
-        self._waiter: asyncio.Future[None] | None = None
+        self._watch = _FdWatch(write=True)
         self._lock = asyncio.Lock()
 
     @property
@@ -129,28 +151,13 @@ class FifoWriter:
                 try:
                     view = view[os.write(fd, view) :]
                 except BlockingIOError:
-                    await self._writable(fd)
-
-    async def _writable(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiter = waiter
-        loop.add_writer(fd, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
-                loop.remove_writer(fd)
+                    await self._watch.wait(fd)
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            asyncio.get_running_loop().remove_writer(fd)
-            _wake(waiter)
+        self._watch.cancel()
         os.close(fd)
 
 
