@@ -29,7 +29,6 @@ from cri_shim.containerd.snapshots import SNAPSHOTTER, Snapshots
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd.runc import v1 as runc_v1
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
-from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.containerd.types import Metric, Mount
 from cri_shim.gen.containerd.v1 import types as task_types
@@ -580,14 +579,8 @@ class RuntimeOps:
     async def snapshot_usage(self, key: str) -> tuple[int, int] | None:
         """(bytes, inodes) used by a snapshot; None when it does not exist."""
         try:
-            reply = await self.client.call(
-                "Snapshots.Usage",
-                self.client.snapshots.usage(
-                    snapshots_v1.UsageRequest(snapshotter=SNAPSHOTTER, key=key)
-                ),
-            )
+            return await self.snapshots.usage(key)
         except ContainerdError as err:
             if _missing(err):
                 return None
             raise
-        return reply.size, reply.inodes

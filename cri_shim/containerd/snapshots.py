@@ -73,3 +73,23 @@ class Snapshots:
             ),
         )
         return reply.info
+
+    async def usage(self, key: str) -> tuple[int, int]:
+        """(bytes, inodes) the snapshot uses."""
+        reply = await self.client.call(
+            "Snapshots.Usage",
+            self.client.snapshots.usage(
+                snapshots_v1.UsageRequest(snapshotter=self.snapshotter, key=key)
+            ),
+        )
+        return reply.size, reply.inodes
+
+    async def all(self) -> list[snapshots_v1.Info]:
+        """Every snapshot of this snapshotter (a server stream, gathered)."""
+        infos: list[snapshots_v1.Info] = []
+        responses = self.client.snapshots.list(
+            snapshots_v1.ListSnapshotsRequest(snapshotter=self.snapshotter)
+        )
+        async for reply in self.client.stream("Snapshots.List", responses):
+            infos.extend(reply.info)
+        return infos
