@@ -1,11 +1,13 @@
-"""Independent steps of one CRI call run at once."""
+"""Independent steps of one CRI call run at once; a retried call joins the first."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
 async def run_all(*steps: Awaitable[Any]) -> None:
@@ -29,3 +31,48 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
     for task in others:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+
+
+class InFlight(Generic[T]):
+    """Runs in flight by key (a pod or container name, an image): a second call
+    with the same key joins the first run instead of starting another, and a
+    caller that gives up (kubelet's timeout) does not cancel the run, which
+    finishes and is handed to the retry. RunPodSandbox, CreateContainer and
+    PullImage all work this way."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, asyncio.Task[T]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._runs
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def running(self) -> list[asyncio.Task[T]]:
+        """Runs still working (their callers may be gone): shutdown awaits or cancels them."""
+        return list(self._runs.values())
+
+    async def join(
+        self,
+        key: str,
+        start: Callable[[], Coroutine[Any, Any, T]],
+        *,
+        on_join: Callable[[], None] | None = None,
+        name: str | None = None,
+    ) -> T:
+        """The result of `key`'s run in flight, or of `start()` begun now; shielded."""
+        task = self._runs.get(key)
+        if task is None:
+            task = asyncio.create_task(start(), name=name)
+            self._runs[key] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
+        elif on_join is not None:
+            on_join()
+        return await asyncio.shield(task)
+
+    def _forget(self, key: str, done: asyncio.Task[T]) -> None:
+        if self._runs.get(key) is done:
+            del self._runs[key]
+        if not done.cancelled():
+            done.exception()  # retrieved here: the caller that would have may be gone

@@ -1,8 +1,11 @@
-"""Errors a CRI caller can act on, and the mapping of everything else onto them.
+"""Errors a CRI caller can act on, and their one translation into gRPC statuses.
 
-Handlers raise `grpclib.GRPCError` through the helpers below. Anything else
-that escapes a handler is translated by `to_grpc_error`, so no Python traceback
-ever reaches kubelet or crictl.
+Code below the RPC layer raises the typed errors here (`NotFound`,
+`InvalidArgument`, ...; the lower-case helpers build them), or lets its own
+errors escape (containerd's, CNI's, the registry's). `to_grpc_error`, called by
+the RPC wrapper alone (`instrument.py`), turns each into a status with an
+actionable message, so no Python traceback ever reaches kubelet or crictl.
+Model: containerd's errdefs and its instrumented CRI service.
 """
 
 from __future__ import annotations
@@ -14,28 +17,101 @@ from grpclib.const import Status
 from grpclib.exceptions import StreamTerminatedError
 
 
-def invalid_argument(message: str) -> GRPCError:
-    return GRPCError(Status.INVALID_ARGUMENT, message)
+class CriError(Exception):
+    """A failure the caller can act on; its message reaches the caller verbatim."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
-def not_found(message: str) -> GRPCError:
-    return GRPCError(Status.NOT_FOUND, message)
+class InvalidArgument(CriError):
+    """The request itself is wrong."""
 
 
-def already_exists(message: str) -> GRPCError:
-    return GRPCError(Status.ALREADY_EXISTS, message)
+class NotFound(CriError):
+    """The named pod, container or image does not exist."""
 
 
-def failed_precondition(message: str) -> GRPCError:
-    return GRPCError(Status.FAILED_PRECONDITION, message)
+class AlreadyExists(CriError):
+    """The name is taken."""
 
 
-def unavailable(message: str) -> GRPCError:
-    return GRPCError(Status.UNAVAILABLE, message)
+class FailedPrecondition(CriError):
+    """The object is not in a state that allows the call (e.g. exec in an exited container)."""
 
 
-def unimplemented(message: str) -> GRPCError:
-    return GRPCError(Status.UNIMPLEMENTED, message)
+class ResourceExhausted(CriError):
+    """A limit of the shim's own was reached."""
+
+
+class DeadlineExceeded(CriError):
+    """The work did not finish in the time it was given."""
+
+
+class PermissionDenied(CriError):
+    """The registry (or the host) refused access."""
+
+
+class Unauthenticated(CriError):
+    """The registry wants credentials the request did not bring."""
+
+
+class Unavailable(CriError):
+    """A dependency cannot serve right now; the caller should retry."""
+
+
+class Unimplemented(CriError):
+    """The shim does not do this."""
+
+
+class DataLoss(CriError):
+    """Content did not match its digest."""
+
+
+class Unknown(CriError):
+    """Another program's failure passed on in its own words (a CNI plugin's, a registry's)."""
+
+
+_STATUS: dict[type[CriError], Status] = {
+    InvalidArgument: Status.INVALID_ARGUMENT,
+    NotFound: Status.NOT_FOUND,
+    AlreadyExists: Status.ALREADY_EXISTS,
+    FailedPrecondition: Status.FAILED_PRECONDITION,
+    ResourceExhausted: Status.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: Status.DEADLINE_EXCEEDED,
+    PermissionDenied: Status.PERMISSION_DENIED,
+    Unauthenticated: Status.UNAUTHENTICATED,
+    Unavailable: Status.UNAVAILABLE,
+    Unimplemented: Status.UNIMPLEMENTED,
+    DataLoss: Status.DATA_LOSS,
+    Unknown: Status.UNKNOWN,
+    CriError: Status.UNKNOWN,
+}
+
+
+def invalid_argument(message: str) -> InvalidArgument:
+    return InvalidArgument(message)
+
+
+def not_found(message: str) -> NotFound:
+    return NotFound(message)
+
+
+def already_exists(message: str) -> AlreadyExists:
+    return AlreadyExists(message)
+
+
+def failed_precondition(message: str) -> FailedPrecondition:
+    return FailedPrecondition(message)
+
+
+def unavailable(message: str) -> Unavailable:
+    return Unavailable(message)
+
+
+def unimplemented(message: str) -> Unimplemented:
+    return Unimplemented(message)
 
 
 def require(value: str, field: str) -> str:
@@ -86,6 +162,9 @@ def to_grpc_error(err: BaseException, rpc: str) -> GRPCError:
     """Translate an exception escaping a handler into a status a person can act on."""
     if isinstance(err, GRPCError):
         return err
+    if isinstance(err, CriError):
+        kind = next(k for k in type(err).__mro__ if k in _STATUS)
+        return GRPCError(_STATUS[kind], err.message)
     if isinstance(err, ContainerdError):
         status = err.status if err.status in _PASS_THROUGH else Status.UNKNOWN
         if err.status is Status.UNAVAILABLE:

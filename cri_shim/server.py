@@ -181,6 +181,9 @@ class Shim:
         self.metrics_server: MetricsServer | None = None
         self.metrics_port: int | None = None  # the bound port once serving (config may say 0)
         self.streaming: StreamingServer | None = None
+        # Each part's stop, registered as soon as the part runs: stop() and a
+        # start that fails half-way both undo exactly what was started, last first.
+        self._stack = contextlib.AsyncExitStack()
 
     async def _connect_containerd(self) -> ContainerdClient:
         config = self.settings.containerd
@@ -199,6 +202,7 @@ class Shim:
                 self.settings.state_path / "containerd", binary=config.binary
             )
             await self.embedded.start()
+            self._stack.push_async_callback(self.embedded.stop)
             return ContainerdClient(self.embedded.address, config.namespace)
         log_event(
             log,
@@ -223,6 +227,14 @@ class Shim:
         return self.settings
 
     async def start(self) -> None:
+        """Start every part in order; on failure what did start is stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         try:
             await asyncio.to_thread(settings.state_path.mkdir, parents=True, exist_ok=True)
@@ -234,14 +246,18 @@ class Shim:
             default_network.validate(settings.cni)  # a bad key fails start-up, used or not
         await claim_socket(self.socket_path)
         self.client = await self._connect_containerd()
+        self._stack.callback(self.client.close)
         if self.embedded is not None:
             settings = await self._use_default_network_if_needed()
         self.health = ContainerdHealth(self.client, settings.containerd.health_interval)
         await self.health.start()
+        self._stack.push_async_callback(self.health.stop)
         self.images = ImageManager(settings, self.client, on_pull=self.metrics.observe_pull)
         await self.images.start()
+        self._stack.push_async_callback(self.images.stop)
         self.health.on_reconnect(self.images.reload)
         await self.network.start()
+        self._stack.push_async_callback(self.network.stop)
         await self.pod_cidrs.load()
         cgroup_driver = detect_cgroup_driver(settings.runtime.cgroup_driver)
         sandboxes, containers = await self._start_runtime(cgroup_driver)
@@ -269,6 +285,7 @@ class Shim:
             max_message_size=settings.server.max_recv_message_size,
         )
         await self._server.start(path=str(self.socket_path))
+        self._stack.push_async_callback(self._stop_serving)
         await asyncio.to_thread(os.chmod, self.socket_path, settings.server.socket_mode)
         await self._start_metrics()
         log_event(
@@ -369,6 +386,7 @@ class Shim:
         self.health.on_reconnect(resync)
         self.events.resync_handlers.append(resync)
         await self.events.start()
+        self._stack.push_async_callback(self.events.stop)
         self.metrics.register_state_provider("sandbox", self._sandbox_states)
         self.metrics.register_state_provider("container", self._container_states)
         return (
@@ -429,6 +447,7 @@ class Shim:
             config, runtime, PodConnector(self.sandboxes), idle_timeout=config.idle_timeout
         )
         await self.streaming.start()
+        self._stack.push_async_callback(self.streaming.stop)
         return StreamingHandlers(self.containers, self.sandboxes, self.streaming)
 
     def _container_states(self) -> dict[str, int]:
@@ -458,6 +477,7 @@ class Shim:
             max_connections=config.max_connections,
         )
         self.metrics_port = await self.metrics_server.start()
+        self._stack.push_async_callback(self.metrics_server.stop)
 
     async def liveness_problems(self) -> list[str]:
         """Why this process is not serving the CRI (for /livez); empty when it is."""
@@ -505,43 +525,31 @@ class Shim:
             await asyncio.wait(late)
 
     async def stop(self) -> None:
-        """Idempotent; also cleans up after a start that failed half-way."""
-        if self.metrics_server is not None:
-            await self.metrics_server.stop()
-            self.metrics_server = None
+        """Idempotent; stops what start() started (in reverse), also after a failed start."""
         served = self._server is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.server.shutdown_grace
-        if self._server is not None:
-            self._server.stop_accepting()
-            drained = await self.instrument.wait_idle(self.settings.server.shutdown_grace)
-            if not drained:
-                log_event(
-                    log,
-                    "calls still running at shutdown; cancelling them",
-                    level=logging.WARNING,
-                    in_flight=self.instrument.in_flight,
-                )
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(self.socket_path.unlink)
-            await self._finish_shielded_work(max(0.0, deadline - loop.time()))
-        if self.streaming is not None:
-            await self.streaming.stop()
-            self.streaming = None
-        if self.events is not None:
-            await self.events.stop()
-        await self.network.stop()
-        if self.health is not None:
-            await self.health.stop()
-        if self.images is not None:
-            await self.images.stop()
-            self.images = None
-        if self.client is not None:
-            self.client.close()
-        if self.embedded is not None:
-            await self.embedded.stop()
+        await self._stack.aclose()
         if served:
             log_event(log, "cri-shim stopped", socket=self.socket_path)
+
+    async def _stop_serving(self) -> None:
+        """Refuse new calls, let those in flight finish (up to the shutdown grace),
+        then close the socket and finish the work callers left behind."""
+        if self._server is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.server.shutdown_grace
+        self._server.stop_accepting()
+        drained = await self.instrument.wait_idle(self.settings.server.shutdown_grace)
+        if not drained:
+            log_event(
+                log,
+                "calls still running at shutdown; cancelling them",
+                level=logging.WARNING,
+                in_flight=self.instrument.in_flight,
+            )
+        self._server.close()
+        await self._server.wait_closed()
+        self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(self.socket_path.unlink)
+        await self._finish_shielded_work(max(0.0, deadline - loop.time()))

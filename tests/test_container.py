@@ -119,7 +119,8 @@ async def test_an_exec_abandoned_by_a_killed_shim_is_released_at_start_up(
     directory.mkdir(parents=True)
     for name in ("stdout", "stderr"):
         make_fifo(directory / name)
-    client = manager.ops.client
+    client = pod_shim.client
+    assert client is not None
     spec = await manager.load_spec(container)
     await client.call(
         "Tasks.Exec",

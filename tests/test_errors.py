@@ -4,9 +4,21 @@ import pytest
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from cri_shim.errors import ContainerdError, ContainerdUnavailable, to_grpc_error
+from cri_shim.errors import (
+    ContainerdError,
+    ContainerdUnavailable,
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unknown,
+    invalid_argument,
+    to_grpc_error,
+)
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.images.errors import pull_error
 from cri_shim.instrument import Instrumentation, request_ids
+from cri_shim.registry.errors import ImageNotFoundError, RegistryUnavailableError
 
 
 @pytest.mark.parametrize(
@@ -20,6 +32,12 @@ from cri_shim.instrument import Instrumentation, request_ids
         (TimeoutError(), Status.DEADLINE_EXCEEDED),
         (PermissionError("denied"), Status.PERMISSION_DENIED),
         (KeyError("oops"), Status.INTERNAL),
+        (invalid_argument("bad"), Status.INVALID_ARGUMENT),
+        (NotFound("container x not found"), Status.NOT_FOUND),
+        (FailedPrecondition("exited"), Status.FAILED_PRECONDITION),
+        (ResourceExhausted("too many"), Status.RESOURCE_EXHAUSTED),
+        (DataLoss("digest"), Status.DATA_LOSS),
+        (Unknown("plugin said no"), Status.UNKNOWN),
     ],
 )
 def test_exceptions_map_to_actionable_statuses(error: Exception, status: Status) -> None:
@@ -90,3 +108,17 @@ def test_request_ids_pick_pod_and_container_ids() -> None:
     )
     assert request_ids(request) == {"pod_name": "web", "pod_namespace": "prod"}
     assert request_ids(cri.StopContainerRequest(container_id="c1")) == {"container": "c1"}
+
+
+def test_domain_errors_keep_their_message_and_pull_errors_name_the_image() -> None:
+    assert to_grpc_error(NotFound("container abc not found"), "X").message == (
+        "container abc not found"
+    )
+    missing = pull_error(ImageNotFoundError("reg/x:1 not found", reference="reg/x:1"), "reg/x:1")
+    assert missing is not None
+    mapped = to_grpc_error(missing, "PullImage")
+    assert mapped.status is Status.NOT_FOUND
+    assert mapped.message == 'failed to pull and unpack image "reg/x:1": reg/x:1 not found'
+    down = pull_error(RegistryUnavailableError("reg: refused"), "reg/x:1")
+    assert down is not None and to_grpc_error(down, "PullImage").status is Status.UNAVAILABLE
+    assert pull_error(KeyError("not a pull error"), "reg/x:1") is None

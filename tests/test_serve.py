@@ -14,8 +14,10 @@ import pytest
 
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.server import Shim
+from cri_shim.settings import SettingsError
 
-from .conftest import CriClient, short_tempdir, start_shim_process
+from .conftest import CriClient, make_settings, short_tempdir, start_shim_process
 
 
 def write_config(base: Path, containerd_address: str, embedded: bool = False) -> Path:
@@ -181,3 +183,29 @@ def _is_zombie(pid: str) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+async def test_a_start_that_fails_half_way_stops_what_it_started(
+    containerd: EmbeddedContainerd,
+) -> None:
+    """The metrics port is taken, so start() fails at its last step, after the
+    containerd client, health watcher, images, CNI watch, event stream,
+    streaming server and CRI socket are up: each of those is stopped again."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    base = short_tempdir("crishim-halfway-")
+    try:
+        settings = make_settings(base, containerd.address, metrics__port=taken.getsockname()[1])
+        shim = Shim(settings)
+        before = {task for task in asyncio.all_tasks() if not task.done()}
+        with pytest.raises(SettingsError, match="cannot serve metrics"):
+            await shim.start()
+        assert shim.streaming is not None and shim.events is not None  # they had started
+        assert not Path(settings.server.socket).exists()  # the CRI socket is closed again
+        leftover = {t for t in asyncio.all_tasks() if not t.done()} - before
+        leftover.discard(asyncio.current_task())
+        assert not leftover, leftover
+        await shim.stop()  # nothing left to stop: a no-op
+    finally:
+        taken.close()

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -165,6 +166,16 @@ async def test_exec_client_gone_kills_process_and_cleans_up(
     assert exec_dirs(pod_shim, sleeper) == []
 
 
+async def test_exec_output_after_a_quiet_exit_still_arrives(pods: CriClient, sleeper: str) -> None:
+    """The process is silent longer than the drain's grace, then exits while a
+    child it left still writes: that output is relayed (the grace counts from
+    the exit)."""
+    script = "sleep 2.5; (sleep 0.5; echo late) &"
+    url = await exec_url(pods, sleeper, ["sh", "-c", script], stdout=True)
+    result = await spdy_command(url, stderr=False)
+    assert (result.stdout, result.exit_code) == (b"late\n", 0)
+
+
 async def test_exec_command_that_cannot_start(pods: CriClient, sleeper: str) -> None:
     url = await exec_url(pods, sleeper, ["/no/such/binary"], stdout=True, stderr=True)
     result = await spdy_command(url)
@@ -228,6 +239,51 @@ async def test_fifty_concurrent_execs_leave_nothing_behind(
     after = await settled(pod_shim, baseline)
     assert after.tasks <= baseline.tasks and after.fds <= baseline.fds, (baseline, after)
     assert exec_dirs(pod_shim, sleeper) == []
+
+
+async def test_concurrent_execs_on_a_loaded_loop_keep_their_output(
+    pods: CriClient, sleeper: str, pod_shim: Shim
+) -> None:
+    """A hundred execs at once while the loop is slowed and a worker thread
+    opens files, as the shim's own threads do: no exec may lose its stdin,
+    stdout or stderr to a descriptor closed under it (uvloop#763 took FIFOs
+    away from concurrent execs this way: empty stdout, or the runc shim
+    timing out opening a FIFO)."""
+    stop = threading.Event()
+    witness = pod_shim.settings.state_dir
+
+    def open_files() -> None:
+        while not stop.is_set():
+            os.close(os.open(witness, os.O_RDONLY))
+
+    async def slow_loop() -> None:
+        while not stop.is_set():
+            time.sleep(0.002)  # noqa: ASYNC251 - deliberately blocks the loop: every turn is slower
+            await asyncio.sleep(0)
+
+    thread = threading.Thread(target=open_files, daemon=True)
+    thread.start()
+    slower = asyncio.create_task(slow_loop())
+    wrong: list[tuple[int, int, bytes, int | None]] = []
+
+    async def one(index: int) -> None:
+        script = f"cat; echo {index} >&2; exit {index % 5}"
+        url = await exec_url(
+            pods, sleeper, ["sh", "-c", script], stdin=True, stdout=True, stderr=True
+        )
+        payload = os.urandom(64 * 1024 + index)
+        command = spdy_command if index % 2 else ws_command
+        result = await command(url, stdin=payload)
+        if (result.stdout, result.stderr) != (payload, f"{index}\n".encode()):
+            wrong.append((index, len(result.stdout), result.stderr, result.exit_code))
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(100)))
+    finally:
+        stop.set()
+        await slower
+        await asyncio.to_thread(thread.join)
+    assert wrong == []
 
 
 # exec over WebSocket

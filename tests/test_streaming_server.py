@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from grpclib import GRPCError
 from grpclib.const import Status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cri_shim.errors import ResourceExhausted, to_grpc_error
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.settings import StreamingSettings
 from cri_shim.streaming import portforward
@@ -155,9 +155,9 @@ def test_request_cache_expires_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -
     first = cache.insert(cri.ExecRequest("a"))
     second = cache.insert(cri.ExecRequest("b"))
     assert len(first) >= 32 and first != second
-    with pytest.raises(GRPCError) as caught:
+    with pytest.raises(ResourceExhausted) as caught:
         cache.insert(cri.ExecRequest("c"))
-    assert caught.value.status is Status.RESOURCE_EXHAUSTED
+    assert to_grpc_error(caught.value, "Exec").status is Status.RESOURCE_EXHAUSTED
     assert cache.consume(first) == cri.ExecRequest("a")
     assert cache.consume(first) is None
     import time
@@ -394,7 +394,11 @@ async def test_idle_connections_are_closed() -> None:
         )
         await asyncio.wait_for(client.conn.closed.wait(), 5)
         await client.close()
-        assert served.server.sessions == 0
+
+        async def ended() -> bool:  # the server closes once the client has closed too
+            return served.server.sessions == 0
+
+        assert await wait_for(ended, 5, interval=0.02)
 
 
 # hostile input

@@ -43,23 +43,21 @@ def make_fifo(path: Path) -> None:
 
 
 class FifoReader:
-    """Reads one FIFO with asyncio, without ever blocking the loop."""
+    """Reads one FIFO with asyncio, without ever blocking the loop.
+
+    The descriptor is ours alone, watched with `add_reader` and closed once.
+    Not `connect_read_pipe`: uvloop closes such a pipe twice (libuv, then the
+    file object; MagicStack/uvloop#763), and a worker thread opening a file in
+    between loses its descriptor to the second close.
+    """
 
     def __init__(self, path: Path, *, hold_open: bool) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self._placeholder: int | None = None
         if hold_open:
-            self._placeholder = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        self._reader = asyncio.StreamReader(limit=READ_CHUNK * 4)
-        self._transport: asyncio.ReadTransport | None = None
-
-    async def connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        pipe = os.fdopen(self._fd, "rb", buffering=0)
-        self._transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(self._reader), pipe
-        )
+            self._placeholder = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._watch = _FdWatch(write=False)
 
     def release_placeholder(self) -> None:
         if self._placeholder is not None:
@@ -67,18 +65,63 @@ class FifoReader:
             self._placeholder = None
 
     async def read(self) -> bytes:
-        return await self._reader.read(READ_CHUNK)
+        """The next chunk; b"" once every writer is gone (or after close())."""
+        while (fd := self._fd) is not None:
+            try:
+                return os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                await self._watch.wait(fd)
+        return b""
 
     def close(self) -> None:
         self.release_placeholder()
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        self._watch.cancel()
+        os.close(fd)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class _FdWatch:
+    """The one pending wait for a descriptor to turn readable (or writable)."""
+
+    def __init__(self, *, write: bool) -> None:
+        self._write = write
+        self._waiter: asyncio.Future[None] | None = None
+        self._fd = -1
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        if self._write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+    async def wait(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter, self._fd = waiter, fd
+        if self._write:
+            loop.add_writer(fd, _wake, waiter)
+        else:
+            loop.add_reader(fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+                self._unwatch(loop, fd)
+
+    def cancel(self) -> None:
+        """Before its descriptor is closed: stop watching it and wake the waiter."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._unwatch(asyncio.get_running_loop(), self._fd)
+            _wake(waiter)
 
 
 class FifoWriter:
@@ -91,7 +134,7 @@ class FifoWriter:
 
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
-        self._waiter: asyncio.Future[None] | None = None
+        self._watch = _FdWatch(write=True)
         self._lock = asyncio.Lock()
 
     @property
@@ -108,28 +151,13 @@ class FifoWriter:
                 try:
                     view = view[os.write(fd, view) :]
                 except BlockingIOError:
-                    await self._writable(fd)
-
-    async def _writable(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiter = waiter
-        loop.add_writer(fd, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
-                loop.remove_writer(fd)
+                    await self._watch.wait(fd)
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            asyncio.get_running_loop().remove_writer(fd)
-            _wake(waiter)
+        self._watch.cancel()
         os.close(fd)
 
 

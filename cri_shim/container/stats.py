@@ -33,7 +33,7 @@ from cri_shim.container.cgroups import (
     read_net_dev,
     read_sample,
 )
-from cri_shim.containerd.runtime import RuntimeOps
+from cri_shim.containerd.runtime import Runtime
 from cri_shim.gen.containerd.types import Metric
 from cri_shim.gen.io.containerd.cgroups import v1 as cgroups_v1
 from cri_shim.gen.io.containerd.cgroups import v2 as cgroups_v2
@@ -266,7 +266,7 @@ class StatsCollector:
     """Gathers samples from containerd and the pod cgroups and keeps the
     previous CPU sample of each container and pod."""
 
-    ops: RuntimeOps
+    ops: Runtime
     containers: ContainerStore
     sandboxes: SandboxStore
     snapshot_root: Callable[[], Awaitable[str]]

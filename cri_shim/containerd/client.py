@@ -32,6 +32,15 @@ from cri_shim.gen.grpc.health import v1 as health_v1
 T = TypeVar("T")
 
 NAMESPACE_HEADER = "containerd-namespace"
+LEASE_HEADER = "containerd-lease"
+
+
+def metadata_for(client: ContainerdClient, lease: str | None) -> dict[str, str]:
+    """gRPC headers for calls whose new objects must be held by `lease`."""
+    headers = {NAMESPACE_HEADER: client.namespace}
+    if lease:
+        headers[LEASE_HEADER] = lease
+    return headers
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,18 @@ import os
 import secrets
 import signal as signals
 from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from grpclib.const import Status
 
-from cri_shim.containerd.client import NAMESPACE_HEADER, ContainerdClient
+from cri_shim.containerd.client import ContainerdClient
+from cri_shim.containerd.leases import Leases, expires_in
+from cri_shim.containerd.snapshots import SNAPSHOTTER, Snapshots
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd.runc import v1 as runc_v1
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
-from cri_shim.gen.containerd.services.leases import v1 as leases_v1
-from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.containerd.types import Metric, Mount
 from cri_shim.gen.containerd.v1 import types as task_types
@@ -35,18 +36,16 @@ from cri_shim.gen.google.protobuf import Any as AnyMessage
 from cri_shim.logs import log_event
 
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 LINUX_RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
 RUNC_RUNTIME = "io.containerd.runc.v2"
-SNAPSHOTTER = "overlayfs"
 
 log = logging.getLogger(__name__)
 
 TaskStatus = task_types.Status
 # Tasks.Get answers that said UNKNOWN asked again (0.5 s apart) before it is believed.
 UNKNOWN_STATUS_RETRIES = 3
-LEASE_HEADER = "containerd-lease"
-LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
 # Long enough for any create; a lease left by a crash then expires on its own.
 CREATION_LEASE_EXPIRY = datetime.timedelta(hours=1)
 CREATION_LEASE_PREFIX = "cri-shim-create-"
@@ -96,17 +95,106 @@ def _missing(err: ContainerdError) -> bool:
     return err.status is Status.NOT_FOUND
 
 
+class Runtime(Protocol):
+    """What the container domain code asks of containerd: `RuntimeOps` below
+    over gRPC, or an in-memory fake in unit tests (tests/fake_runtime.py), so
+    lifecycle races run in milliseconds without a containerd."""
+
+    def creation_lease(self) -> AbstractAsyncContextManager[str]: ...
+
+    async def prepare_snapshot(
+        self, key: str, parent: str, labels: dict[str, str] | None = None, *, lease: str = ""
+    ) -> list[Mount]: ...
+
+    async def remove_snapshot(self, key: str) -> None: ...
+
+    async def create_container(
+        self,
+        container_id: str,
+        *,
+        image: str,
+        spec: dict[str, Any],
+        labels: dict[str, str],
+        extensions: dict[str, AnyMessage],
+        snapshot_key: str,
+        lease: str = "",
+    ) -> None: ...
+
+    async def get_container(self, container_id: str) -> containers_v1.Container | None: ...
+
+    async def list_containers(self, *filters: str) -> list[containers_v1.Container]: ...
+
+    async def update_extension(self, container_id: str, key: str, value: AnyMessage) -> None: ...
+
+    async def delete_container(self, container_id: str) -> None: ...
+
+    async def create_task(
+        self,
+        container_id: str,
+        rootfs: list[Mount],
+        *,
+        stdin: str = "",
+        stdout: str = "",
+        stderr: str = "",
+        terminal: bool = False,
+    ) -> int: ...
+
+    async def start_task(self, container_id: str, exec_id: str = "") -> int: ...
+
+    async def task(self, container_id: str) -> TaskInfo | None: ...
+
+    async def kill(
+        self,
+        container_id: str,
+        signal: int = signals.SIGKILL,
+        *,
+        exec_id: str = "",
+        all_processes: bool = False,
+    ) -> bool: ...
+
+    async def wait(
+        self, container_id: str, exec_id: str = "", timeout: float | None = None
+    ) -> ExitInfo | None: ...
+
+    async def delete_task(self, container_id: str) -> ExitInfo | None: ...
+
+    async def exec_process(
+        self,
+        container_id: str,
+        exec_id: str,
+        process: dict[str, Any],
+        *,
+        stdin: str = "",
+        stdout: str = "",
+        stderr: str = "",
+        terminal: bool = False,
+    ) -> None: ...
+
+    async def delete_process(self, container_id: str, exec_id: str) -> None: ...
+
+    async def resize_pty(
+        self, container_id: str, exec_id: str, width: int, height: int
+    ) -> None: ...
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None: ...
+
+    async def update_spec(self, container_id: str, spec: dict[str, Any]) -> None: ...
+
+    async def update_task_resources(self, container_id: str, resources: dict[str, Any]) -> bool: ...
+
+    async def task_metrics(self, container_ids: Iterable[str]) -> list[Metric]: ...
+
+    async def snapshot_usage(self, key: str) -> tuple[int, int] | None: ...
+
+
 class RuntimeOps:
     def __init__(self, client: ContainerdClient, *, systemd_cgroup: bool) -> None:
         self.client = client
         self.systemd_cgroup = systemd_cgroup
+        self.leases = Leases(client)
+        self.snapshots = Snapshots(client, SNAPSHOTTER)
 
     # leases
-
-    def _metadata(self, lease: str) -> dict[str, str] | None:
-        if not lease:
-            return None
-        return {NAMESPACE_HEADER: self.client.namespace, LEASE_HEADER: lease}
 
     @contextlib.asynccontextmanager
     async def creation_lease(self) -> AsyncIterator[str]:
@@ -114,38 +202,20 @@ class RuntimeOps:
         this, containerd's GC (run after any removal) may collect the snapshot
         between Prepare and Containers.Create."""
         lease_id = f"{CREATION_LEASE_PREFIX}{secrets.token_hex(8)}"
-        expires = datetime.datetime.now(datetime.UTC) + CREATION_LEASE_EXPIRY
-        await self.client.call(
-            "Leases.Create",
-            self.client.leases.create(
-                leases_v1.CreateRequest(
-                    id=lease_id,
-                    labels={LEASE_EXPIRE_LABEL: expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
-                )
-            ),
-        )
+        await self.leases.create(lease_id, expires_in(CREATION_LEASE_EXPIRY))
         try:
             yield lease_id
         finally:
             with contextlib.suppress(ContainerdError, ContainerdUnavailable):
-                await self.client.call(
-                    "Leases.Delete",
-                    self.client.leases.delete(leases_v1.DeleteRequest(id=lease_id)),
-                )
+                await self.leases.delete(lease_id)
 
     async def release_stale_creation_leases(self) -> int:
         """Leases a shim killed mid-create left behind. Only safe before serving (no
         create is in flight then); their half-made snapshots go now, not in an hour."""
-        reply = await self.client.call(
-            "Leases.List", self.client.leases.list(leases_v1.ListRequest())
-        )
-        stale = [lease.id for lease in reply.leases if lease.id.startswith(CREATION_LEASE_PREFIX)]
+        stale = [i for i in await self.leases.ids() if i.startswith(CREATION_LEASE_PREFIX)]
         for lease_id in stale:
             with contextlib.suppress(ContainerdError):
-                await self.client.call(
-                    "Leases.Delete",
-                    self.client.leases.delete(leases_v1.DeleteRequest(id=lease_id, sync=True)),
-                )
+                await self.leases.delete(lease_id, sync=True)
         return len(stale)
 
     # snapshots
@@ -154,36 +224,16 @@ class RuntimeOps:
         self, key: str, parent: str, labels: dict[str, str] | None = None, *, lease: str = ""
     ) -> list[Mount]:
         """Writable snapshot on top of the image's chain; reuses one left by a retry."""
-        client = self.client
-        metadata = self._metadata(lease)
         try:
-            reply = await client.call(
-                "Snapshots.Prepare",
-                client.snapshots.prepare(
-                    snapshots_v1.PrepareSnapshotRequest(
-                        snapshotter=SNAPSHOTTER, key=key, parent=parent, labels=labels or {}
-                    ),
-                    metadata=metadata,
-                ),
-            )
-            return list(reply.mounts)
+            return await self.snapshots.prepare(key, parent, labels, lease=lease)
         except ContainerdError as err:
             if err.status is not Status.ALREADY_EXISTS:
                 raise
-        mounts = await client.call(
-            "Snapshots.Mounts",
-            client.snapshots.mounts(snapshots_v1.MountsRequest(snapshotter=SNAPSHOTTER, key=key)),
-        )
-        return list(mounts.mounts)
+        return await self.snapshots.mounts(key)
 
     async def remove_snapshot(self, key: str) -> None:
         try:
-            await self.client.call(
-                "Snapshots.Remove",
-                self.client.snapshots.remove(
-                    snapshots_v1.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key)
-                ),
-            )
+            await self.snapshots.remove(key)
         except ContainerdError as err:
             if not _missing(err):
                 raise
@@ -325,6 +375,67 @@ class RuntimeOps:
             ),
         )
         return reply.pid
+
+    # exec processes
+
+    async def exec_process(
+        self,
+        container_id: str,
+        exec_id: str,
+        process: dict[str, Any],
+        *,
+        stdin: str = "",
+        stdout: str = "",
+        stderr: str = "",
+        terminal: bool = False,
+    ) -> None:
+        """Register an extra process in the container's task (started by start_task)."""
+        await self.client.call(
+            "Tasks.Exec",
+            self.client.tasks.exec(
+                tasks_v1.ExecProcessRequest(
+                    container_id=container_id,
+                    exec_id=exec_id,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    terminal=terminal,
+                    spec=pack_json(PROCESS_TYPE_URL, process),
+                )
+            ),
+        )
+
+    async def delete_process(self, container_id: str, exec_id: str) -> None:
+        """Forget an exec process; one already gone is success."""
+        try:
+            await self.client.call(
+                "Tasks.DeleteProcess",
+                self.client.tasks.delete_process(
+                    tasks_v1.DeleteProcessRequest(container_id=container_id, exec_id=exec_id)
+                ),
+            )
+        except ContainerdError as err:
+            if not _missing(err):
+                raise
+
+    async def resize_pty(self, container_id: str, exec_id: str, width: int, height: int) -> None:
+        await self.client.call(
+            "Tasks.ResizePty",
+            self.client.tasks.resize_pty(
+                tasks_v1.ResizePtyRequest(
+                    container_id=container_id, exec_id=exec_id, width=width, height=height
+                )
+            ),
+        )
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        """The process's stdin sees EOF once what was written is read (Tasks.CloseIO)."""
+        await self.client.call(
+            "Tasks.CloseIO",
+            self.client.tasks.close_io(
+                tasks_v1.CloseIoRequest(container_id=container_id, exec_id=exec_id, stdin=True)
+            ),
+        )
 
     async def task(self, container_id: str) -> TaskInfo | None:
         """The task's state. containerd answers UNKNOWN when its runc shim does
@@ -468,14 +579,8 @@ class RuntimeOps:
     async def snapshot_usage(self, key: str) -> tuple[int, int] | None:
         """(bytes, inodes) used by a snapshot; None when it does not exist."""
         try:
-            reply = await self.client.call(
-                "Snapshots.Usage",
-                self.client.snapshots.usage(
-                    snapshots_v1.UsageRequest(snapshotter=SNAPSHOTTER, key=key)
-                ),
-            )
+            return await self.snapshots.usage(key)
         except ContainerdError as err:
             if _missing(err):
                 return None
             raise
-        return reply.size, reply.inodes

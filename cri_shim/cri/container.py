@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from grpclib import GRPCError
-from grpclib.const import Status
-
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.exec_sync import ExecTimeout, exec_sync
 from cri_shim.container.lifecycle import ContainerManager
 from cri_shim.cri.labels import require_label_keys
-from cri_shim.errors import failed_precondition, invalid_argument, require
+from cri_shim.errors import DeadlineExceeded, failed_precondition, invalid_argument, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.oci.errors import SpecError
 from cri_shim.store.containers import ContainerState, ContainerStore
@@ -158,7 +155,7 @@ class ContainerHandlers:
                 self.manager.io_dir(container.id) / "exec",
             )
         except ExecTimeout as err:
-            raise GRPCError(Status.DEADLINE_EXCEEDED, str(err)) from err
+            raise DeadlineExceeded(str(err)) from err
         return cri.ExecSyncResponse(
             stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
         )

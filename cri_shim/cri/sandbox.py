@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from grpclib import GRPCError
-from grpclib.const import Status
-
 from cri_shim.cri.labels import require_label_keys
-from cri_shim.errors import failed_precondition, invalid_argument, not_found, require
+from cri_shim.errors import Unknown, failed_precondition, invalid_argument, not_found, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.network.cni import CniError, CniNotReady
 from cri_shim.oci.sandbox_spec import SpecError
@@ -117,7 +114,7 @@ class SandboxHandlers:
             raise failed_precondition(f"pod network is not ready: {err}") from err
         except CniError as err:
             # The plugin's own words; like containerd, the call fails as UNKNOWN.
-            raise GRPCError(Status.UNKNOWN, f"failed to set up pod network: {err}") from err
+            raise Unknown(f"failed to set up pod network: {err}") from err
         return cri.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
 
     async def stop_pod_sandbox(

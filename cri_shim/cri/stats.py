@@ -17,11 +17,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from grpclib import GRPCError
-from grpclib.const import Status
-
 from cri_shim.container.stats import StatsCollector
-from cri_shim.errors import require
+from cri_shim.errors import Unavailable, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.store.containers import Container, ContainerStore
 from cri_shim.store.encoded import (
@@ -100,7 +97,7 @@ class StatsHandlers:
         sandbox = self.sandboxes.by_id.get(request.pod_sandbox_id)
         if sandbox.state is not SandboxState.READY:
             # containerd's answer too: kubelet treats it as transient.
-            raise GRPCError(Status.UNAVAILABLE, f"pod sandbox {sandbox.id} is not ready")
+            raise Unavailable(f"pod sandbox {sandbox.id} is not ready")
         stats = await self.collector.list_pod_stats([sandbox])
         return cri.PodSandboxStatsResponse(stats=stats[0])
 

@@ -21,8 +21,8 @@ from grpclib import GRPCError
 from grpclib.client import Stream
 from grpclib.const import Cardinality, Status
 
-from cri_shim.containerd.client import NAMESPACE_HEADER, ContainerdClient
-from cri_shim.errors import ContainerdError
+from cri_shim.containerd.client import LEASE_HEADER, ContainerdClient, metadata_for
+from cri_shim.errors import ContainerdError, DeadlineExceeded
 from cri_shim.gen.containerd.services.content import v1 as content_v1
 from cri_shim.gen.google.protobuf import FieldMask
 from cri_shim.logs import log_event
@@ -38,7 +38,6 @@ from cri_shim.registry.types import (
 
 log = logging.getLogger(__name__)
 
-LEASE_HEADER = "containerd-lease"
 WRITE_ROUTE = "/containerd.services.content.v1.Content/Write"
 # containerd accepts 16 MiB messages; 1 MiB writes keep memory flat and round-trips few.
 WRITE_CHUNK = 1 << 20
@@ -47,14 +46,6 @@ RESUME_ATTEMPTS = 3
 
 Source = Callable[[int], AsyncIterator[bytes]]
 Progress = Callable[[int], None]
-
-
-def metadata_for(client: ContainerdClient, lease: str | None) -> dict[str, str]:
-    """gRPC headers for calls whose new objects must be held by `lease`."""
-    headers = {NAMESPACE_HEADER: client.namespace}
-    if lease:
-        headers[LEASE_HEADER] = lease
-    return headers
 
 
 def ref_key(desc: Descriptor) -> str:
@@ -176,9 +167,8 @@ class ContentStore:
         except GRPCError as err:
             raise ContainerdError("Content.Write", err.status, err.message or "") from err
         except TimeoutError as err:
-            raise GRPCError(
-                Status.DEADLINE_EXCEEDED,
-                f"containerd did not answer {what} within {self.timeout:g}s",
+            raise DeadlineExceeded(
+                f"containerd did not answer {what} within {self.timeout:g}s"
             ) from err
         return reply
 
@@ -211,8 +201,7 @@ class ContentStore:
                 if err.status is not Status.UNAVAILABLE or "locked" not in err.detail:
                     raise
                 if loop.time() >= deadline:
-                    raise GRPCError(
-                        Status.DEADLINE_EXCEEDED,
+                    raise DeadlineExceeded(
                         f"blob {desc.digest} stayed locked by another writer for "
                         f"{self.timeout:g}s ({err.detail})",
                     ) from err

@@ -1,4 +1,5 @@
-"""Pull failures as the gRPC statuses kubelet and crictl act on.
+"""Pull failures as the domain errors kubelet and crictl act on (statuses are set
+in the RPC wrapper, `cri_shim.errors.to_grpc_error`).
 
 The registry client's message already names the host and the reference and
 says what went wrong; it is passed on verbatim (it ends up in the pod's
@@ -7,9 +8,18 @@ events), prefixed the way containerd prefixes its own pull errors (kubelet event
 
 from __future__ import annotations
 
-from grpclib import GRPCError
-from grpclib.const import Status
-
+from cri_shim.errors import (
+    CriError,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    Unknown,
+)
 from cri_shim.images.unpack import LayerMismatchError
 from cri_shim.registry.errors import (
     DigestMismatchError,
@@ -23,35 +33,35 @@ from cri_shim.registry.errors import (
 from cri_shim.registry.reference import ReferenceError
 
 
-def pull_status(err: BaseException) -> Status | None:
-    """The status for a pull failure we understand, or None to let the generic mapping decide."""
+def pull_kind(err: BaseException) -> type[CriError] | None:
+    """The kind of a pull failure we understand; None lets the generic mapping decide."""
     if isinstance(err, ReferenceError):
-        return Status.INVALID_ARGUMENT
+        return InvalidArgument
     if isinstance(err, RegistryAuthError):
-        return Status.PERMISSION_DENIED if err.status_code == 403 else Status.UNAUTHENTICATED
+        return PermissionDenied if err.status_code == 403 else Unauthenticated
     if isinstance(err, ImageNotFoundError):
-        return Status.NOT_FOUND
+        return NotFound
     if isinstance(err, PullStalledError):
-        return Status.DEADLINE_EXCEEDED
+        return DeadlineExceeded
     if isinstance(err, UnsupportedManifestError):
-        return Status.FAILED_PRECONDITION
+        return FailedPrecondition
     if isinstance(err, DigestMismatchError | LayerMismatchError):
-        return Status.DATA_LOSS
+        return DataLoss
     if isinstance(err, RegistryUnavailableError):
-        return Status.UNAVAILABLE
+        return Unavailable
     if isinstance(err, RegistryError):
-        return Status.UNKNOWN
+        return Unknown
     return None
 
 
-def pull_error(err: BaseException, image: str) -> GRPCError | None:
-    """A GRPCError for `err` raised while pulling `image`, or None when it is not a pull error."""
-    status = pull_status(err)
-    if status is None:
+def pull_error(err: BaseException, image: str) -> CriError | None:
+    """The domain error for `err` raised pulling `image`; None when it is no pull error."""
+    kind = pull_kind(err)
+    if kind is None:
         return None
     if isinstance(err, ReferenceError):
-        return GRPCError(status, str(err))
-    return GRPCError(status, f'failed to pull and unpack image "{image}": {err}')
+        return kind(str(err))
+    return kind(f'failed to pull and unpack image "{image}": {err}')
 
 
-__all__ = ["pull_error", "pull_status"]
+__all__ = ["pull_error", "pull_kind"]

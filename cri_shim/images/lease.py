@@ -25,13 +25,12 @@ import secrets
 from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient
+from cri_shim.containerd.leases import EXPIRE_LABEL, Leases, expires_in
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
-from cri_shim.gen.containerd.services.leases import v1 as leases_v1
 from cri_shim.logs import log_event
 
 log = logging.getLogger(__name__)
 
-EXPIRE_LABEL = "containerd.io/gc.expire"
 PULL_LABEL = "io.cri-shim.pull"  # the reference a pull lease is for (diagnostics)
 RESUME_LABEL = "io.cri-shim.resume"  # the reference whose partial downloads it keeps
 # containerd's client uses 24h for pull leases, and keeps unleased ingests as long.
@@ -48,25 +47,16 @@ class PullLease:
         self, client: ContainerdClient, *, expiry: datetime.timedelta = DEFAULT_EXPIRY
     ) -> None:
         self.client = client
+        self.leases = Leases(client)
         self.expiry = expiry
         self.id = ""
         self.ref = ""
         # Set when a download stopped half-way with bytes worth resuming.
         self.keep = False
 
-    def _expires(self) -> str:
-        return (datetime.datetime.now(datetime.UTC) + self.expiry).strftime("%Y-%m-%dT%H:%M:%SZ")
-
     async def _create(self, prefix: str, labels: dict[str, str]) -> str:
         lease_id = f"{prefix}-{secrets.token_hex(8)}"
-        await self.client.call(
-            "Leases.Create",
-            self.client.leases.create(
-                leases_v1.CreateRequest(
-                    id=lease_id, labels={EXPIRE_LABEL: self._expires(), **labels}
-                )
-            ),
-        )
+        await self.leases.create(lease_id, {**expires_in(self.expiry), **labels})
         return lease_id
 
     async def create(self, ref: str) -> str:
@@ -76,15 +66,7 @@ class PullLease:
 
     async def add(self, resource_id: str, resource_type: str, *, lease: str = "") -> None:
         """Hold an object that existed before the pull (`content`, `snapshots/overlayfs`)."""
-        await self.client.call(
-            "Leases.AddResource",
-            self.client.leases.add_resource(
-                leases_v1.AddResourceRequest(
-                    id=lease or self.id,
-                    resource=leases_v1.Resource(id=resource_id, type=resource_type),
-                )
-            ),
-        )
+        await self.leases.add_resource(lease or self.id, resource_id, resource_type)
 
     async def release(self, *, failed: bool) -> None:
         """Delete the lease; a failed pull with partial downloads hands them on first,
@@ -109,12 +91,9 @@ class PullLease:
         self.id = ""
 
     async def _hand_over(self) -> None:
-        reply = await self.client.call(
-            "Leases.ListResources",
-            self.client.leases.list_resources(leases_v1.ListResourcesRequest(id=self.id)),
-        )
+        resources = await self.leases.resources(self.id)
         resume = await self._create("cri-shim-resume", {RESUME_LABEL: self.ref})
-        for resource in reply.resources:
+        for resource in resources:
             await self.add(resource.id, resource.type, lease=resume)
         log_event(
             log,
@@ -122,23 +101,15 @@ class PullLease:
             level=logging.DEBUG,
             ref=self.ref,
             lease=resume,
-            resources=len(reply.resources),
+            resources=len(resources),
         )
 
     async def _resume_leases(self) -> list[str]:
-        reply = await self.client.call(
-            "Leases.List",
-            self.client.leases.list(
-                leases_v1.ListRequest(filters=[f'labels."{RESUME_LABEL}"=={_quote(self.ref)}'])
-            ),
-        )
-        return [lease.id for lease in reply.leases]
+        return await self.leases.ids(f'labels."{RESUME_LABEL}"=={_quote(self.ref)}')
 
     async def _delete(self, lease_id: str) -> None:
         try:
-            await self.client.call(
-                "Leases.Delete", self.client.leases.delete(leases_v1.DeleteRequest(id=lease_id))
-            )
+            await self.leases.delete(lease_id)
         except (ContainerdError, ContainerdUnavailable) as err:
             if isinstance(err, ContainerdError) and err.status is Status.NOT_FOUND:
                 return

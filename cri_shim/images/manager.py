@@ -20,12 +20,13 @@ from typing import Any
 
 from grpclib.const import Status
 
+from cri_shim.concurrency import InFlight
 from cri_shim.containerd.client import ContainerdClient
+from cri_shim.containerd.images import Images
 from cri_shim.errors import ContainerdError, ContainerdUnavailable, invalid_argument
 from cri_shim.gen.containerd import types as ctypes
 from cri_shim.gen.containerd.services.images import v1 as images_v1
-from cri_shim.gen.google.protobuf import FieldMask
-from cri_shim.images.content import ContentStore, metadata_for
+from cri_shim.images.content import ContentStore
 from cri_shim.images.errors import pull_error
 from cri_shim.images.pull import Puller
 from cri_shim.images.store import (
@@ -99,6 +100,7 @@ class ImageManager:
     ) -> None:
         self.settings = settings
         self.client = client
+        self.records = Images(client)
         # Told of every finished pull (ref, bytes downloaded, seconds): metrics.
         self.on_pull = on_pull
         self.store = ImageStore()
@@ -107,7 +109,7 @@ class ImageManager:
         self.unpacker = Unpacker(client, SNAPSHOTTER)
         self.puller = Puller(client, self.registry, self.content, self.unpacker)
         self.usage = SnapshotUsage(client, SNAPSHOTTER)
-        self._flights: dict[str, asyncio.Task[ImageRecord]] = {}
+        self._flights: InFlight[ImageRecord] = InFlight()
         self._load_lock = asyncio.Lock()
         # Store changes made while a load reads containerd, replayed on its result.
         self._journal: list[Callable[[], None]] | None = None
@@ -131,7 +133,7 @@ class ImageManager:
             )
 
     async def stop(self) -> None:
-        flights = list(self._flights.values())
+        flights = self._flights.running()
         for task in flights:
             task.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
@@ -178,9 +180,7 @@ class ImageManager:
             )
 
     async def _read_all(self) -> list[tuple[str, ImageContent, bool]]:
-        reply = await self.client.call(
-            "Images.List", self.client.images.list(images_v1.ListImagesRequest())
-        )
+        listed = await self.records.all()
         semaphore = asyncio.Semaphore(LOAD_CONCURRENCY)
         contents: dict[str, asyncio.Task[ImageContent | None]] = {}
 
@@ -199,14 +199,14 @@ class ImageManager:
                     )
                     return None
 
-        for image in reply.images:
+        for image in listed:
             target = _descriptor(image.target)
             if target is not None and target.digest not in contents:
                 contents[target.digest] = asyncio.create_task(content_for(target, image.name))
         await asyncio.gather(*contents.values())
         entries: list[tuple[str, ImageContent, bool]] = []
-        names = {image.name for image in reply.images}
-        for image in reply.images:
+        names = {image.name for image in listed}
+        for image in listed:
             target = _descriptor(image.target)
             content = contents[target.digest].result() if target is not None else None
             if target is None or content is None:
@@ -279,23 +279,14 @@ class ImageManager:
     ) -> bool:
         """Create or update one image record as containerd's CRI plugin does
         (createImageReference); returns whether the record ends up pinned."""
-        metadata = metadata_for(self.client, lease)
         image = images_v1.Image(name=name, labels=dict(labels), target=_ctypes_descriptor(target))
         try:
-            await self.client.call(
-                "Images.Create",
-                self.client.images.create(
-                    images_v1.CreateImageRequest(image=image), metadata=metadata
-                ),
-            )
+            await self.records.create(image, lease=lease)
             return labels.get(PINNED_LABEL) == PINNED_VALUE
         except ContainerdError as err:
             if err.status is not Status.ALREADY_EXISTS:
                 raise
-        got = await self.client.call(
-            "Images.Get", self.client.images.get(images_v1.GetImageRequest(name=name))
-        )
-        old = got.image
+        old = await self.records.get(name)
         if (
             old is not None
             and old.target is not None
@@ -304,17 +295,10 @@ class ImageManager:
             and (PINNED_LABEL not in labels or old.labels.get(PINNED_LABEL) == labels[PINNED_LABEL])
         ):
             return old.labels.get(PINNED_LABEL) == PINNED_VALUE
-        await self.client.call(
-            "Images.Update",
-            self.client.images.update(
-                images_v1.UpdateImageRequest(
-                    image=image,
-                    update_mask=FieldMask(
-                        paths=["target", f"labels.{MANAGED_LABEL}", f"labels.{PINNED_LABEL}"]
-                    ),
-                ),
-                metadata=metadata,
-            ),
+        await self.records.update(
+            image,
+            ["target", f"labels.{MANAGED_LABEL}", f"labels.{PINNED_LABEL}"],
+            lease=lease,
         )
         return labels.get(PINNED_LABEL) == PINNED_VALUE
 
@@ -342,23 +326,12 @@ class ImageManager:
         except ReferenceError as err:
             raise invalid_argument(str(err)) from err
         key = _flight_key(ref, credentials)
-        task = self._flights.get(key)
-        if task is None:
-            task = asyncio.create_task(
-                self._pull(ref, image, credentials, pinned), name=f"pull {ref}"
-            )
-            self._flights[key] = task
-
-            def finished(done: asyncio.Task[ImageRecord]) -> None:
-                if self._flights.get(key) is done:
-                    del self._flights[key]
-                if not done.cancelled():
-                    done.exception()  # retrieved, even if every caller went away
-
-            task.add_done_callback(finished)
-        else:
-            log_event(log, "joining image pull in progress", ref=str(ref))
-        record = await asyncio.shield(task)
+        record = await self._flights.join(
+            key,
+            lambda: self._pull(ref, image, credentials, pinned),
+            on_join=lambda: log_event(log, "joining image pull in progress", ref=str(ref)),
+            name=f"pull {ref}",
+        )
         if pinned and not record.pinned:
             record = await self._pin(record)
         return record
@@ -397,7 +370,7 @@ class ImageManager:
                 "image pull failed",
                 level=logging.WARNING,
                 ref=str(ref),
-                code=mapped.status.name,
+                code=type(mapped).__name__,
                 error=mapped.message,
             )
             raise mapped from err
@@ -434,20 +407,11 @@ class ImageManager:
         for name in record.references:
             # The update carries the record's target although the mask leaves it alone:
             # containerd 2.x dereferences it regardless (a nil target crashes the daemon).
-            got = await self.client.call(
-                "Images.Get", self.client.images.get(images_v1.GetImageRequest(name=name))
-            )
-            target = got.image.target if got.image is not None else None
-            await self.client.call(
-                "Images.Update",
-                self.client.images.update(
-                    images_v1.UpdateImageRequest(
-                        image=images_v1.Image(
-                            name=name, labels={PINNED_LABEL: PINNED_VALUE}, target=target
-                        ),
-                        update_mask=FieldMask(paths=[f"labels.{PINNED_LABEL}"]),
-                    )
-                ),
+            current = await self.records.get(name)
+            target = current.target if current is not None else None
+            await self.records.update(
+                images_v1.Image(name=name, labels={PINNED_LABEL: PINNED_VALUE}, target=target),
+                [f"labels.{PINNED_LABEL}"],
             )
             self._set(name, record.content, True)
         return self.store.get(record.id) or record
@@ -472,12 +436,7 @@ class ImageManager:
         names = [n for n in record.references if n != record.id] + [record.id]
         for i, name in enumerate(names):
             try:
-                await self.client.call(
-                    "Images.Delete",
-                    self.client.images.delete(
-                        images_v1.DeleteImageRequest(name=name, sync=i == len(names) - 1)
-                    ),
-                )
+                await self.records.delete(name, sync=i == len(names) - 1)
             except ContainerdError as err:
                 if err.status is not Status.NOT_FOUND:
                     raise

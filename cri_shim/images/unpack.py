@@ -19,17 +19,16 @@ import time
 from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient
+from cri_shim.containerd.snapshots import SNAPSHOTTER, Snapshots
 from cri_shim.errors import ContainerdError
 from cri_shim.gen.containerd import types as ctypes
 from cri_shim.gen.containerd.services.diff import v1 as diff_v1
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
-from cri_shim.images.content import metadata_for
 from cri_shim.logs import log_event
 from cri_shim.registry.types import Descriptor
 
 log = logging.getLogger(__name__)
 
-SNAPSHOTTER = "overlayfs"
 SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
 PREPARE_ATTEMPTS = 3
 
@@ -42,6 +41,7 @@ class Unpacker:
     def __init__(self, client: ContainerdClient, snapshotter: str = SNAPSHOTTER) -> None:
         self.client = client
         self.snapshotter = snapshotter
+        self.snapshots = Snapshots(client, snapshotter)
 
     @property
     def lease_type(self) -> str:
@@ -50,26 +50,16 @@ class Unpacker:
     async def committed(self, chain_id: str) -> bool:
         """Whether the chain is already unpacked (a committed snapshot by that name)."""
         try:
-            reply = await self.client.call(
-                "Snapshots.Stat",
-                self.client.snapshots.stat(
-                    snapshots_v1.StatSnapshotRequest(snapshotter=self.snapshotter, key=chain_id)
-                ),
-            )
+            info = await self.snapshots.stat(chain_id)
         except ContainerdError as err:
             if err.status is Status.NOT_FOUND:
                 return False
             raise
-        return reply.info is not None and reply.info.kind == snapshots_v1.Kind.COMMITTED
+        return info is not None and info.kind == snapshots_v1.Kind.COMMITTED
 
     async def _remove(self, key: str) -> None:
         try:
-            await self.client.call(
-                "Snapshots.Remove",
-                self.client.snapshots.remove(
-                    snapshots_v1.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key)
-                ),
-            )
+            await self.snapshots.remove(key)
         except ContainerdError as err:
             if err.status is not Status.NOT_FOUND:
                 log_event(
@@ -84,20 +74,11 @@ class Unpacker:
         self, layer: Descriptor, diff_id: str, chain_id: str, parent: str, *, lease: str
     ) -> bool:
         """Unpack one layer on `parent`; False when another unpack committed it first."""
-        metadata = metadata_for(self.client, lease)
         labels = {SNAPSHOT_REF_LABEL: chain_id}
         for attempt in range(1, PREPARE_ATTEMPTS + 1):
             key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain_id}"
             try:
-                prepared = await self.client.call(
-                    "Snapshots.Prepare",
-                    self.client.snapshots.prepare(
-                        snapshots_v1.PrepareSnapshotRequest(
-                            snapshotter=self.snapshotter, key=key, parent=parent, labels=labels
-                        ),
-                        metadata=metadata,
-                    ),
-                )
+                mounts = await self.snapshots.prepare(key, parent, labels, lease=lease)
             except ContainerdError as err:
                 if err.status is not Status.ALREADY_EXISTS:
                     raise
@@ -119,7 +100,7 @@ class Unpacker:
                             size=layer.size,
                             annotations=dict(layer.annotations),
                         ),
-                        mounts=prepared.mounts,
+                        mounts=mounts,
                     )
                 ),
             )
@@ -130,15 +111,7 @@ class Unpacker:
                     f"config says its diff id is {diff_id}"
                 )
             try:
-                await self.client.call(
-                    "Snapshots.Commit",
-                    self.client.snapshots.commit(
-                        snapshots_v1.CommitSnapshotRequest(
-                            snapshotter=self.snapshotter, name=chain_id, key=key, labels=labels
-                        ),
-                        metadata=metadata,
-                    ),
-                )
+                await self.snapshots.commit(chain_id, key, labels, lease=lease)
             except ContainerdError as err:
                 if err.status is not Status.ALREADY_EXISTS:
                     raise

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient
+from cri_shim.containerd.snapshots import Snapshots
 from cri_shim.errors import ContainerdError
 from cri_shim.gen.containerd.services.introspection import v1 as introspection_v1
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
@@ -41,6 +42,7 @@ class SnapshotUsage:
     def __init__(self, client: ContainerdClient, snapshotter: str) -> None:
         self.client = client
         self.snapshotter = snapshotter
+        self.snapshots = Snapshots(client, snapshotter)
         self._root = ""
         self._committed: dict[str, tuple[int, int]] = {}
         self._last: FsUsage | None = None
@@ -74,17 +76,11 @@ class SnapshotUsage:
 
     async def _usage(self, key: str) -> tuple[int, int]:
         try:
-            reply = await self.client.call(
-                "Snapshots.Usage",
-                self.client.snapshots.usage(
-                    snapshots_v1.UsageRequest(snapshotter=self.snapshotter, key=key)
-                ),
-            )
+            return await self.snapshots.usage(key)
         except ContainerdError as err:
             if err.status is Status.NOT_FOUND:
                 return 0, 0  # removed since it was listed
             raise
-        return reply.size, reply.inodes
 
     async def usage(self) -> FsUsage:
         async with self._lock:
@@ -92,12 +88,7 @@ class SnapshotUsage:
             if self._last is not None and now - self._last_at < CACHE_SECONDS:
                 return self._last
             mountpoint = await self.mountpoint()
-            infos: list[snapshots_v1.Info] = []
-            responses = self.client.snapshots.list(
-                snapshots_v1.ListSnapshotsRequest(snapshotter=self.snapshotter)
-            )
-            async for reply in self.client.stream("Snapshots.List", responses):
-                infos.extend(reply.info)
+            infos = await self.snapshots.all()
             semaphore = asyncio.Semaphore(CONCURRENT_USAGE_CALLS)
             committed: dict[str, tuple[int, int]] = {}
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cri_shim.concurrency import run_all
+from cri_shim.concurrency import InFlight, run_all
 from cri_shim.containerd.events import TaskExit
 from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
 from cri_shim.errors import already_exists
@@ -31,6 +31,7 @@ from cri_shim.network.netns import netns_exists
 from cri_shim.oci.sandbox_spec import SandboxSpecInput, build_sandbox_spec
 from cri_shim.sandbox.files import SandboxDirs
 from cri_shim.store.index import new_id
+from cri_shim.store.record import RecordVersionError
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore, sandbox_name
 
 log = logging.getLogger(__name__)
@@ -126,36 +127,23 @@ class SandboxManager:
         # Told of each sandbox lifecycle step (GetContainerEvents, under the sandbox id).
         self.lifecycle_events: list[Callable[[Sandbox, cri.ContainerEventType], None]] = []
         # Runs in flight by name: a kubelet retry joins the first call's work.
-        self._running: dict[str, asyncio.Task[str]] = {}
+        self._running: InFlight[str] = InFlight()
         # Loaded records of runs a killed shim never finished (see discard_unfinished).
         self._unfinished: set[str] = set()
 
     def in_flight(self) -> list[asyncio.Task[str]]:
         """Runs still working (their callers may be gone): shutdown awaits them."""
-        return list(self._running.values())
+        return self._running.running()
 
     def dirs(self, sandbox_id: str) -> SandboxDirs:
         return SandboxDirs(self.env.dirs_root, sandbox_id)
 
     # persistence
 
-    def _metadata(self, sandbox: Sandbox) -> dict[str, Any]:
-        return {
-            "id": sandbox.id,
-            "name": sandbox.name,
-            "config": sandbox.config.to_dict(),
-            "runtimeHandler": sandbox.runtime_handler,
-            "createdAt": sandbox.created_at,
-            "imageId": sandbox.image_id,
-            "netnsPath": sandbox.netns_path,
-            "ip": sandbox.ip,
-            "additionalIps": sandbox.additional_ips,
-        }
-
     async def _persist_run_complete(self, sandbox: Sandbox) -> None:
         """The record's last write of a run: with the IP CNI gave and the mark that
         tells a restarted shim this run finished (see `discard_unfinished`)."""
-        data = self._metadata(sandbox)
+        data = sandbox.to_record()
         data[RUN_COMPLETE] = True
         await self.ops.update_extension(
             sandbox.id, METADATA_EXTENSION, pack_json(METADATA_TYPE_URL, data)
@@ -178,17 +166,11 @@ class SandboxManager:
                 self.store.by_id.find(container.id) if container.id in self.store.by_id else None
             )
             if sandbox is None:
-                sandbox = Sandbox(
-                    id=data["id"],
-                    name=data["name"],
-                    config=cri.PodSandboxConfig.from_dict(data["config"]),
-                    runtime_handler=data.get("runtimeHandler", ""),
-                    created_at=int(data.get("createdAt", 0)),
-                    image_id=data.get("imageId", ""),
-                    netns_path=data.get("netnsPath", ""),
-                    ip=data.get("ip", ""),
-                    additional_ips=list(data.get("additionalIps", [])),
-                )
+                try:
+                    sandbox = Sandbox.from_record(data)
+                except RecordVersionError as err:
+                    log_event(log, "sandbox record skipped", level=logging.WARNING, error=err)
+                    continue
                 self.store.add(sandbox)
                 self.store.names.reserve(sandbox.name, sandbox.id)
             task = await self.ops.task(sandbox.id)
@@ -244,14 +226,11 @@ class SandboxManager:
         work, which finishes and is handed to the retry with the same name."""
         metadata = config.metadata or cri.PodSandboxMetadata()
         name = sandbox_name(metadata)
-        pending = self._running.get(name)
-        if pending is None:
-            pending = asyncio.create_task(self._run_once(name, config, runtime_handler))
-            self._running[name] = pending
-            pending.add_done_callback(lambda done: _forget_run(self._running, name, done))
-        else:
-            log_event(log, "retried run joins the one in flight", name=name)
-        return await asyncio.shield(pending)
+        return await self._running.join(
+            name,
+            lambda: self._run_once(name, config, runtime_handler),
+            on_join=lambda: log_event(log, "retried run joins the one in flight", name=name),
+        )
 
     async def _run_once(self, name: str, config: cri.PodSandboxConfig, runtime_handler: str) -> str:
         owner = self.store.names.owner(name)
@@ -398,7 +377,7 @@ class SandboxManager:
             image=self.env.sandbox_image,
             spec=spec,
             labels=labels,
-            extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, self._metadata(sandbox))},
+            extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, sandbox.to_record())},
             snapshot_key=sandbox.id,
             lease=lease,
         )
@@ -487,13 +466,6 @@ class SandboxManager:
             pod=sandbox.id,
             exit_code=event.exit_code,
         )
-
-
-def _forget_run(running: dict[str, asyncio.Task[str]], name: str, done: asyncio.Task[str]) -> None:
-    if running.get(name) is done:
-        del running[name]
-    if not done.cancelled():
-        done.exception()  # retrieved here: the caller that would have may be gone
 
 
 def _host_hostname() -> str:

@@ -6,11 +6,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.store.encoded import EncodingCache
 from cri_shim.store.index import IdIndex, NameIndex
+from cri_shim.store.record import RECORD_VERSION, check_record_version
+
+if TYPE_CHECKING:  # types only: the store does not depend on the domain code
+    from cri_shim.container.io import ContainerIO
+    from cri_shim.containerd.events import TaskExit
+    from cri_shim.gen.containerd.types import Mount
 
 
 class ContainerState(StrEnum):
@@ -26,6 +32,23 @@ _CRI_STATE = {
     ContainerState.EXITED: cri.ContainerState.CONTAINER_EXITED,
     ContainerState.UNKNOWN: cri.ContainerState.CONTAINER_UNKNOWN,
 }
+
+
+@dataclass
+class ContainerRuntime:
+    """What the shim holds for a container besides its CRI status, kept on its
+    record (as containerd's store/container keeps IO, StopCh and Status) so
+    that removing the record drops all of it. Changed in place: no part of it
+    is in the record's cached encodings."""
+
+    io: ContainerIO | None = None  # stdio and log copier while the task runs
+    spec: dict[str, Any] | None = None  # the OCI spec, as stored in containerd
+    mounts: list[Mount] | None = None  # rootfs mounts from Create's Prepare, for Start
+    exit_seen: asyncio.Event | None = None  # the exit is known (Stop's signal wait)
+    early_exit: TaskExit | None = None  # an exit that came before Start returned
+    finished: asyncio.Event | None = None  # the exit is fully recorded (task deleted)
+    exiting: bool = False  # the exit is being recorded (RUNNING until the log is complete)
+    task_deleted: bool = False  # recording the exit deleted the task: Remove skips it
 
 
 @dataclass
@@ -54,10 +77,58 @@ class Container(EncodingCache):
     user: tuple[int, int, tuple[int, ...]] | None = None
     resources: cri.LinuxContainerResources | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
+    runtime: ContainerRuntime = field(default_factory=ContainerRuntime, repr=False, compare=False)
 
     @property
     def metadata(self) -> cri.ContainerMetadata:
         return self.config.metadata or cri.ContainerMetadata()
+
+    def to_record(self, *, with_exit: bool = False) -> dict[str, Any]:
+        """What survives a restart of the shim; `with_exit` once the exit is known."""
+        user = self.user
+        data: dict[str, Any] = {
+            "version": RECORD_VERSION,
+            "id": self.id,
+            "name": self.name,
+            "sandboxId": self.sandbox_id,
+            "config": self.config.to_dict(),
+            "imageRef": self.image_ref,
+            "imageId": self.image_id,
+            "imageRepoRef": self.image_repo_ref,
+            "createdAt": self.created_at,
+            "logPath": self.log_path,
+            "stopSignal": self.stop_signal,
+            "user": [*user[:2], list(user[2])] if user else None,
+        }
+        if with_exit:
+            data.update(
+                startedAt=self.started_at,
+                finishedAt=self.finished_at,
+                exitCode=self.exit_code,
+                reason=self.reason,
+                message=self.message,
+            )
+        return data
+
+    @classmethod
+    def from_record(cls, container_id: str, data: dict[str, Any]) -> Container:
+        """The container as created; its state is for the caller to set from the task
+        (and from the exit fields, when the record has them)."""
+        check_record_version(data, "container")
+        user = data.get("user")
+        return cls(
+            id=container_id,
+            name=data["name"],
+            sandbox_id=data["sandboxId"],
+            config=cri.ContainerConfig.from_dict(data["config"]),
+            image_ref=data.get("imageRef", ""),
+            image_id=data.get("imageId", ""),
+            image_repo_ref=data.get("imageRepoRef", ""),
+            created_at=int(data.get("createdAt", 0)),
+            log_path=data.get("logPath", ""),
+            stop_signal=data.get("stopSignal", "SIGTERM"),
+            user=(int(user[0]), int(user[1]), tuple(user[2])) if user else None,
+        )
 
     def cri_state(self) -> cri.ContainerState:
         return _CRI_STATE[self.state]

@@ -1,6 +1,6 @@
 """In-memory view of pod sandboxes: answers PodSandboxStatus and ListPodSandbox
 without a containerd round-trip. containerd stays the source of truth: every
-record is also kept on the sandbox's containerd container (see sandbox/record.py)."""
+record is also kept on the sandbox's containerd container (`Sandbox.to_record`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.store.encoded import EncodingCache
 from cri_shim.store.index import IdIndex, NameIndex
+from cri_shim.store.record import RECORD_VERSION, check_record_version
 
 
 class SandboxState(StrEnum):
@@ -43,6 +44,37 @@ class Sandbox(EncodingCache):
     @property
     def metadata(self) -> cri.PodSandboxMetadata:
         return self.config.metadata or cri.PodSandboxMetadata()
+
+    def to_record(self) -> dict[str, Any]:
+        """What survives a restart of the shim (the run-complete mark is added by the run)."""
+        return {
+            "version": RECORD_VERSION,
+            "id": self.id,
+            "name": self.name,
+            "config": self.config.to_dict(),
+            "runtimeHandler": self.runtime_handler,
+            "createdAt": self.created_at,
+            "imageId": self.image_id,
+            "netnsPath": self.netns_path,
+            "ip": self.ip,
+            "additionalIps": self.additional_ips,
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Sandbox:
+        """The sandbox as run; its state is for the caller to set from the task."""
+        check_record_version(data, "pod sandbox")
+        return cls(
+            id=data["id"],
+            name=data["name"],
+            config=cri.PodSandboxConfig.from_dict(data["config"]),
+            runtime_handler=data.get("runtimeHandler", ""),
+            created_at=int(data.get("createdAt", 0)),
+            image_id=data.get("imageId", ""),
+            netns_path=data.get("netnsPath", ""),
+            ip=data.get("ip", ""),
+            additional_ips=list(data.get("additionalIps", [])),
+        )
 
     @property
     def host_network(self) -> bool:

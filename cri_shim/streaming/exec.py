@@ -18,22 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
-import shutil
-import signal as signals
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from cri_shim.concurrency import cancel_and_wait
-from cri_shim.container.exec_sync import PROCESS_TYPE_URL, process_spec
-from cri_shim.container.io import FifoReader, FifoWriter, make_fifo
+from cri_shim.container.exec_process import ExecProcess, process_spec
+from cri_shim.container.io import FifoReader, FifoWriter
 from cri_shim.container.lifecycle import ContainerManager
-from cri_shim.containerd.runtime import RuntimeOps, pack_json
+from cri_shim.containerd.runtime import Runtime
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
-from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.logs import log_event
 from cri_shim.store.containers import Container, ContainerState, ContainerStore
 from cri_shim.streaming.remotecommand import (
@@ -112,7 +106,7 @@ class StreamRuntime:
         self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
-    def ops(self) -> RuntimeOps:
+    def ops(self) -> Runtime:
         return self.manager.ops
 
     def _running(self, container_id: str) -> Container:
@@ -132,17 +126,7 @@ class StreamRuntime:
     ) -> None:
         async for size in sizes:
             try:
-                await self.ops.client.call(
-                    "Tasks.ResizePty",
-                    self.ops.client.tasks.resize_pty(
-                        tasks_v1.ResizePtyRequest(
-                            container_id=container_id,
-                            exec_id=exec_id,
-                            width=size.width,
-                            height=size.height,
-                        )
-                    ),
-                )
+                await self.ops.resize_pty(container_id, exec_id, size.width, size.height)
             except (ContainerdError, ContainerdUnavailable) as err:
                 log_event(log, "resize failed", level=logging.DEBUG, error=err, **fields)
                 continue
@@ -157,12 +141,7 @@ class StreamRuntime:
 
     async def _close_io(self, container_id: str, exec_id: str) -> None:
         with contextlib.suppress(ContainerdError, ContainerdUnavailable):
-            await self.ops.client.call(
-                "Tasks.CloseIO",
-                self.ops.client.tasks.close_io(
-                    tasks_v1.CloseIoRequest(container_id=container_id, exec_id=exec_id, stdin=True)
-                ),
-            )
+            await self.ops.close_stdin(container_id, exec_id)
 
     async def wait_cleanups(self) -> None:
         """Wait for background cleanups of finished execs (tests, shutdown)."""
@@ -174,60 +153,39 @@ class StreamRuntime:
     async def exec(self, container_id: str, cmd: list[str], streams: RemoteStreams) -> StreamStatus:
         container = self._running(container_id)
         spec = await self.manager.load_spec(container.id)
-        process = process_spec(spec, cmd, tty=streams.tty)
+        process_settings = process_spec(spec, cmd, tty=streams.tty)
         if streams.tty:
-            process["env"] = _with_env(list(process.get("env", [])), "TERM", "xterm")
-        exec_id = "exec-" + secrets.token_hex(8)
-        directory = self.manager.io_dir(container.id) / "exec" / exec_id
+            process_settings["env"] = _with_env(
+                list(process_settings.get("env", [])), "TERM", "xterm"
+            )
+        process = ExecProcess(
+            self.ops,
+            container.id,
+            self.manager.io_dir(container.id) / "exec",
+            stdin=streams.stdin is not None,
+            tty=streams.tty,
+        )
+        exec_id = process.exec_id
         fields: dict[str, Any] = {"container": container.id, "exec_id": exec_id}
         self.active += 1
-        started = exited = False
-        readers: list[FifoReader] = []
-        stdin: FifoWriter | None = None
         tasks: list[asyncio.Task[Any]] = []
         try:
-            paths = await asyncio.to_thread(_make_fifos, directory, streams.tty, streams.stdin)
-            for path in (paths["stdout"], paths["stderr"]):
-                if path:
-                    reader = FifoReader(Path(path), hold_open=True)
-                    readers.append(reader)
-                    await reader.connect()
-            if paths["stdin"]:
-                stdin = FifoWriter(await asyncio.to_thread(_open_rw, paths["stdin"]))
-            await self.ops.client.call(
-                "Tasks.Exec",
-                self.ops.client.tasks.exec(
-                    tasks_v1.ExecProcessRequest(
-                        container_id=container.id,
-                        exec_id=exec_id,
-                        stdin=paths["stdin"],
-                        stdout=paths["stdout"],
-                        stderr=paths["stderr"],
-                        terminal=streams.tty,
-                        spec=pack_json(PROCESS_TYPE_URL, process),
-                    )
-                ),
-            )
-            waiter = asyncio.create_task(self.ops.wait(container.id, exec_id))
+            await process.open()
+            waiter = await process.start(process_settings)
             tasks.append(waiter)
-            await self.ops.start_task(container.id, exec_id)
-            started = True
-            # The shim opens an exec's FIFOs when it starts the process.
-            for reader in readers:
-                reader.release_placeholder()
             log_event(log, "exec started", tty=streams.tty, cmd=" ".join(cmd)[:200], **fields)
             sinks = [streams.stdout, streams.stderr]
             activity = _Activity()
             outputs = [
                 asyncio.create_task(_pump_output(reader, sink, activity))
-                for reader, sink in zip(readers, sinks, strict=False)
+                for reader, sink in zip(process.readers, sinks, strict=False)
             ]
             tasks += outputs
-            if stdin is not None and streams.stdin is not None:
+            if process.stdin is not None and streams.stdin is not None:
                 tasks.append(
                     asyncio.create_task(
                         self._feed_stdin(
-                            streams.stdin, stdin, container.id, exec_id, tty=streams.tty
+                            streams.stdin, process.stdin, container.id, exec_id, tty=streams.tty
                         )
                     )
                 )
@@ -236,7 +194,9 @@ class StreamRuntime:
                     asyncio.create_task(self._resize(container.id, exec_id, streams.resize, fields))
                 )
             exit_info = await waiter
-            exited = True
+            process.exited = True
+            # The silence that ends the drain counts from the exit, not from a quiet run before it.
+            activity.last = time.monotonic()
             # Output still in flight after exit; a child holding the pipes must not stall us.
             await _drain(outputs, activity)
             code = exit_info.exit_code if exit_info is not None else -1
@@ -245,15 +205,7 @@ class StreamRuntime:
         finally:
             self.active -= 1
             await cancel_and_wait(tasks)
-            for reader in readers:
-                reader.close()
-            if stdin is not None:
-                stdin.close()
-            cleanup = asyncio.create_task(
-                self._cleanup_exec(
-                    container.id, exec_id if started else "", directory, kill=started and not exited
-                )
-            )
+            cleanup = process.finish(kill=True)  # kills only a process that has not exited
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
 
@@ -279,24 +231,6 @@ class StreamRuntime:
         writer.close()
         if not tty:
             await self._close_io(container_id, exec_id)
-
-    async def _cleanup_exec(
-        self, container_id: str, exec_id: str, directory: Path, *, kill: bool
-    ) -> None:
-        """Kill (client gone), delete the process record, remove the FIFOs; never raises."""
-        if exec_id:
-            with contextlib.suppress(Exception):
-                if kill:
-                    await self.ops.kill(container_id, signals.SIGKILL, exec_id=exec_id)
-                    await asyncio.wait_for(self.ops.wait(container_id, exec_id), DRAIN_SECONDS)
-            with contextlib.suppress(Exception):
-                await self.ops.client.call(
-                    "Tasks.DeleteProcess",
-                    self.ops.client.tasks.delete_process(
-                        tasks_v1.DeleteProcessRequest(container_id=container_id, exec_id=exec_id)
-                    ),
-                )
-        await asyncio.to_thread(shutil.rmtree, directory, True)
 
     # attach
 
@@ -380,21 +314,3 @@ class StreamRuntime:
             await cancel_and_wait(tasks)
             log_event(log, "detached", **fields)
         return StreamStatus.ok()
-
-
-def _make_fifos(directory: Path, tty: bool, stdin: object) -> dict[str, str]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "stdin": str(directory / "stdin") if stdin is not None else "",
-        "stdout": str(directory / "stdout"),
-        "stderr": "" if tty else str(directory / "stderr"),
-    }
-    for path in paths.values():
-        if path:
-            make_fifo(Path(path))
-    return paths
-
-
-def _open_rw(path: str) -> int:
-    """Read+write: never blocks for a missing reader and never sees EPIPE."""
-    return os.open(path, os.O_RDWR | os.O_NONBLOCK)

@@ -26,10 +26,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from grpclib import GRPCError
-from grpclib.const import Status
 
 from cri_shim.concurrency import cancel_and_wait
+from cri_shim.errors import ResourceExhausted
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.http_limits import CappedTCPSite, fd_share, runner_options
 from cri_shim.logs import log_event
@@ -80,9 +79,7 @@ class RequestCache:
         now = time.monotonic()
         self._expire(now)
         if len(self._entries) >= self.max_in_flight:
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED, "maximum number of in-flight streaming requests exceeded"
-            )
+            raise ResourceExhausted("maximum number of in-flight streaming requests exceeded")
         token = secrets.token_urlsafe(24)
         self._entries[token] = (now + self.ttl, request)
         return token

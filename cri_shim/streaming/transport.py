@@ -161,9 +161,12 @@ class UpgradedChannel:
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._closed = False
+        self._peer_done = asyncio.Event()
         protocol.set_parser(_RawParser(self))
 
     def _arrived(self, data: bytes) -> None:
+        if data and self._closed:
+            return  # closing: the peer's last bytes are read and dropped
         if data:
             self._chunks.append(data)
             self._size += len(data)
@@ -174,6 +177,7 @@ class UpgradedChannel:
                     transport.pause_reading()
         else:
             self._eof = True
+            self._peer_done.set()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -205,18 +209,36 @@ class UpgradedChannel:
         await self._protocol._drain_helper()
 
     async def close(self) -> None:
+        """Half-close, let the peer finish, then close.
+
+        Closing a socket that still has unread bytes from the peer (its window
+        updates, say) makes the kernel send RST, and the peer's kernel then
+        drops whatever it had received but not yet handed to the client: the
+        end of a large output. So: our FIN first, the peer's bytes drained
+        until it closes too (at most `_FLUSH_GRACE` seconds), then close.
+        """
         if self._closed:
             return
         self._closed = True
-        transport = self._request.transport
-        if transport is not None:
-            transport.close()
-            if transport.get_write_buffer_size():
-                # close() waits to flush; a peer that stopped reading must not keep it open.
-                asyncio.get_running_loop().call_later(_FLUSH_GRACE, transport.abort)
+        self._chunks.clear()
+        self._size = 0
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        transport = self._request.transport
+        if transport is None:
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if not self._eof and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()  # sent once what is buffered has gone out
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._peer_done.wait(), _FLUSH_GRACE)
+        transport.close()
+        if transport.get_write_buffer_size():
+            # close() waits to flush; a peer that stopped reading must not keep it open.
+            asyncio.get_running_loop().call_later(_FLUSH_GRACE, transport.abort)
 
 
 class WebSocketChannel:
