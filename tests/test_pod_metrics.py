@@ -8,6 +8,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from cri_shim.container.cgroups import (
     count_processes,
     process_cgroups,
@@ -15,7 +17,15 @@ from cri_shim.container.cgroups import (
     read_net_dev,
     weight_to_shares,
 )
-from cri_shim.container.metrics import BASE_LABELS, FAMILIES
+from cri_shim.container.metrics import (
+    BASE_LABELS,
+    FAMILIES,
+    MetricsBuilder,
+    container_labels,
+    container_metrics_bytes,
+    pod_labels,
+    pod_metrics_bytes,
+)
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
@@ -288,3 +298,50 @@ def test_weight_to_shares_inverts_runc() -> None:
     for shares in (2, 1024, 262144):
         weight = 1 + ((shares - 2) * 9999) // 262142
         assert abs(weight_to_shares(weight) - shares) <= 27
+
+
+def test_hand_encoding_matches_betterproto() -> None:
+    labels = container_labels("c1", "app", "img:1", "ns", "pod")
+    built = MetricsBuilder(labels, 1_700_000_000_123)
+    built.add("container_cpu_usage_seconds_total", 7)
+    built.add("container_memory_rss", 0)  # a zero value: an empty UInt64Value, still present
+    built.add("container_fs_usage_bytes", 1 << 40, "/var/lib")
+    pod = MetricsBuilder(pod_labels("p1", "ns", "pod"), 5)
+    pod.add("container_network_receive_bytes_total", 300, "eth0")
+    encoded = pod_metrics_bytes("p1", pod, [container_metrics_bytes("c1", built)])
+
+    def metric(name: str, kind: cri.MetricType, value: int, *extra: str) -> cri.Metric:
+        return cri.Metric(
+            name=name,
+            timestamp=1_700_000_000_123,
+            metric_type=kind,
+            label_values=[*labels, *extra],
+            value=cri.UInt64Value(value=value),
+        )
+
+    expected = cri.PodSandboxMetrics(
+        pod_sandbox_id="p1",
+        metrics=[
+            cri.Metric(
+                name="container_network_receive_bytes_total",
+                timestamp=5,
+                metric_type=cri.MetricType.COUNTER,
+                label_values=["", "p1", "", "p1", "ns", "pod", "eth0"],
+                value=cri.UInt64Value(value=300),
+            )
+        ],
+        container_metrics=[
+            cri.ContainerMetrics(
+                container_id="c1",
+                metrics=[
+                    metric("container_cpu_usage_seconds_total", cri.MetricType.COUNTER, 7),
+                    metric("container_memory_rss", cri.MetricType.GAUGE, 0),
+                    metric("container_fs_usage_bytes", cri.MetricType.GAUGE, 1 << 40, "/var/lib"),
+                ],
+            )
+        ],
+    )
+    assert encoded == bytes(expected)
+    assert cri.PodSandboxMetrics().parse(encoded) == expected
+    with pytest.raises(ValueError, match="takes labels"):
+        built.add("container_fs_usage_bytes", 1)

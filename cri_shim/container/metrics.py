@@ -29,6 +29,7 @@ from cri_shim.container.cgroups import ContainerFiles, InterfaceCounters
 from cri_shim.gen.io.containerd.cgroups import v1 as cgroups_v1
 from cri_shim.gen.io.containerd.cgroups import v2 as cgroups_v2
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.store.encoded import message_field, varint
 
 COUNTER = cri.MetricType.COUNTER
 GAUGE = cri.MetricType.GAUGE
@@ -163,27 +164,59 @@ def descriptors() -> list[cri.MetricDescriptor]:
     ]
 
 
+def _string_field(number: int, text: str) -> bytes:
+    return message_field(number, text.encode())
+
+
+# Metric's fields: 1 name, 2 timestamp, 3 metric_type, 4 label_values, 5 value.
+_NAME_FIELDS = {name: _string_field(1, name) for name in FAMILIES}
+_GAUGE_FIELD = varint(3 << 3) + varint(int(GAUGE))  # COUNTER is proto3's default: omitted
+
+
 class MetricsBuilder:
-    """Collects metrics that share one subject's base labels and timestamp."""
+    """Encodes metrics that share one subject's base labels and timestamp
+    straight to their wire form: kubelet polls these, and betterproto2 spends
+    ~40 µs encoding each of the ~50 metrics of a container."""
 
     def __init__(self, base_labels: list[str], timestamp_ns: int) -> None:
-        self.base_labels = base_labels
-        self.timestamp_ns = timestamp_ns
-        self.metrics: list[cri.Metric] = []
+        self._prefix = varint(2 << 3) + varint(max(0, timestamp_ns))
+        self._labels = b"".join(_string_field(4, label) for label in base_labels)
+        self.encoded: list[bytes] = []
 
     def add(self, name: str, value: int, *extra_labels: str) -> None:
         family = FAMILIES[name]
         if len(extra_labels) != len(family.extra_labels):
             raise ValueError(f"metric {name} takes labels {family.extra_labels}")
-        self.metrics.append(
-            cri.Metric(
-                name=name,
-                timestamp=self.timestamp_ns,
-                metric_type=family.kind,
-                label_values=[*self.base_labels, *extra_labels],
-                value=cri.UInt64Value(value=max(0, value)),
+        amount = max(0, value)
+        value_field = message_field(5, varint(1 << 3) + varint(amount) if amount else b"")
+        self.encoded.append(
+            b"".join(
+                (
+                    _NAME_FIELDS[name],
+                    self._prefix,
+                    _GAUGE_FIELD if family.kind is GAUGE else b"",
+                    self._labels,
+                    *(_string_field(4, label) for label in extra_labels),
+                    value_field,
+                )
             )
         )
+
+
+def container_metrics_bytes(container_id: str, metrics: MetricsBuilder) -> bytes:
+    """A ContainerMetrics message: 1 container_id, 2 metrics."""
+    return _string_field(1, container_id) + b"".join(
+        message_field(2, metric) for metric in metrics.encoded
+    )
+
+
+def pod_metrics_bytes(sandbox_id: str, metrics: MetricsBuilder, containers: list[bytes]) -> bytes:
+    """A PodSandboxMetrics message: 1 pod_sandbox_id, 2 metrics, 3 container_metrics."""
+    return (
+        _string_field(1, sandbox_id)
+        + b"".join(message_field(2, metric) for metric in metrics.encoded)
+        + b"".join(message_field(3, container) for container in containers)
+    )
 
 
 def container_labels(

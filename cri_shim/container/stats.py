@@ -44,8 +44,10 @@ from cri_shim.container.metrics import (
     add_v1,
     add_v2,
     container_labels,
+    container_metrics_bytes,
     filesystem_info,
     pod_labels,
+    pod_metrics_bytes,
 )
 from cri_shim.containerd.runtime import RuntimeOps
 from cri_shim.gen.containerd.types import Metric
@@ -395,8 +397,9 @@ class StatsCollector:
 
     # ------------------------------------------------ ListPodSandboxMetrics
 
-    async def list_pod_metrics(self, sandboxes: list[Sandbox]) -> list[cri.PodSandboxMetrics]:
-        """cAdvisor-style metrics of these pods and their running containers: one
+    async def list_pod_metrics(self, sandboxes: list[Sandbox]) -> list[bytes]:
+        """cAdvisor-style metrics of these pods and their running containers, each
+        pod an encoded PodSandboxMetrics message: one
         Tasks.Metrics call, one statvfs, then per container its cgroup files and
         writable layer, per pod its network counters."""
         running = {
@@ -422,24 +425,16 @@ class StatsCollector:
         containers: list[Container],
         payloads: dict[str, cgroups_v1.Metrics | cgroups_v2.Metrics | None],
         filesystem: FilesystemInfo | None,
-    ) -> cri.PodSandboxMetrics:
+    ) -> bytes:
         meta = sandbox.metadata
         pod = MetricsBuilder(pod_labels(sandbox.id, meta.namespace, meta.name), time.time_ns())
         if not sandbox.host_network and sandbox.pid > 0:
             add_network(pod, await asyncio.to_thread(read_net_dev, sandbox.pid))
         measured = [c for c in containers if c.id in payloads]
-        return cri.PodSandboxMetrics(
-            pod_sandbox_id=sandbox.id,
-            metrics=pod.metrics,
-            container_metrics=list(
-                await asyncio.gather(
-                    *(
-                        self._container_metrics(sandbox, c, payloads[c.id], filesystem)
-                        for c in measured
-                    )
-                )
-            ),
+        encoded = await asyncio.gather(
+            *(self._container_metrics(sandbox, c, payloads[c.id], filesystem) for c in measured)
         )
+        return pod_metrics_bytes(sandbox.id, pod, list(encoded))
 
     async def _container_metrics(
         self,
@@ -447,7 +442,7 @@ class StatsCollector:
         container: Container,
         payload: cgroups_v1.Metrics | cgroups_v2.Metrics | None,
         filesystem: FilesystemInfo | None,
-    ) -> cri.ContainerMetrics:
+    ) -> bytes:
         meta = sandbox.metadata
         labels = container_labels(
             container.id, container.metadata.name, container.image_ref, meta.namespace, meta.name
@@ -465,7 +460,7 @@ class StatsCollector:
                 usage = await self.ops.snapshot_usage(container.id)
             add_filesystem(out, filesystem, usage[0] if usage is not None else None)
         add_times(out, container.started_at)
-        return cri.ContainerMetrics(container_id=container.id, metrics=out.metrics)
+        return container_metrics_bytes(container.id, out)
 
     def _forget_gone(self) -> None:
         """Drop the previous samples of containers and pods that no longer exist."""

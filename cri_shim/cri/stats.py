@@ -26,11 +26,13 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.store.containers import Container, ContainerStore
 from cri_shim.store.encoded import (
     BatchLimits,
+    EncodedListPodSandboxMetricsResponse,
     EncodedStreamContainerStatsResponse,
     EncodedStreamPodSandboxMetricsResponse,
     EncodedStreamPodSandboxStatsResponse,
     batches,
     framed,
+    message_field,
     prebuilt,
 )
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore
@@ -130,7 +132,8 @@ class StatsHandlers:
         self, request: cri.ListPodSandboxMetricsRequest
     ) -> cri.ListPodSandboxMetricsResponse:
         metrics = await self.collector.list_pod_metrics(self._ready_sandboxes())
-        return cri.ListPodSandboxMetricsResponse(pod_metrics=metrics)
+        body = b"".join(message_field(1, pod) for pod in metrics)
+        return prebuilt(EncodedListPodSandboxMetricsResponse, body)
 
     async def stream_pod_sandbox_metrics(
         self, request: cri.StreamPodSandboxMetricsRequest
@@ -138,5 +141,6 @@ class StatsHandlers:
         """Collected once like ListPodSandboxMetrics, each pod encoded once, then batched;
         no ready pod: the stream ends without a message."""
         metrics = await self.collector.list_pod_metrics(self._ready_sandboxes())
-        for body in batches(framed(metrics), self.limits):
+        framed_pods = (message_field(1, pod) for pod in metrics)
+        for body in batches(framed_pods, self.limits):
             yield prebuilt(EncodedStreamPodSandboxMetricsResponse, body)
