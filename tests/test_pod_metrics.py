@@ -27,6 +27,7 @@ from cri_shim.container.metrics import (
     pod_metrics_bytes,
 )
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.host import cgroup_v2_unified
 from cri_shim.server import Shim
 
 from .conftest import CriClient
@@ -174,7 +175,9 @@ async def test_running_container_cpu_memory_processes_and_layer(
     working_set = now[("container_memory_working_set_bytes", ())]
     assert 0 < working_set <= usage <= 64 * MIB
     assert now[("container_memory_rss", ())] > 0
-    assert now[("container_memory_max_usage_bytes", ())] >= usage
+    peak = now[("container_memory_max_usage_bytes", ())]
+    # v2 kernels before 5.19 have no memory.peak: containerd reports 0 there
+    assert peak >= usage or (cgroup_v2_unified() and peak == 0)
     assert now[("container_memory_failures_total", ("pgfault", "hierarchy"))] > 0
     assert now[("container_oom_events_total", ())] == 0
     # sh and nc, each with stdin/stdout/stderr at least
