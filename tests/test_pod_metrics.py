@@ -284,12 +284,12 @@ def test_container_files_v1_tree(tmp_path: Path) -> None:
         for name, text in files.items():
             (directory / name).write_text(text)
     assert process_cgroups(7, proc)["cpuacct"] == "/pods/c1"
-    files = read_container_files(7, root=root, proc=proc)
-    assert files is not None
-    assert files.processes == count_processes([7], proc)
-    assert (files.processes.processes, files.processes.threads) == (1, 2)
-    assert (files.processes.file_descriptors, files.processes.sockets) == (2, 1)
-    settings = files.settings
+    container_files = read_container_files(7, root=root, proc=proc)
+    assert container_files is not None
+    assert container_files.processes == count_processes([7], proc)
+    assert (container_files.processes.processes, container_files.processes.threads) == (1, 2)
+    assert (container_files.processes.file_descriptors, container_files.processes.sockets) == (2, 1)
+    settings = container_files.settings
     assert (settings.cpu_period, settings.cpu_quota, settings.cpu_shares) == (100000, 0, 2)
     assert (settings.memory_limit, settings.swap_limit, settings.threads_max) == (0, 0, 0)
     assert settings.oom_kills == 2
