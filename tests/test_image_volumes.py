@@ -12,6 +12,7 @@ import pytest
 from grpclib import GRPCError
 from grpclib.const import Status
 
+from cri_shim.container.image_volumes import resolve_in_root
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.runtime import TaskStatus
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
@@ -215,3 +216,23 @@ async def forget_in_containerd(node: Node, container_id: str) -> None:
         )
     finally:
         client.close()
+
+
+def test_sub_path_symlinks_resolve_inside_the_image(tmp_path: Path) -> None:
+    """An image's links are read as if its root were `/`: an absolute link or a
+    `..` chain never reaches the host's directories."""
+    root = tmp_path / "image"
+    (root / "real" / "etc").mkdir(parents=True)
+    (root / "etc").symlink_to("/real/etc")
+    (root / "up").symlink_to("../../../..")
+    (root / "loop").symlink_to("loop")
+    (root / "real" / "file").write_text("x")
+    assert resolve_in_root(root, "etc") == root / "real" / "etc"
+    assert resolve_in_root(root, "up/real/etc") == root / "real" / "etc"
+    assert resolve_in_root(root, "../../real") == root / "real"
+    with pytest.raises(OSError, match="does not exist"):
+        resolve_in_root(root, "up/tmp")
+    with pytest.raises(OSError, match="not a directory"):
+        resolve_in_root(root, "real/file")
+    with pytest.raises(OSError, match="too many links"):
+        resolve_in_root(root, "loop")
