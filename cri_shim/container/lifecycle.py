@@ -25,6 +25,7 @@ from typing import Any
 from cri_shim.concurrency import run_all
 from cri_shim.container.cgroups import oom_kills
 from cri_shim.container.events import ContainerEventBus
+from cri_shim.container.image_volumes import ImageVolumes
 from cri_shim.container.io import ContainerIO
 from cri_shim.container.rootfs import read_image_file
 from cri_shim.containerd.events import TaskExit
@@ -157,6 +158,7 @@ class ContainerManager:
         self.status_provider: Callable[[str], Awaitable[cri.PodSandboxStatus | None]] | None = None
         # Creates in flight by name: a kubelet retry joins the first call's work.
         self._creating: dict[str, asyncio.Task[str]] = {}
+        self.image_volumes = ImageVolumes(ops.client, images, environment.state_dir)
 
     def io_dir(self, container_id: str) -> Path:
         return self.env.state_dir / "containers" / container_id
@@ -284,6 +286,7 @@ class ContainerManager:
         lease: str,
     ) -> None:
         mounts = await self.ops.prepare_snapshot(container.id, chain_id, lease=lease)
+        await self.image_volumes.attach(container.id, container.config)
         passwd = await read_image_file(mounts, "/etc/passwd")
         group = await read_image_file(mounts, "/etc/group")
         dirs = SandboxDirs(self.env.sandbox_dirs_root, sandbox.id)
@@ -344,6 +347,7 @@ class ContainerManager:
     async def _forget(self, container: Container) -> None:
         await self.ops.delete_container(container.id)
         await self.ops.remove_snapshot(container.id)
+        await self.image_volumes.release(container.id)
 
     # start
 
@@ -717,6 +721,7 @@ class ContainerManager:
                 container.message = data.get("message", "")
             self.store.add(container)
             self.store.names.reserve(container.name, container.id)
+        await self.image_volumes.sweep(c.id for c in self.store.by_id)
         log_event(log, "containers loaded", count=len(self.store.by_id))
 
     async def release_abandoned_execs(self) -> int:
