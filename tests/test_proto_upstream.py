@@ -16,8 +16,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from google.protobuf import descriptor_pb2
-from grpc_tools import protoc
+from google.protobuf import descriptor_pb2  # type: ignore[import-untyped]
+from grpc_tools import protoc  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ROOT / "protos" / "runtime" / "v1" / "api.proto"
