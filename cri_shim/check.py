@@ -12,7 +12,6 @@ checks run concurrently, so a hung containerd cannot hang the command.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import stat
@@ -198,23 +197,7 @@ def _which(binary: str, dirs: Sequence[str]) -> str | None:
 
 async def _run_version(path: str, timeout: float) -> str:
     """First line of `<path> --version`, run without blocking the loop."""
-    process = await asyncio.create_subprocess_exec(
-        path,
-        "--version",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-        raise
-    text = output.decode(errors="replace").strip()
-    if process.returncode != 0:
-        raise OSError(f"{path} --version exited {process.returncode}: {text}")
+    text = await read_binary_version(path, timeout)
     return text.splitlines()[0] if text else ""
 
 

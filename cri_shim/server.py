@@ -23,6 +23,7 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
 from cri_shim.container.events import ContainerEventBus
+from cri_shim.container.image_volumes import ImageVolumes
 from cri_shim.container.lifecycle import ContainerEnvironment, ContainerManager
 from cri_shim.container.stats import StatsCollector
 from cri_shim.containerd.client import ContainerdClient
@@ -340,6 +341,7 @@ class Shim:
                 pod_annotations=settings.runtime.pod_annotations,
                 container_annotations=settings.runtime.container_annotations,
             ),
+            image_volumes=ImageVolumes(self.client, images.store, settings.state_path),
         )
         sandboxes, containers, bus = self.sandboxes, self.containers, self.container_events
 

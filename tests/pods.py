@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 CNI_BIN = "/usr/lib/cni"
 # Images the pod tests need from the catalog: the pause image and busybox.
-POD_IMAGES = ("registry.k8s.io/pause:3.9", "library/busybox:latest")
+POD_IMAGES = ("registry.k8s.io/pause:3.9", "library/busybox:latest", "test/multilayer:1")
 
 
 def pod_config(name: str, **kwargs: object) -> cri.PodSandboxConfig:

@@ -11,6 +11,7 @@ Everything here blocks on file reads: call it through asyncio.to_thread.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,10 @@ class InterfaceCounters:
     rx_errors: int
     tx_bytes: int
     tx_errors: int
+    rx_packets: int = 0
+    rx_dropped: int = 0
+    tx_packets: int = 0
+    tx_dropped: int = 0
 
 
 def memory_limit(value: int) -> int | None:
@@ -174,12 +179,162 @@ def read_net_dev(pid: int, proc: Path = Path("/proc")) -> list[InterfaceCounters
     for line in lines:
         name, sep, rest = line.partition(":")
         fields = rest.split()
-        if not sep or len(fields) < 11:
+        if not sep or len(fields) < 12:
             continue
         try:
-            rx_bytes, rx_errors = int(fields[0]), int(fields[2])
-            tx_bytes, tx_errors = int(fields[8]), int(fields[10])
+            counts = [int(field) for field in fields[:12]]
         except ValueError:
             continue
-        found.append(InterfaceCounters(name.strip(), rx_bytes, rx_errors, tx_bytes, tx_errors))
+        # receive: bytes packets errs drop fifo frame compressed multicast; transmit: same order
+        found.append(
+            InterfaceCounters(
+                name.strip(),
+                rx_bytes=counts[0],
+                rx_errors=counts[2],
+                tx_bytes=counts[8],
+                tx_errors=counts[10],
+                rx_packets=counts[1],
+                rx_dropped=counts[3],
+                tx_packets=counts[9],
+                tx_dropped=counts[11],
+            )
+        )
     return found
+
+
+# ------------------------------------------- a running container's own cgroup
+
+
+@dataclass(frozen=True)
+class ProcessCounts:
+    """What cAdvisor counts over the processes of a container's cgroup."""
+
+    processes: int = 0
+    threads: int = 0
+    file_descriptors: int = 0
+    sockets: int = 0
+
+
+@dataclass(frozen=True)
+class CgroupSettings:
+    """The limits the kernel enforces on a container's cgroup (0: no limit), and
+    its OOM-kill counter, which containerd's task metrics lack on cgroup v1."""
+
+    cpu_period: int = 0
+    cpu_quota: int = 0
+    cpu_shares: int = 0
+    memory_limit: int = 0
+    swap_limit: int = 0
+    threads_max: int = 0
+    oom_kills: int = 0
+
+
+@dataclass(frozen=True)
+class ContainerFiles:
+    processes: ProcessCounts
+    settings: CgroupSettings
+
+
+def process_cgroups(pid: int, proc: Path = Path("/proc")) -> dict[str, str]:
+    """controller -> cgroup path of process `pid` ("" for the v2 hierarchy)."""
+    try:
+        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
+    except OSError:
+        return {}
+    paths: dict[str, str] = {}
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        for controller in controllers.split(","):
+            paths[controller] = path
+    return paths
+
+
+def count_processes(pids: list[int], proc: Path = Path("/proc")) -> ProcessCounts:
+    """Threads, open descriptors and sockets of these processes; a process that
+    exits meanwhile is skipped."""
+    threads = descriptors = sockets = alive = 0
+    for pid in pids:
+        base = proc / str(pid)
+        try:
+            threads += sum(1 for _ in os.scandir(base / "task"))
+            with os.scandir(base / "fd") as entries:
+                for entry in entries:
+                    descriptors += 1
+                    try:
+                        if os.readlink(entry.path).startswith("socket:"):
+                            sockets += 1
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+        alive += 1
+    return ProcessCounts(alive, threads, descriptors, sockets)
+
+
+def _read_pids(path: Path) -> list[int]:
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _limit(value: int | None) -> int:
+    return value if value is not None and value < UNLIMITED_MEMORY else 0
+
+
+def weight_to_shares(weight: int) -> int:
+    """cgroup v2 cpu.weight back to v1 shares, the inverse of runc's conversion."""
+    return 2 + ((weight - 1) * 262142) // 9999 if weight > 0 else 0
+
+
+def read_container_files(
+    pid: int, root: Path = CGROUP_ROOT, proc: Path = Path("/proc")
+) -> ContainerFiles | None:
+    """Processes and limits of the cgroup that process `pid` (a container's init) is in;
+    None when the process is gone."""
+    paths = process_cgroups(pid, proc)
+    if not paths:
+        return None
+    if cgroup_v2_unified(root):
+        directory = root / paths.get("", "/").lstrip("/")
+        quota_text = _read_text(directory / "cpu.max").split()
+        v2_quota = int(quota_text[0]) if quota_text and quota_text[0].isdigit() else 0
+        period = int(quota_text[1]) if len(quota_text) > 1 and quota_text[1].isdigit() else 0
+        memory = _limit(_read_int(directory / "memory.max"))
+        swap = _read_int(directory / "memory.swap.max")
+        settings = CgroupSettings(
+            cpu_period=period,
+            cpu_quota=v2_quota,
+            cpu_shares=weight_to_shares(_read_int(directory / "cpu.weight") or 0),
+            memory_limit=memory,
+            # v1's meaning (memory plus swap), as cAdvisor reports it on v2
+            swap_limit=memory + swap if memory and swap is not None else 0,
+            threads_max=_read_int(directory / "pids.max") or 0,
+            oom_kills=_read_keyed(directory / "memory.events").get("oom_kill", 0),
+        )
+        pids = _read_pids(directory / "cgroup.procs")
+    else:
+
+        def directory_of(controller: str) -> Path:
+            return root / controller / paths.get(controller, "/").lstrip("/")
+
+        cpu, memory_dir = directory_of("cpu"), directory_of("memory")
+        quota = _read_int(cpu / "cpu.cfs_quota_us")
+        settings = CgroupSettings(
+            cpu_period=_read_int(cpu / "cpu.cfs_period_us") or 0,
+            cpu_quota=quota if quota is not None and quota > 0 else 0,
+            cpu_shares=_read_int(cpu / "cpu.shares") or 0,
+            memory_limit=_limit(_read_int(memory_dir / "memory.limit_in_bytes")),
+            swap_limit=_limit(_read_int(memory_dir / "memory.memsw.limit_in_bytes")),
+            threads_max=_read_int(directory_of("pids") / "pids.max") or 0,
+            oom_kills=_read_keyed(memory_dir / "memory.oom_control").get("oom_kill", 0),
+        )
+        pids = _read_pids(directory_of("pids") / "cgroup.procs")
+    return ContainerFiles(count_processes(pids, proc), settings)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

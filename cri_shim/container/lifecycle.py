@@ -177,6 +177,8 @@ class ContainerManager(ContainerRecovery):
         lease: str,
     ) -> None:
         mounts = await self.ops.prepare_snapshot(container.id, chain_id, lease=lease)
+        if self.image_volumes is not None:
+            await self.image_volumes.attach(container.id, container.config)
         passwd = await read_image_file(mounts, "/etc/passwd")
         group = await read_image_file(mounts, "/etc/group")
         dirs = SandboxDirs(self.env.sandbox_dirs_root, sandbox.id)
@@ -237,6 +239,8 @@ class ContainerManager(ContainerRecovery):
     async def _forget(self, container: Container) -> None:
         await self.ops.delete_container(container.id)
         await self.ops.remove_snapshot(container.id)
+        if self.image_volumes is not None:
+            await self.image_volumes.release(container.id)
 
     # start
 

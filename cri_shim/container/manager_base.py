@@ -17,6 +17,7 @@ from typing import Any
 
 from cri_shim.concurrency import InFlight
 from cri_shim.container.events import ContainerEventBus
+from cri_shim.container.image_volumes import ImageVolumes
 from cri_shim.container.io import ContainerIO
 from cri_shim.containerd.runtime import Runtime, pack_json, unpack_json
 from cri_shim.errors import failed_precondition, not_found
@@ -79,6 +80,7 @@ class ContainerManagerBase:
         ops: Runtime,
         events: ContainerEventBus,
         environment: ContainerEnvironment,
+        image_volumes: ImageVolumes | None = None,
     ) -> None:
         self.store = store
         self.sandboxes = sandboxes
@@ -86,6 +88,9 @@ class ContainerManagerBase:
         self.ops = ops
         self.events = events
         self.env = environment
+        # Image volumes (Mount.image); None where no containerd backs the manager
+        # (the in-memory fake), so such mounts are refused as not prepared.
+        self.image_volumes = image_volumes
         # A container's IO, spec, mounts and exit signals live on its record
         # (`Container.runtime`), so removing the record drops them.
         self._releases: set[asyncio.Task[None]] = set()

@@ -110,6 +110,8 @@ class ContainerRecovery(ContainerExits):
                 container.message = data.get("message", "")
             self.store.add(container)
             self.store.names.reserve(container.name, container.id)
+        if self.image_volumes is not None:
+            await self.image_volumes.sweep(c.id for c in self.store.by_id)
         log_event(log, "containers loaded", count=len(self.store.by_id))
 
     async def release_abandoned_execs(self) -> int:

@@ -30,8 +30,24 @@ from cri_shim.container.cgroups import (
     CgroupSample,
     InterfaceCounters,
     memory_limit,
+    read_container_files,
     read_net_dev,
     read_sample,
+)
+from cri_shim.container.metrics import (
+    FilesystemInfo,
+    MetricsBuilder,
+    add_files,
+    add_filesystem,
+    add_network,
+    add_times,
+    add_v1,
+    add_v2,
+    container_labels,
+    container_metrics_bytes,
+    filesystem_info,
+    pod_labels,
+    pod_metrics_bytes,
 )
 from cri_shim.containerd.runtime import Runtime
 from cri_shim.gen.containerd.types import Metric
@@ -98,18 +114,28 @@ def sample_from_v2(metrics: cgroups_v2.Metrics, timestamp_ns: int) -> CgroupSamp
     )
 
 
-def sample_from_metric(metric: Metric) -> CgroupSample | None:
-    """Decode one Tasks.Metrics entry by its payload's type URL; None if unknown."""
+def decode_payload(metric: Metric) -> cgroups_v1.Metrics | cgroups_v2.Metrics | None:
+    """One Tasks.Metrics entry's payload by its type URL; None if unknown."""
     data = metric.data
     if data is None:
         return None
     kind = data.type_url.rsplit("/", 1)[-1]
-    timestamp = _ns(metric.timestamp)
     if kind == CGROUPS_V1_METRICS:
-        return sample_from_v1(cgroups_v1.Metrics.parse(data.value), timestamp)
+        return cgroups_v1.Metrics.parse(data.value)
     if kind == CGROUPS_V2_METRICS:
-        return sample_from_v2(cgroups_v2.Metrics.parse(data.value), timestamp)
+        return cgroups_v2.Metrics.parse(data.value)
     log_event(log, "unknown task metrics type", level=logging.DEBUG, container=metric.id, type=kind)
+    return None
+
+
+def sample_from_metric(metric: Metric) -> CgroupSample | None:
+    """Decode one Tasks.Metrics entry; None if its payload is of an unknown type."""
+    payload = decode_payload(metric)
+    timestamp = _ns(metric.timestamp)
+    if isinstance(payload, cgroups_v1.Metrics):
+        return sample_from_v1(payload, timestamp)
+    if isinstance(payload, cgroups_v2.Metrics):
+        return sample_from_v2(payload, timestamp)
     return None
 
 
@@ -368,6 +394,73 @@ class StatsCollector:
         if not parent:
             return None
         return await asyncio.to_thread(read_sample, parent, now)
+
+    # ------------------------------------------------ ListPodSandboxMetrics
+
+    async def list_pod_metrics(self, sandboxes: list[Sandbox]) -> list[bytes]:
+        """cAdvisor-style metrics of these pods and their running containers, each
+        pod an encoded PodSandboxMetrics message: one
+        Tasks.Metrics call, one statvfs, then per container its cgroup files and
+        writable layer, per pod its network counters."""
+        running = {
+            s.id: [
+                c
+                for c in self.containers.in_sandbox(s.id)
+                if c.state is ContainerState.RUNNING and c.pid > 0
+            ]
+            for s in sandboxes
+        }
+        wanted = sorted(c.id for items in running.values() for c in items)
+        payloads = {m.id: decode_payload(m) for m in await self.ops.task_metrics(wanted)}
+        filesystem = await asyncio.to_thread(filesystem_info, await self.snapshot_root())
+        return list(
+            await asyncio.gather(
+                *(self._pod_metrics(s, running[s.id], payloads, filesystem) for s in sandboxes)
+            )
+        )
+
+    async def _pod_metrics(
+        self,
+        sandbox: Sandbox,
+        containers: list[Container],
+        payloads: dict[str, cgroups_v1.Metrics | cgroups_v2.Metrics | None],
+        filesystem: FilesystemInfo | None,
+    ) -> bytes:
+        meta = sandbox.metadata
+        pod = MetricsBuilder(pod_labels(sandbox.id, meta.namespace, meta.name), time.time_ns())
+        if not sandbox.host_network and sandbox.pid > 0:
+            add_network(pod, await asyncio.to_thread(read_net_dev, sandbox.pid))
+        measured = [c for c in containers if c.id in payloads]
+        encoded = await asyncio.gather(
+            *(self._container_metrics(sandbox, c, payloads[c.id], filesystem) for c in measured)
+        )
+        return pod_metrics_bytes(sandbox.id, pod, list(encoded))
+
+    async def _container_metrics(
+        self,
+        sandbox: Sandbox,
+        container: Container,
+        payload: cgroups_v1.Metrics | cgroups_v2.Metrics | None,
+        filesystem: FilesystemInfo | None,
+    ) -> bytes:
+        meta = sandbox.metadata
+        labels = container_labels(
+            container.id, container.metadata.name, container.image_ref, meta.namespace, meta.name
+        )
+        out = MetricsBuilder(labels, time.time_ns())
+        if isinstance(payload, cgroups_v1.Metrics):
+            add_v1(out, payload)
+        elif isinstance(payload, cgroups_v2.Metrics):
+            add_v2(out, payload)
+        files = await asyncio.to_thread(read_container_files, container.pid)
+        if files is not None:
+            add_files(out, files)
+        if filesystem is not None:
+            async with self._usage_calls:
+                usage = await self.ops.snapshot_usage(container.id)
+            add_filesystem(out, filesystem, usage[0] if usage is not None else None)
+        add_times(out, container.started_at)
+        return container_metrics_bytes(container.id, out)
 
     def _forget_gone(self) -> None:
         """Drop the previous samples of containers and pods that no longer exist."""

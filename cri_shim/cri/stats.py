@@ -7,26 +7,29 @@ containers and ready pods only, unknown filter ids match nothing. A single
 ContainerStats of a container without a task answers its writable layer
 (containerd fails the call instead).
 
-ListMetricDescriptors and ListPodSandboxMetrics answer empty lists, as
-containerd 2 does: the cAdvisor-style metrics they would carry are only read
-by kubelet's PodAndContainerStatsFromCRI feature gate, and an empty answer
-tells kubelet there are none rather than that the runtime is broken.
+ListMetricDescriptors and ListPodSandboxMetrics carry cAdvisor-style
+metrics (`container/metrics.py`) for kubelet's PodAndContainerStatsFromCRI:
+ready pods, their running containers.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from cri_shim.container.metrics import descriptors
 from cri_shim.container.stats import StatsCollector
 from cri_shim.errors import Unavailable, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.store.containers import Container, ContainerStore
 from cri_shim.store.encoded import (
     BatchLimits,
+    EncodedListPodSandboxMetricsResponse,
     EncodedStreamContainerStatsResponse,
+    EncodedStreamPodSandboxMetricsResponse,
     EncodedStreamPodSandboxStatsResponse,
     batches,
     framed,
+    message_field,
     prebuilt,
 )
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore
@@ -117,17 +120,24 @@ class StatsHandlers:
     async def list_metric_descriptors(
         self, request: cri.ListMetricDescriptorsRequest
     ) -> cri.ListMetricDescriptorsResponse:
-        return cri.ListMetricDescriptorsResponse(descriptors=[])
+        return cri.ListMetricDescriptorsResponse(descriptors=descriptors())
+
+    def _ready_sandboxes(self) -> list[Sandbox]:
+        return self._stats_sandboxes(None)
 
     async def list_pod_sandbox_metrics(
         self, request: cri.ListPodSandboxMetricsRequest
     ) -> cri.ListPodSandboxMetricsResponse:
-        return cri.ListPodSandboxMetricsResponse(pod_metrics=[])
+        metrics = await self.collector.list_pod_metrics(self._ready_sandboxes())
+        body = b"".join(message_field(1, pod) for pod in metrics)
+        return prebuilt(EncodedListPodSandboxMetricsResponse, body)
 
     async def stream_pod_sandbox_metrics(
         self, request: cri.StreamPodSandboxMetricsRequest
     ) -> AsyncIterator[cri.StreamPodSandboxMetricsResponse]:
-        """No metrics (see ListPodSandboxMetrics): the stream ends without a message,
-        as containerd's does for an empty result."""
-        for _ in ():
-            yield cri.StreamPodSandboxMetricsResponse()
+        """Collected once like ListPodSandboxMetrics, each pod encoded once, then batched;
+        no ready pod: the stream ends without a message."""
+        metrics = await self.collector.list_pod_metrics(self._ready_sandboxes())
+        framed_pods = (message_field(1, pod) for pod in metrics)
+        for body in batches(framed_pods, self.limits):
+            yield prebuilt(EncodedStreamPodSandboxMetricsResponse, body)

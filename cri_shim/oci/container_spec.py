@@ -335,10 +335,9 @@ def _check_path(path: str, what: str) -> None:
 
 
 def _validate_cri_mount(mount: cri.Mount) -> None:
-    if mount.image is not None and mount.image.image:
-        raise SpecError(
-            f"image volume mount at {mount.container_path!r} is not supported by this runtime"
-        )
+    if mount.image is not None and mount.image.image and not mount.host_path:
+        # container/image_volumes.py mounts the image and sets host_path first.
+        raise SpecError(f"image volume mount at {mount.container_path!r} was not prepared")
     _check_path(mount.container_path, "mount container_path")
     _check_path(mount.host_path, f"host_path of the mount at {mount.container_path!r}")
     if mount.uid_mappings or mount.gid_mappings:

@@ -55,7 +55,8 @@ class EncodingCache:
         return data
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A non-negative integer in protobuf's base-128 form."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -66,7 +67,7 @@ def _varint(value: int) -> bytes:
 
 def message_field(number: int, data: bytes) -> bytes:
     """A length-delimited field, as betterproto2 writes a message-typed one."""
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
+    return varint(number << 3 | 2) + varint(len(data)) + data
 
 
 class _Prebuilt:
@@ -181,6 +182,10 @@ class EncodedStreamPodSandboxStatsResponse(_Prebuilt, cri.StreamPodSandboxStatsR
 
 
 class EncodedStreamPodSandboxMetricsResponse(_Prebuilt, cri.StreamPodSandboxMetricsResponse):
+    pass
+
+
+class EncodedListPodSandboxMetricsResponse(_Prebuilt, cri.ListPodSandboxMetricsResponse):
     pass
 
 

@@ -113,7 +113,7 @@ async def run_spec(
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    critest = args.critest or peer("CRITEST", "cri-tools")
+    critest = args.critest or peer("CRITEST")
     builds = default_builds(args.containerd2, with_containerd2=not args.no_containerd2)
     base = short_tempdir("crishim-critest-bench-")
     params = base / "params.yaml"

@@ -29,9 +29,9 @@ from cri_shim.containerd import embedded
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from tests.conftest import ShimProcess, start_shim_process
 from tests.pods import CNI_BIN, write_conflist, write_shim_config
+from tests.support.peers import PeerMissing, peer_path
 from tests.support.reaper import reap
 
-PEERS_BUILD = Path(__file__).resolve().parent.parent / "peers" / "build.sh"
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.9"
 CRI_PLUGINS_V2 = (
     "io.containerd.cri.v1.runtime",
@@ -40,19 +40,13 @@ CRI_PLUGINS_V2 = (
 )
 
 
-def peer(name: str, group: str) -> str:
-    """A peer binary: $NAME, else what `tests/peers/build.sh GROUP` prints for it
-    (built once into a cache; a cached one answers at once)."""
-    if os.environ.get(name):
-        return os.environ[name]
-    done = subprocess.run(
-        ["bash", str(PEERS_BUILD), group], capture_output=True, text=True, check=False
-    )
-    for line in done.stdout.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key == name:
-            return value
-    raise SystemExit(f"peer {name} not found: set ${name} or run {PEERS_BUILD} {group}")
+def peer(name: str) -> str:
+    """A peer binary ($NAME, else tests/peers/build.sh's build); a benchmark
+    stops with the reason when it is missing."""
+    try:
+        return peer_path(name)
+    except PeerMissing as err:
+        raise SystemExit(str(err)) from err
 
 
 def binary_version(binary: str) -> str:
@@ -231,7 +225,7 @@ def default_builds(
     """containerd on PATH (Debian's 1.6), then the 2.x peer unless left out."""
     builds = [ContainerdBuild.find("containerd")]
     if with_containerd2:
-        builds.append(ContainerdBuild.find(containerd2 or peer("CONTAINERD2", "containerd2")))
+        builds.append(ContainerdBuild.find(containerd2 or peer("CONTAINERD2")))
     return builds
 
 
