@@ -202,6 +202,18 @@ def numbered_lines(path: Path) -> list[int]:
     return numbers
 
 
+def open_files(shim_pid: int, node: Node) -> list[str]:
+    """The shim's open files in the state and log dirs (named when a test fails)."""
+    prefixes = (str(node.base / "state"), str(node.base / "logs"))
+    found = []
+    for fd in os.listdir(f"/proc/{shim_pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{shim_pid}/fd/{fd}")
+            if target.startswith(prefixes):
+                found.append(target)
+    return found
+
+
 async def leftovers(node: Node, shim_pid: int) -> dict[str, int]:
     """What removing every pod must leave at zero (fds: the shim's own, into
     the state or log dirs: FIFOs, spools, log files)."""
@@ -221,11 +233,7 @@ async def leftovers(node: Node, shim_pid: int) -> dict[str, int]:
     state = str(node.base / "state")
     mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
     mounts = sum(1 for line in mountinfo if f" {state}/" in line)
-    fds = 0
-    for fd in os.listdir(f"/proc/{shim_pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{shim_pid}/fd/{fd}")
-            fds += target.startswith((state, str(node.base / "logs")))
+    fds = len(open_files(shim_pid, node))
     return {
         "tasks": len(tasks.tasks),
         "containers": len(containers.containers),
@@ -548,6 +556,14 @@ async def test_restart_and_containerd_crash_lose_nothing(
         await assert_consistent(client, node)
         for pod_id in [*pod_ids, *churn_ids, extra_id]:
             await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(pod_id))
+
+        # A removed container's output copier closes its FIFO and log once the
+        # drain ends, which may be just after RemovePodSandbox returns; a leak
+        # never gets there.
+        async def nothing_left() -> bool:
+            return await leftovers(node, shim.process.pid) == NOTHING_LEFT
+
+        await wait_for(nothing_left, timeout=15)
         left = await leftovers(node, shim.process.pid)
         print(
             f"recovery: {listed_pods} pods / {listed_containers} containers listed after the"
@@ -556,7 +572,7 @@ async def test_restart_and_containerd_crash_lose_nothing(
             f" cut runs found {cut_found}; {lines} log lines of {len(loggers)} loggers"
             f" each once; leftovers {left}"
         )
-        assert left == NOTHING_LEFT
+        assert left == NOTHING_LEFT, open_files(shim.process.pid, node)
     finally:
         client.close()
         await stop_shim(shim)
@@ -735,7 +751,7 @@ async def test_run_cut_off_by_a_kill_leaves_no_network(
         assert os.listdir(state / "netns-pins") == []
         assert os.listdir(state / "cni-cache") == []
         left = await leftovers(node, shim.process.pid)
-        assert left == NOTHING_LEFT
+        assert left == NOTHING_LEFT, open_files(shim.process.pid, node)
     finally:
         client.close()
         await stop_shim(shim)
@@ -780,7 +796,7 @@ async def test_sigterm_lets_a_run_whose_caller_gave_up_finish(
         assert "creates still running at shutdown" not in exit_log
         await client.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(listed[0].id))
         left = await leftovers(node, shim.process.pid)
-        assert left == NOTHING_LEFT
+        assert left == NOTHING_LEFT, open_files(shim.process.pid, node)
     finally:
         client.close()
         if shim.process.returncode is None:
