@@ -300,6 +300,25 @@ async def test_crictl_port_forward_nothing_listening(
 SIZES = [1, 4095, 4096, 4097, 65535, 65537, 1 << 20, (16 << 20) + 3]
 
 
+async def put_file(
+    pod_shim: Shim, container: str, transport: str, path: str, payload: bytes
+) -> None:
+    """Write `payload` to `path` in the container through crictl exec's stdin."""
+    code, _, err = await crictl(
+        pod_shim,
+        "exec",
+        "-i",
+        "-r",
+        transport,
+        container,
+        "sh",
+        "-c",
+        f"cat > {path}",
+        stdin=payload,
+    )
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_crictl_exec_stdout_is_byte_exact_at_every_size(
     pod_shim: Shim, sleeper: str, transport: str
@@ -307,19 +326,7 @@ async def test_crictl_exec_stdout_is_byte_exact_at_every_size(
     """stdout of known bytes (the container makes them, crictl reads them) for
     sizes across frame and flow-control boundaries."""
     payload = os.urandom(max(SIZES))
-    code, _, err = await crictl(
-        pod_shim,
-        "exec",
-        "-i",
-        "-r",
-        transport,
-        sleeper,
-        "sh",
-        "-c",
-        "cat > /tmp/blob",
-        stdin=payload,
-    )
-    assert code == 0, err
+    await put_file(pod_shim, sleeper, transport, "/tmp/blob", payload)
     for size in SIZES:
         code, out, err = await crictl(
             pod_shim, "exec", "-r", transport, sleeper, "head", "-c", str(size), "/tmp/blob"
@@ -349,19 +356,7 @@ async def test_crictl_exec_stdout_and_stderr_stay_apart(
 ) -> None:
     """Large stdout and stderr written interleaved arrive each whole, on its own stream."""
     payload = os.urandom(3 << 20)
-    code, _, err = await crictl(
-        pod_shim,
-        "exec",
-        "-i",
-        "-r",
-        transport,
-        sleeper,
-        "sh",
-        "-c",
-        "cat > /tmp/two",
-        stdin=payload,
-    )
-    assert code == 0, err
+    await put_file(pod_shim, sleeper, transport, "/tmp/two", payload)
     script = "for i in 1 2 3; do cat /tmp/two; cat /tmp/two >&2; done"
     code, out, err = await crictl(
         pod_shim, "exec", "-r", transport, sleeper, "sh", "-c", script, timeout=120
