@@ -650,28 +650,37 @@ class Registry:
                     stderr=log,
                     start_new_session=True,
                 )
-            if await self._wait_ready(timeout):
+            why = await self._wait_ready(timeout)
+            if why is None:
                 return
-            last = self.log_tail()
+            last = f"{why}\n{self.log_tail()}"
             await self._kill()
             if "address already in use" not in last:
                 break
         await self.stop()
         raise RegistryError(f"docker-registry did not start:\n{last}")
 
-    async def _wait_ready(self, timeout: float) -> bool:
+    async def _wait_ready(self, timeout: float) -> str | None:
+        """None once ``/v2/`` answers; otherwise why not (exit status or the
+        last probe's error), so a failed start says what happened."""
         deadline = time.monotonic() + timeout
+        last_error = "no probe answered"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
             while time.monotonic() < deadline:
                 assert self._proc is not None
                 if self._proc.returncode is not None:
-                    return False
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    code = self._proc.returncode
+                    how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
+                    return f"docker-registry {how} (last probe: {last_error})"
+                try:
                     async with s.get(self.url + "/v2/") as resp:
                         if resp.status in (200, 401):
-                            return True
+                            return None
+                        last_error = f"HTTP {resp.status}"
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    last_error = f"{type(exc).__name__}: {exc}"
                 await asyncio.sleep(0.05)
-        return False
+        return f"docker-registry gave no answer in {timeout:.0f} s (last probe: {last_error})"
 
     async def _kill(self) -> None:
         proc, self._proc = self._proc, None
