@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -455,32 +456,81 @@ async def node(request: pytest.FixtureRequest, pod_images: ServedCatalog) -> Asy
         write_pods(node)
         yield node
     finally:
-        await teardown(node, stop)
+        problems = await teardown(node, stop)
         await asyncio.to_thread(reap, base)
         kubelet.cleanup()
+        leaked = await asyncio.to_thread(drop_hostport_rules, f"10.235.{octet}.")
         subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+        if leaked:
+            problems.append("hostPort rules left on the host:\n" + "\n".join(leaked))
+        assert not problems, f"teardown of the {runtime} node: " + "; ".join(problems)
 
 
-async def teardown(node: Node, stop_runtime: Callable[[], Awaitable[None]]) -> None:
-    """kubelet leaves pods running when it stops; remove them through the CRI."""
+async def teardown(node: Node, stop_runtime: Callable[[], Awaitable[None]]) -> list[str]:
+    """kubelet leaves pods running when it stops; remove them through the CRI.
+
+    Returns what went wrong, for the fixture to raise once everything else is
+    cleaned up: a pod left running here leaves its hostPort DNAT rule behind,
+    and that rule captures whichever later test gets the same free port (seen:
+    a registry on that port never answered)."""
     await node.kubelet.stop()
+    problems: list[str] = []
     client = node.client()
     try:
-        listed = await client.runtime.list_pod_sandbox(cri.ListPodSandboxRequest(), timeout=30)
-        for item in listed.items:
-            with contextlib.suppress(Exception):
+        items = await sandboxes_once_answering(client)
+        for item in items:
+            try:
                 await client.runtime.stop_pod_sandbox(
                     cri.StopPodSandboxRequest(item.id), timeout=60
                 )
                 await client.runtime.remove_pod_sandbox(
                     cri.RemovePodSandboxRequest(item.id), timeout=60
                 )
-    except Exception:  # best effort: reap() follows
-        pass
+            except Exception as exc:
+                problems.append(f"stop/remove of pod {item.id}: {exc!r}")
+    except Exception as exc:
+        problems.append(f"ListPodSandbox: {exc!r}")
     finally:
         client.close()
     await stop_runtime()
+    return problems
+
+
+async def sandboxes_once_answering(client: CriClient) -> list[cri.PodSandbox]:
+    """ListPodSandbox, retried while the runtime is still coming back from a
+    scenario that killed it (the last tests SIGKILL the shim and containerd)."""
+    deadline = asyncio.get_running_loop().time() + 120
+    while True:
+        try:
+            listed = await client.runtime.list_pod_sandbox(cri.ListPodSandboxRequest(), timeout=30)
+            return list(listed.items)
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+def drop_hostport_rules(subnet_prefix: str) -> list[str]:
+    """Remove portmap's DNAT chains leading into the node's pod subnet and
+    return the rules found: after a clean teardown there are none."""
+    saved = subprocess.run(
+        ["iptables-save", "-t", "nat"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    chains = {
+        line.split()[1]
+        for line in saved
+        if line.startswith("-A CNI-DN-") and f"--to-destination {subnet_prefix}" in line
+    }
+    found = [line for line in saved if any(f" {chain} " in f"{line} " for chain in chains)]
+    for line in saved:
+        args = shlex.split(line) if line.startswith("-A CNI-HOSTPORT-DNAT") else []
+        if "-j" in args and args[args.index("-j") + 1] in chains:
+            subprocess.run(["iptables", "-t", "nat", "-D", *args[1:]], check=False)
+    for chain in chains:
+        subprocess.run(["iptables", "-t", "nat", "-F", chain], check=False)
+        subprocess.run(["iptables", "-t", "nat", "-X", chain], check=False)
+    return found
 
 
 @pytest.fixture(autouse=True)
