@@ -253,7 +253,12 @@ class Shim:
         self.health = ContainerdHealth(self.client, settings.containerd.health_interval)
         await self.health.start()
         self._stack.push_async_callback(self.health.stop)
-        self.images = ImageManager(settings, self.client, on_pull=self.metrics.observe_pull)
+        self.images = ImageManager(
+            settings.registry,
+            settings.runtime.sandbox_image,
+            self.client,
+            on_pull=self.metrics.observe_pull,
+        )
         await self.images.start()
         self._stack.push_async_callback(self.images.stop)
         self.health.on_reconnect(self.images.reload)
@@ -306,7 +311,9 @@ class Shim:
         images = self.images
         ops = RuntimeOps(self.client, systemd_cgroup=cgroup_driver is CgroupDriver.SYSTEMD)
         floor = None if can_lower_oom_score_adj() else own_oom_score_adj()
-        self.pod_network = PodNetwork(settings, self.network, self.pod_cidrs)
+        self.pod_network = PodNetwork(
+            settings.cni, settings.state_path, self.network, self.pod_cidrs
+        )
 
         async def ensure_pause(ref: str) -> ImageRecord:
             return await images.ensure_image(ref, pinned=True)

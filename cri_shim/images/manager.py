@@ -52,7 +52,7 @@ from cri_shim.registry.types import (
     ResolvedImage,
     host_platform,
 )
-from cri_shim.settings import Settings
+from cri_shim.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +92,20 @@ PullObserver = Callable[[str, int, float], None]
 class ImageManager:
     def __init__(
         self,
-        settings: Settings,
+        settings: RegistrySettings,
+        sandbox_image: str,
         client: ContainerdClient,
         *,
         registry: RegistryClient | None = None,
         on_pull: PullObserver | None = None,
     ) -> None:
-        self.settings = settings
         self.client = client
         self.records = Images(client)
         # Told of every finished pull (ref, bytes downloaded, seconds): metrics.
         self.on_pull = on_pull
         self.store = ImageStore()
-        self.registry = registry or RegistryClient(settings.registry)
-        self.content = ContentStore(client, timeout=settings.registry.stall_timeout)
+        self.registry = registry or RegistryClient(settings)
+        self.content = ContentStore(client, timeout=settings.stall_timeout)
         self.unpacker = Unpacker(client, SNAPSHOTTER)
         self.puller = Puller(client, self.registry, self.content, self.unpacker)
         self.usage = SnapshotUsage(client, SNAPSHOTTER)
@@ -114,9 +114,9 @@ class ImageManager:
         # Store changes made while a load reads containerd, replayed on its result.
         self._journal: list[Callable[[], None]] | None = None
         try:
-            self._sandbox_image = str(parse_reference(settings.runtime.sandbox_image))
+            self._sandbox_image = str(parse_reference(sandbox_image))
         except ReferenceError:
-            self._sandbox_image = settings.runtime.sandbox_image
+            self._sandbox_image = sandbox_image
 
     # ------------------------------------------------------------ lifecycle
 
