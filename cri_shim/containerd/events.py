@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from cri_shim.concurrency import stop_task
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd import events as events_v1
@@ -126,13 +127,7 @@ class EventMonitor:
             await asyncio.wait_for(self.subscribed.wait(), 5)
 
     async def stop(self) -> None:
-        if self._resync_task is not None:
-            self._resync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resync_task
-            self._resync_task = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._resync_task)
+        self._resync_task = None
+        await stop_task(self._task)
+        self._task = None
