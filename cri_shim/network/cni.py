@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -263,17 +264,7 @@ class PodNetwork:
             try:
                 result = await self.runner.add(chain, attachment)
                 status = PodNetworkStatus.from_result(CniResult.parse(result), self.ifname)
-                await self.cache.save(
-                    CachedAttachment(
-                        chain=chain,
-                        container_id=pod.sandbox_id,
-                        ifname=self.ifname,
-                        netns=pod.netns_path,
-                        cni_args=attachment.cni_args,
-                        capability_args=dict(attachment.capability_args),
-                        result=result,
-                    )
-                )
+                await self.cache.save(dataclasses.replace(intent, result=result))
             except BaseException as err:
                 prev = result if result is not None else getattr(err, "partial_result", None)
                 await asyncio.shield(self._rollback(chain, attachment, prev, err))
