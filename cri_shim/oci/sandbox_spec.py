@@ -97,7 +97,10 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
     if host_network:
         drop_namespace(spec, "network")
         drop_namespace(spec, "uts")
-        spec.pop("hostname", None)  # runc refuses a hostname without a private UTS ns
+        # A requested hostname stays: runc refuses it without a private UTS namespace,
+        # which is how containerd's CRI fails such a pod too.
+        if not inputs.hostname:
+            spec.pop("hostname", None)
     else:
         set_namespace(spec, "network", inputs.netns_path)
     if _namespace_mode(options, "pid") is cri.NamespaceMode.NODE:

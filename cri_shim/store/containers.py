@@ -175,6 +175,7 @@ class Container(EncodingCache):
             resources=cri.ContainerResources(linux=self.resources) if self.resources else None,
             image_id=self.image_id,
             user=self._user(),
+            stop_signal=cri_signal(self.stop_signal),
         )
 
     def _user(self) -> cri.ContainerUser | None:
@@ -193,6 +194,16 @@ class Container(EncodingCache):
             "logPath": self.log_path,
             "config": self.config.to_dict(),
         }
+
+
+def cri_signal(name: str) -> cri.Signal:
+    """The CRI enum for a stop signal name (`SIGQUIT`, `SIGRTMIN+1`), as containerd's
+    toCRISignal maps it: a name CRI has no value for is RUNTIME_DEFAULT."""
+    key = name.replace("+", "PLUS", 1).replace("-", "MINUS", 1)
+    try:
+        return cri.Signal[key]
+    except KeyError:
+        return cri.Signal.RUNTIME_DEFAULT
 
 
 def container_name(sandbox_name: str, metadata: cri.ContainerMetadata) -> str:
