@@ -362,6 +362,8 @@ class Shim:
         self.events.exit_handlers.append(self.sandbox_manager.on_task_exit)
         self.events.exit_handlers.append(self.container_manager.on_task_exit)
         self.events.oom_handlers.append(self.container_manager.on_oom)
+        self.events.image_handlers.append(images.on_image_event)
+        images.store.listeners.append(lambda ids: containers.follow_images(ids, images.store.get))
         sandbox_manager, container_manager = self.sandbox_manager, self.container_manager
         resync_lock = asyncio.Lock()
 
@@ -371,6 +373,7 @@ class Shim:
             async with resync_lock:
                 await sandbox_manager.load()
                 await container_manager.load()
+                containers.follow_images({c.image_id for c in containers.by_id}, images.store.get)
 
         await self.container_manager.release_abandoned_execs()
         if self.health.serving:
@@ -387,6 +390,8 @@ class Shim:
             )
         self.health.on_reconnect(resync)
         self.events.resync_handlers.append(resync)
+        # Image records made or removed while the stream was down sent no event.
+        self.events.resync_handlers.append(images.reload)
         await self.events.start()
         self._stack.push_async_callback(self.events.stop)
         self.metrics.register_state_provider("sandbox", self._sandbox_states)

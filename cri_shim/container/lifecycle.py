@@ -144,6 +144,7 @@ class ContainerManager(ContainerRecovery):
             image_ref=image_spec.image,
             image_id=image.id,
             image_repo_ref=(image.repo_digests or [image.id])[0],
+            image_tag=(image.repo_tags or [""])[0],
             created_at=time.time_ns(),
             log_path=log_path,
             stop_signal=stop_signal(config, runtime_config(image.config)),

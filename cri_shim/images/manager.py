@@ -146,6 +146,45 @@ class ImageManager:
         except (ContainerdError, ContainerdUnavailable) as err:
             log_event(log, "image reload failed", level=logging.WARNING, error=str(err))
 
+    async def on_image_event(self, name: str, deleted: bool) -> None:
+        """An image record changed in containerd, maybe by another client: the store
+        follows at once, as containerd's CRI does (its UpdateImage). The record is
+        read back rather than trusted from the event, so a stale event finds the
+        current state; a record that is not the CRI's yet is adopted."""
+        if deleted:
+            self._discard(name)
+            return
+        try:
+            image = await self.records.get(name)
+        except ContainerdError as err:
+            if err.status is not Status.NOT_FOUND:
+                raise
+            image = None
+        target = _descriptor(image.target) if image is not None else None
+        if image is None or target is None:
+            self._discard(name)
+            return
+        try:
+            content = await self._read_content(target)
+        except (ContainerdError, ValueError, UnsupportedManifestError) as err:
+            log_event(
+                log,
+                "skipping image whose content is unreadable",
+                level=logging.WARNING,
+                image=name,
+                target=target.digest,
+                error=str(err),
+            )
+            return
+        pinned = image.labels.get(PINNED_LABEL) == PINNED_VALUE
+        self._set(name, content, pinned)
+        if image.labels.get(MANAGED_LABEL) != MANAGED_VALUE:
+            names = set(self.store.names_of(content.id))
+            for added, added_content, added_pinned in await self._adopt(
+                name, target, content, pinned, names
+            ):
+                self._set(added, added_content, added_pinned)
+
     # ------------------------------------------------------------ store upkeep
 
     def _set(self, name: str, content: ImageContent, pinned: bool) -> None:

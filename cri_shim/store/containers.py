@@ -4,6 +4,7 @@ without a containerd round-trip. Task exit events update it at once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # types only: the store does not depend on the domain code
     from cri_shim.container.io import ContainerIO
     from cri_shim.containerd.events import TaskExit
     from cri_shim.gen.containerd.types import Mount
+    from cri_shim.images.store import ImageRecord
 
 
 class ContainerState(StrEnum):
@@ -64,6 +66,9 @@ class Container(EncodingCache):
     image_repo_ref: str  # a repo digest of the image, for ContainerStatus.image_ref
     created_at: int
     log_path: str
+    # The image's first repo tag while it has one (kept current from the image store,
+    # not recorded): ContainerStatus.image, as containerd reports it.
+    image_tag: str = ""
     stop_signal: str = "SIGTERM"
     state: ContainerState = ContainerState.CREATED
     pid: int = 0
@@ -164,7 +169,7 @@ class Container(EncodingCache):
             started_at=self.started_at,
             finished_at=self.finished_at,
             exit_code=self.exit_code,
-            image=self.image_spec(),
+            image=cri.ImageSpec(image=self.image_tag) if self.image_tag else self.image_spec(),
             image_ref=self.image_repo_ref or self.image_id,
             reason=self.reason,
             message=self.message,
@@ -222,6 +227,21 @@ class ContainerStore:
     def remove(self, container: Container) -> None:
         self.by_id.discard(container.id)
         self.names.release(container.name, container.id)
+
+    def follow_images(self, ids: set[str], current: Callable[[str], ImageRecord | None]) -> None:
+        """The images `ids` gained or lost names: each container of one reports the
+        image's current first tag and repo digest, or its id once it is gone, as
+        containerd's ContainerStatus looks them up on every call."""
+        for container in self.by_id:
+            if container.image_id not in ids:
+                continue
+            image = current(container.image_id)
+            tag = (image.repo_tags or [""])[0] if image is not None else ""
+            repo_ref = (image.repo_digests or [""])[0] if image is not None else ""
+            if container.image_tag != tag:
+                container.image_tag = tag
+            if container.image_repo_ref != repo_ref:
+                container.image_repo_ref = repo_ref
 
     def in_sandbox(self, sandbox_id: str) -> list[Container]:
         return [c for c in self.by_id if c.sandbox_id == sandbox_id]
