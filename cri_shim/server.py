@@ -409,6 +409,7 @@ class Shim:
                 self.container_manager,
                 self.container_events,
                 self.batch_limits,
+                drain_exec_sync_io_seconds=settings.runtime.drain_exec_sync_io_seconds,
             ),
         )
 
