@@ -28,6 +28,7 @@ import pytest_asyncio
 from grpclib import GRPCError
 from grpclib.const import Status
 
+from cri_shim.cri.image import name_matcher
 from cri_shim.gen.runtime import v1 as cri
 from tests.benchmarks.daemons import BenchContainerd, ContainerdBuild
 from tests.conftest import CriClient, ShimProcess, short_tempdir, start_shim_process, wait_for
@@ -298,6 +299,29 @@ async def test_list_images_filter_by_repository(pair: Pair) -> None:
         assert (pause in shim) == (pause in expected), (wanted, shim)
 
 
+def test_list_images_name_matching() -> None:
+    names = [
+        "127.0.0.1:5000/library/busybox:latest",
+        "registry.k8s.io/e2e-test-images/busybox:1.29-2",
+        "docker.io/library/busybox:1.36",
+        "docker.io/library/mybusybox:1",
+        "registry.k8s.io/e2e-test-images/busybox@sha256:" + "a" * 64,
+    ]
+
+    def matched(wanted: str) -> list[int]:
+        matches = name_matcher(wanted)
+        return [i for i, name in enumerate(names) if matches(name)]
+
+    assert matched("busybox") == [0, 1, 2, 4]
+    assert matched("registry.k8s.io/e2e-test-images/busybox") == [1, 4]
+    assert matched("e2e-test-images/busybox") == [1, 4]
+    assert matched("busybox:1.36") == [2]
+    assert matched("docker.io/library/busybox") == [2]
+    assert matched("library/busybox") == [0, 2]
+    assert matched("busybox@sha256:" + "a" * 64) == [4]
+    assert matched("Not A Name") == []
+
+
 async def test_pull_of_a_missing_tag_is_not_found(pair: Pair) -> None:
     for ref in (pair.busybox().replace(":latest", ":nope"), "registry.k8s.io/parity/nothere:1"):
         reference, shim = await pair.both(
@@ -314,10 +338,12 @@ async def test_pull_of_a_missing_tag_is_not_found(pair: Pair) -> None:
 
 
 async def test_run_pod_sandbox_with_a_name_in_use(pair: Pair) -> None:
-    async def scenario(side: Side) -> tuple[str, str, tuple[Status, str], tuple[Status, str]]:
+    Outcome = str | tuple[Status, str]
+
+    async def scenario(side: Side) -> tuple[str, str, tuple[Status, str], Outcome]:
         config = pod_config(side, "named")
         pod_id = await run_pod(side, config)
-        retried: str | tuple[Status, str]
+        retried: Outcome
         try:
             retried = await run_pod(side, config)
         except GRPCError as err:
@@ -327,12 +353,14 @@ async def test_run_pod_sandbox_with_a_name_in_use(pair: Pair) -> None:
             side.rt.run_pod_sandbox(cri.RunPodSandboxRequest(config=changed))
         )
         await remove_pod(side, pod_id)
-        name = "_".join([config.metadata.name, "parity", config.metadata.uid, "0"])  # type: ignore[union-attr]
-        return pod_id, name, refused, retried  # type: ignore[return-value]
+        assert config.metadata is not None
+        name = "_".join([config.metadata.name, "parity", config.metadata.uid, "0"])
+        return pod_id, name, refused, retried
 
-    (ref_id, ref_name, ref_refused, ref_retry), (shim_id, shim_name, shim_refused, shim_retry) = (
-        await pair.both(scenario)
-    )
+    (
+        (ref_id, ref_name, ref_refused, ref_retry),
+        (shim_id, shim_name, shim_refused, shim_retry),
+    ) = await pair.both(scenario)
     expected = 'failed to reserve sandbox name "{n}": name "{n}" is reserved for "{i}"'
     assert ref_refused == (Status.FAILED_PRECONDITION, expected.format(n=ref_name, i=ref_id))
     assert shim_refused == (Status.FAILED_PRECONDITION, expected.format(n=shim_name, i=shim_id))
