@@ -134,7 +134,7 @@ async def pair() -> AsyncIterator[Pair]:
                 bridge = f"criparity{octet + offset}"
                 bridges.append(bridge)
                 write_conflist(
-                    directory / "cni", f"10.239.{octet + offset}.0/24", bridge, directory / "ipam"
+                    directory / "cni", f"10.243.{octet + offset}.0/24", bridge, directory / "ipam"
                 )
             reference = DrainingContainerd(
                 base / "ref" / "d", build, cni_dir=base / "ref" / "cni", hosts_dir=hosts_dir
