@@ -54,7 +54,7 @@ async def test_name_clash_with_a_started_container(
     first = await make_container(pods, pod, busybox, ["sleep", "3600"], name="dup")
     with pytest.raises(GRPCError) as caught:
         await make_container(pods, pod, busybox, ["sleep", "3600"], name="dup")
-    assert caught.value.status is Status.ALREADY_EXISTS
+    assert caught.value.status is Status.FAILED_PRECONDITION  # containerd's code
     assert "dup" in (caught.value.message or "") and first in (caught.value.message or "")
     # Removing the first frees the name.
     await pods.runtime.remove_container(cri.RemoveContainerRequest(first))

@@ -529,6 +529,33 @@ async def test_container_behaviour_side_by_side(pair: Pair) -> None:
     assert shim.image_after == reference.image_after
 
 
+async def test_create_container_with_a_name_in_use(pair: Pair) -> None:
+    """Taken by a started container: containerd's code and words on both (the name
+    is containerd's form: container, pod name, namespace, uid, attempt)."""
+
+    async def scenario(side: Side) -> tuple[str, str, tuple[Status, str]]:
+        pod = pod_config(side, "dupnames")
+        pod_id = await run_pod(side, pod)
+        first = await started_container(side, pod_id, pod, sleeper_config(pair.busybox()))
+        refused = await grpc_error(
+            side.rt.create_container(
+                cri.CreateContainerRequest(pod_id, sleeper_config(pair.busybox()), pod)
+            )
+        )
+        await remove_pod(side, pod_id)
+        assert pod.metadata is not None
+        return first, f"sleeper_dupnames_parity_{pod.metadata.uid}_0", refused
+
+    for side in pair.sides:
+        await pull(side, pair.busybox())
+    words = (
+        'failed to reserve container name "{n}"; check if another CreateContainer request '
+        'is in progress: name "{n}" is reserved for "{i}"'
+    )
+    for first, name, refused in await pair.both(scenario):
+        assert refused == (Status.FAILED_PRECONDITION, words.format(n=name, i=first))
+
+
 async def test_exec_sync_waits_for_a_background_child_then_fails_its_drain(pair: Pair) -> None:
     """A child that keeps stdout open past the drain timeout: containerd's error and
     words on both; one that closes it in time: its output arrives."""

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from cri_shim.concurrency import InFlight, run_all
 from cri_shim.containerd.events import TaskExit
 from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
-from cri_shim.errors import failed_precondition
+from cri_shim.errors import failed_precondition, go_quote
 from cri_shim.gen.containerd.types import Mount
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import log_event
@@ -247,8 +247,8 @@ class SandboxManager:
                 return owner
             # containerd's words (its name registrar), so tools matching them keep working.
             raise failed_precondition(
-                f"failed to reserve sandbox name {_go_quote(name)}: "
-                f"name {_go_quote(name)} is reserved for {_go_quote(owner)}"
+                f"failed to reserve sandbox name {go_quote(name)}: "
+                f"name {go_quote(name)} is reserved for {go_quote(owner)}"
             )
         sandbox = Sandbox(
             id=new_id(),
@@ -473,11 +473,6 @@ class SandboxManager:
             pod=sandbox.id,
             exit_code=event.exit_code,
         )
-
-
-def _go_quote(text: str) -> str:
-    """Go's %q for the plain names and ids it quotes here."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _host_hostname() -> str:

@@ -211,9 +211,12 @@ def cri_signal(name: str) -> cri.Signal:
         return cri.Signal.RUNTIME_DEFAULT
 
 
-def container_name(sandbox_name: str, metadata: cri.ContainerMetadata) -> str:
-    """kubelet's unique container name within a pod attempt (containerd's form)."""
-    return f"{metadata.name}_{sandbox_name}_{metadata.attempt}"
+def container_name(sandbox: cri.PodSandboxMetadata, metadata: cri.ContainerMetadata) -> str:
+    """The unique name of a container attempt in a pod, as containerd's CRI forms it
+    (makeContainerName: the pod's attempt is not part of it)."""
+    return "_".join(
+        [metadata.name, sandbox.name, sandbox.namespace, sandbox.uid, str(metadata.attempt)]
+    )
 
 
 class ContainerStore:
