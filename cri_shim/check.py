@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import read_binary_version
+from cri_shim.containerd.introspection import Introspection
 from cri_shim.containerd.version import (
     SUPPORTED,
     parse_version,
@@ -29,7 +30,6 @@ from cri_shim.containerd.version import (
     version_field,
 )
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
-from cri_shim.gen.containerd.services.introspection import v1 as introspection_v1
 from cri_shim.host import detect_cgroup_driver, runs_systemd
 from cri_shim.network import default_network
 from cri_shim.network.cni_config import CniConfigError, load_network_config
@@ -107,14 +107,10 @@ class Check:
 
 async def _snapshotter(client: ContainerdClient, timeout: float) -> list[CheckResult]:
     name = "snapshotter"
-    reply = await client.call(
-        "Introspection.Plugins",
-        client.introspection.plugins(
-            introspection_v1.PluginsRequest(filters=["type==io.containerd.snapshotter.v1"]),
-            timeout=timeout,
-        ),
+    plugins = await Introspection(client).plugins(
+        "type==io.containerd.snapshotter.v1", timeout=timeout
     )
-    plugin = next((p for p in reply.plugins if p.id == SNAPSHOTTER), None)
+    plugin = next((p for p in plugins if p.id == SNAPSHOTTER), None)
     if plugin is None:
         return _fail(name, f"containerd has no {SNAPSHOTTER} snapshotter plugin")
     if plugin.init_err is not None and (plugin.init_err.code or plugin.init_err.message):

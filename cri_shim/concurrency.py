@@ -33,6 +33,16 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
             await task
 
 
+async def stop_task(task: asyncio.Future[Any] | None) -> None:
+    """Cancel one background task and wait until it has ended (its cleanup done);
+    an error other than the cancellation still surfaces."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 class InFlight(Generic[T]):
     """Runs in flight by key (a pod or container name, an image): a second call
     with the same key joins the first run instead of starting another, and a

@@ -114,6 +114,12 @@ def unimplemented(message: str) -> Unimplemented:
     return Unimplemented(message)
 
 
+def go_quote(text: str) -> str:
+    """Go's %q for the plain names and ids containerd quotes in its messages, so
+    messages worded as containerd's read the same."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def require(value: str, field: str) -> str:
     """Reject an empty required string field with the field's CRI name."""
     if not value:

@@ -253,7 +253,12 @@ class Shim:
         self.health = ContainerdHealth(self.client, settings.containerd.health_interval)
         await self.health.start()
         self._stack.push_async_callback(self.health.stop)
-        self.images = ImageManager(settings, self.client, on_pull=self.metrics.observe_pull)
+        self.images = ImageManager(
+            settings.registry,
+            settings.runtime.sandbox_image,
+            self.client,
+            on_pull=self.metrics.observe_pull,
+        )
         await self.images.start()
         self._stack.push_async_callback(self.images.stop)
         self.health.on_reconnect(self.images.reload)
@@ -306,7 +311,9 @@ class Shim:
         images = self.images
         ops = RuntimeOps(self.client, systemd_cgroup=cgroup_driver is CgroupDriver.SYSTEMD)
         floor = None if can_lower_oom_score_adj() else own_oom_score_adj()
-        self.pod_network = PodNetwork(settings, self.network, self.pod_cidrs)
+        self.pod_network = PodNetwork(
+            settings.cni, settings.state_path, self.network, self.pod_cidrs
+        )
 
         async def ensure_pause(ref: str) -> ImageRecord:
             return await images.ensure_image(ref, pinned=True)
@@ -362,6 +369,8 @@ class Shim:
         self.events.exit_handlers.append(self.sandbox_manager.on_task_exit)
         self.events.exit_handlers.append(self.container_manager.on_task_exit)
         self.events.oom_handlers.append(self.container_manager.on_oom)
+        self.events.image_handlers.append(images.on_image_event)
+        images.store.listeners.append(lambda ids: containers.follow_images(ids, images.store.get))
         sandbox_manager, container_manager = self.sandbox_manager, self.container_manager
         resync_lock = asyncio.Lock()
 
@@ -371,6 +380,7 @@ class Shim:
             async with resync_lock:
                 await sandbox_manager.load()
                 await container_manager.load()
+                containers.follow_images({c.image_id for c in containers.by_id}, images.store.get)
 
         await self.container_manager.release_abandoned_execs()
         if self.health.serving:
@@ -387,6 +397,8 @@ class Shim:
             )
         self.health.on_reconnect(resync)
         self.events.resync_handlers.append(resync)
+        # Image records made or removed while the stream was down sent no event.
+        self.events.resync_handlers.append(images.reload)
         await self.events.start()
         self._stack.push_async_callback(self.events.stop)
         self.metrics.register_state_provider("sandbox", self._sandbox_states)
@@ -404,6 +416,7 @@ class Shim:
                 self.container_manager,
                 self.container_events,
                 self.batch_limits,
+                drain_exec_sync_io_seconds=settings.runtime.drain_exec_sync_io_seconds,
             ),
         )
 

@@ -87,6 +87,42 @@ class CniSettings:
     default_subnet: str = "10.209.0.0/16"
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go duration strings, as containerd's and hosts.toml's settings take them
+    (`0s`, `500ms`, `5s`, `1m30s`), in seconds."""
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"invalid duration {text!r}")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as Go's time.Duration prints it (`0s`, `500ms`, `2s`, `1m30s`)."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:g}s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     # "auto" picks systemd when the host runs systemd on a cgroup v2 hierarchy.
@@ -98,6 +134,14 @@ class RuntimeSettings:
     # The runtime's own `io.kubernetes.cri.*` annotations always win over them.
     pod_annotations: tuple[str, ...] = ()
     container_annotations: tuple[str, ...] = ()
+    # containerd's key and default: how long ExecSync waits, after the command exits,
+    # for its output pipes to close (a background child may hold them); "0s" waits
+    # as long as they stay open, as containerd does. A Go duration string.
+    drain_exec_sync_io_timeout: str = "0s"
+
+    @property
+    def drain_exec_sync_io_seconds(self) -> float:
+        return parse_duration(self.drain_exec_sync_io_timeout)
 
 
 @dataclass(frozen=True)
@@ -247,6 +291,15 @@ def _check_range(key: str, value: Any) -> None:
             raise SettingsError(
                 f"config key {key!r} must give no access to others (at most 0o770), got 0o{value:o}"
             )
+        return
+    if key == "runtime.drain_exec_sync_io_timeout":
+        try:
+            parse_duration(value)
+        except ValueError:
+            raise SettingsError(
+                f"config key {key!r} must be a Go duration such as '0s', '500ms' or '10s', "
+                f"got {value!r}"
+            ) from None
         return
     bounds = _RANGES.get(key)
     if bounds is None:

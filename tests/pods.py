@@ -16,8 +16,14 @@ if TYPE_CHECKING:
     from tests.conftest import CriClient
 
 CNI_BIN = "/usr/lib/cni"
-# Images the pod tests need from the catalog: the pause image and busybox.
-POD_IMAGES = ("registry.k8s.io/pause:3.9", "library/busybox:latest", "test/multilayer:1")
+# Images the pod tests need from the catalog: the pause image, busybox, a layered
+# image, and one with a STOPSIGNAL.
+POD_IMAGES = (
+    "registry.k8s.io/pause:3.9",
+    "library/busybox:latest",
+    "test/multilayer:1",
+    "test/stopsignal:1",
+)
 
 
 def pod_config(name: str, **kwargs: object) -> cri.PodSandboxConfig:

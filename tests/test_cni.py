@@ -390,7 +390,7 @@ class Case:
         settings = load(None, environ={}, overrides=dotted)
         readiness = NetworkReadiness(Path(settings.cni.conf_dir), settings.cni.bin_dirs)
         await readiness.refresh()
-        return PodNetwork(settings, readiness, pod_cidrs)
+        return PodNetwork(settings.cni, settings.state_path, readiness, pod_cidrs)
 
     def allocations(self) -> list[str]:
         store = self.data_dir / self.network

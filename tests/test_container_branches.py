@@ -1,5 +1,5 @@
 """Branches of the container and pod lifecycle no other test takes: the stop
-signal a request asks for, a name clash, creating or starting in a pod that is
+signal an image or a request asks for, a name clash, creating or starting in a pod that is
 not ready, the pause process dying, and the pod's /etc/hosts and hostname."""
 
 from __future__ import annotations
@@ -10,13 +10,16 @@ import signal
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from grpclib import GRPCError
 from grpclib.const import Status
 
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.server import Shim
 
 from .conftest import CriClient, wait_for
 from .pods import make_container, pod_config, wait_exited
+from .support.catalog import ServedCatalog
 
 LOOP = "while :; do sleep 0.1; done"
 
@@ -48,13 +51,53 @@ async def test_stop_signal_from_the_request(
     assert (await wait_exited(pods, container)).exit_code == 42
 
 
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def stopsignal_image(pod_shim: Shim, pod_images: ServedCatalog) -> str:
+    """busybox with STOPSIGNAL SIGUSR2, its command logging the signal it gets."""
+    ref = pod_images.local("test/stopsignal:1")
+    client = CriClient.connect(pod_shim.socket_path)
+    try:
+        await client.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
+    finally:
+        client.close()
+    return ref
+
+
+@pytest.mark.parametrize(
+    ("requested", "caught", "exit_code"),
+    [
+        pytest.param(cri.Signal.RUNTIME_DEFAULT, b"caught USR2", 12, id="image"),
+        pytest.param(cri.Signal.SIGUSR1, b"caught USR1", 10, id="request-over-image"),
+    ],
+)
+async def test_stop_signal_from_the_image(
+    pods: CriClient,
+    pod: tuple[str, cri.PodSandboxConfig],
+    stopsignal_image: str,
+    requested: cri.Signal,
+    caught: bytes,
+    exit_code: int,
+) -> None:
+    """Without a stop signal in the request StopContainer sends the image's
+    STOPSIGNAL (SIGUSR2, not SIGTERM); a request's stop signal wins over it. The
+    container's own trap says which signal arrived, in its log and exit code."""
+    container = await make_container(
+        pods, pod, stopsignal_image, [], name="stopsig", stop_signal=requested
+    )
+    assert await wait_for(lambda: logged(pods, container, b"ready"), timeout=30)
+    await pods.runtime.stop_container(cri.StopContainerRequest(container, timeout=30))
+    status = await wait_exited(pods, container)
+    assert await logged(pods, container, caught)
+    assert status.exit_code == exit_code
+
+
 async def test_name_clash_with_a_started_container(
     pods: CriClient, pod: tuple[str, cri.PodSandboxConfig], busybox: str
 ) -> None:
     first = await make_container(pods, pod, busybox, ["sleep", "3600"], name="dup")
     with pytest.raises(GRPCError) as caught:
         await make_container(pods, pod, busybox, ["sleep", "3600"], name="dup")
-    assert caught.value.status is Status.ALREADY_EXISTS
+    assert caught.value.status is Status.FAILED_PRECONDITION  # containerd's code
     assert "dup" in (caught.value.message or "") and first in (caught.value.message or "")
     # Removing the first frees the name.
     await pods.runtime.remove_container(cri.RemoveContainerRequest(first))

@@ -41,6 +41,7 @@ from cri_shim.server import Shim
 
 from .conftest import CriClient, wait_for
 from .pods import make_container, pod_config, wait_exited
+from .support.cgroups import LAYOUTS
 
 MIB = 1 << 20
 BUSY = ["sh", "-c", "dd if=/dev/zero of=/scratch bs=1M count=4 2>/dev/null; while :; do :; done"]
@@ -175,14 +176,13 @@ async def test_memory_limit_gives_available_bytes(pods: CriClient, pod: Pod, bus
     assert memory.available_bytes.value + memory.working_set_bytes.value == 64 * MIB
 
 
-async def test_created_container_has_only_its_layer(
-    pods: CriClient, pod: Pod, busybox: str
-) -> None:
+async def test_created_container_has_no_stats(pods: CriClient, pod: Pod, busybox: str) -> None:
+    """No task, no metrics: containerd's CRI fails the call with these words."""
     container = await make_container(pods, pod, busybox, ["true"], name="idle", start=False)
-    stats = await container_stats(pods, container)
-    assert stats.attributes is not None and stats.attributes.id == container
-    assert stats.cpu is None and stats.memory is None
-    assert stats.writable_layer is not None
+    with pytest.raises(GRPCError) as caught:
+        await container_stats(pods, container)
+    assert caught.value.status is Status.UNKNOWN
+    assert caught.value.message == "unexpected metrics response: []"
     listed = await pods.runtime.list_container_stats(
         cri.ListContainerStatsRequest(cri.ContainerStatsFilter(id=container))
     )
@@ -328,13 +328,30 @@ async def test_pod_stats_read_the_pod_cgroup(pods: CriClient, tmp_path: Path, bu
 # ------------------------------------------------------- UpdateContainerResources
 
 
-@pytest.mark.skipif(
-    cgroup_v2_unified(),
-    reason="reads cgroup v1 files (memory.limit_in_bytes, cpu.cfs_quota_us, cpu.shares);"
-    " test_cgroup_v2_reader_on_a_real_hierarchy covers the v2 files",
-)
+def memory_limit(shim: Shim, container_id: str, layout: str) -> int | None:
+    """The container's memory limit as its cgroup file says (None: no limit)."""
+    name = "memory.limit_in_bytes" if layout == "v1" else "memory.max"
+    text = cgroup_file(shim, container_id, "memory", name).read_text().strip()
+    return None if text == "max" else int(text)
+
+
+def cpu_files(shim: Shim, container_id: str, layout: str) -> tuple[int, int, int]:
+    """(quota, period, shares) from the cgroup; on v2 shares as runc wrote them
+    into cpu.weight (weight = 1 + (shares - 2) * 9999 / 262142)."""
+    if layout == "v1":
+        return (
+            int(cgroup_file(shim, container_id, "cpu", "cpu.cfs_quota_us").read_text()),
+            int(cgroup_file(shim, container_id, "cpu", "cpu.cfs_period_us").read_text()),
+            int(cgroup_file(shim, container_id, "cpu", "cpu.shares").read_text()),
+        )
+    quota, period = cgroup_file(shim, container_id, "cpu", "cpu.max").read_text().split()
+    weight = int(cgroup_file(shim, container_id, "cpu", "cpu.weight").read_text())
+    return (-1 if quota == "max" else int(quota), int(period), weight)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 async def test_update_resources_of_a_running_container(
-    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
+    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str, layout: str
 ) -> None:
     resources = cri.LinuxContainerResources(memory_limit_in_bytes=64 * MIB, cpu_shares=512)
     container = await make_container(
@@ -345,8 +362,7 @@ async def test_update_resources_of_a_running_container(
         name="resized",
         linux=cri.LinuxContainerConfig(resources=resources),
     )
-    limit_file = cgroup_file(pod_shim, container, "memory", "memory.limit_in_bytes")
-    assert int(limit_file.read_text()) == 64 * MIB
+    assert memory_limit(pod_shim, container, layout) == 64 * MIB
     await pods.runtime.update_container_resources(
         cri.UpdateContainerResourcesRequest(
             container,
@@ -355,15 +371,18 @@ async def test_update_resources_of_a_running_container(
             ),
         )
     )
-    assert int(limit_file.read_text()) == 96 * MIB
-    quota = cgroup_file(pod_shim, container, "cpu", "cpu.cfs_quota_us")
-    assert int(quota.read_text()) == 50_000
-    shares = cgroup_file(pod_shim, container, "cpu", "cpu.shares")
-    assert int(shares.read_text()) == 512  # not named by the update: kept
+    assert memory_limit(pod_shim, container, layout) == 96 * MIB
+    # Shares were not named by the update: kept (512, on v2 as weight 20).
+    shares = 512 if layout == "v1" else 20
+    assert cpu_files(pod_shim, container, layout) == (50_000, 100_000, shares)
+    # Inside, the container's own cgroup (its cgroup namespace on v2) shows the limit.
+    own = (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+        if layout == "v1"
+        else "/sys/fs/cgroup/memory.max"
+    )
     inside = await pods.runtime.exec_sync(
-        cri.ExecSyncRequest(
-            container, cmd=["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"], timeout=10
-        )
+        cri.ExecSyncRequest(container, cmd=["cat", own], timeout=10)
     )
     assert inside.stdout.strip() == str(96 * MIB).encode()
     status = await status_of(pods, container)
@@ -381,8 +400,9 @@ async def test_update_resources_of_a_running_container(
     assert record is not None and b'"limit": 100663296' in record.spec.value  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 async def test_update_resources_before_start_lands_at_start(
-    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
+    pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str, layout: str
 ) -> None:
     container = await make_container(
         pods, pod, busybox, ["sleep", "3600"], name="later", start=False
@@ -396,8 +416,7 @@ async def test_update_resources_before_start_lands_at_start(
     assert status.resources is not None and status.resources.linux is not None
     assert status.resources.linux.memory_limit_in_bytes == 48 * MIB
     await pods.runtime.start_container(cri.StartContainerRequest(container))
-    limit_file = cgroup_file(pod_shim, container, "memory", "memory.limit_in_bytes")
-    assert int(limit_file.read_text()) == 48 * MIB
+    assert memory_limit(pod_shim, container, layout) == 48 * MIB
 
 
 async def test_refused_update_keeps_the_old_spec(

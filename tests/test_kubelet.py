@@ -42,6 +42,7 @@ from cri_shim.gen.runtime import v1 as cri
 from .conftest import CriClient, ShimProcess, short_tempdir, start_shim_process
 from .pods import write_conflist, write_shim_config
 from .support.catalog import ServedCatalog
+from .support.cgroups import V1_ONLY
 from .support.kubelet import (
     Containerd2,
     Kubelet,
@@ -748,6 +749,7 @@ async def test_init_and_shared_emptydir(node: Node) -> None:
     assert pod["status"]["qosClass"] == "Burstable"
 
 
+@V1_ONLY
 async def test_limits_in_cgroup_files(node: Node) -> None:
     pod = await node.wait_pod("app", lambda p: running(p, "main"), "running")
     pid = await container_pid(node, container(pod, "main")["containerID"])

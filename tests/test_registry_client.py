@@ -494,6 +494,20 @@ async def test_all_endpoints_not_found_is_not_found(make_client: MakeClient) -> 
     assert len(server.requested("manifests")) == 1
 
 
+async def test_not_found_on_a_mirror_and_an_unreachable_upstream_is_not_found(
+    make_client: MakeClient,
+) -> None:
+    """containerd's resolver ranks a 404 above a host it could not reach."""
+    dead = f"127.0.0.1:{free_port()}"
+    async with FakeRegistry() as mirror:
+        client = make_client(mirrors=mirrors(dead, mirror.url))
+        with pytest.raises(ImageNotFoundError) as caught:
+            await client.resolve(parse_reference(f"{dead}/test/x:nope"))
+    message = str(caught.value)
+    assert "failed on all 2 endpoints" in message
+    assert f"not found at {mirror.host}" in message and f"registry {dead} unreachable" in message
+
+
 @needs_registry
 async def test_blob_falls_back_when_a_mirror_breaks_before_the_first_byte(
     open_registry: Registry,

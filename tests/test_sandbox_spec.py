@@ -65,6 +65,37 @@ def test_host_namespaces() -> None:
     assert shm["source"] == "/dev/shm"
 
 
+def test_host_network_keeps_only_a_requested_hostname() -> None:
+    """As containerd: the pod's hostname stays in the spec (runc then refuses it
+    without a UTS namespace); none requested, none set."""
+    options = cri.NamespaceOption(network=cri.NamespaceMode.NODE)
+    config = pod(security_context=cri.LinuxSandboxSecurityContext(namespace_options=options))
+    assert spec_for(config)["hostname"] == "web-0"
+    unnamed = build_sandbox_spec(
+        SandboxSpecInput(
+            sandbox_id="abc",
+            config=config,
+            image_config=PAUSE_CONFIG,
+            netns_path="",
+            shm_path="/state/sandboxes/abc/shm",
+            hostname="",
+            cgroup_driver="cgroupfs",
+            oom_score_adj_floor=None,
+        )
+    )
+    assert "hostname" not in unnamed
+    assert "uts" not in namespaces(unnamed)
+
+
+def test_privileged_pod_mounts_sysfs_read_write() -> None:
+    def sysfs(spec: dict) -> list[str]:  # type: ignore[type-arg]
+        return next(m["options"] for m in spec["mounts"] if m["destination"] == "/sys")
+
+    assert "ro" in sysfs(spec_for(pod()))
+    privileged = spec_for(pod(security_context=cri.LinuxSandboxSecurityContext(privileged=True)))
+    assert "rw" in sysfs(privileged) and "ro" not in sysfs(privileged)
+
+
 def test_network_sysctls_refused_on_host_network() -> None:
     options = cri.NamespaceOption(network=cri.NamespaceMode.NODE)
     config = pod(

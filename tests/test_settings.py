@@ -45,6 +45,10 @@ def test_rendered_default_config_reads_back_identically(tmp_path: Path) -> None:
         ("[server]\nsocket_mode = 'rw'\n", "'server.socket_mode': expected int"),
         ("[containerd\n", "not valid TOML"),
         ("containerd = 3\n", "'containerd' must be a table"),
+        (
+            "[runtime]\ndrain_exec_sync_io_timeout = '10'\n",
+            "'runtime.drain_exec_sync_io_timeout' must be a Go duration",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, fragment: str) -> None:
@@ -74,3 +78,18 @@ def test_config_default_command_prints_loadable_toml(capsys: pytest.CaptureFixtu
     assert main(["config", "default"]) == 0
     out = capsys.readouterr().out
     assert "[containerd]" in out and 'namespace = "k8s.io"' in out
+
+
+def test_drain_exec_sync_io_timeout_is_containerds_key_and_default() -> None:
+    runtime = settings.Settings().runtime
+    assert runtime.drain_exec_sync_io_timeout == "0s"
+    assert runtime.drain_exec_sync_io_seconds == 0.0
+    assert settings.parse_duration("1m30s") == 90.0
+    assert settings.parse_duration("0") == 0.0
+    assert [settings.format_duration(s) for s in (0, 0.5, 1, 90, 3600)] == [
+        "0s",
+        "500ms",
+        "1s",
+        "1m30s",
+        "1h0m0s",
+    ]

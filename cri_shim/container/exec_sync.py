@@ -2,8 +2,11 @@
 
 The timeout is a hard deadline: when it passes the process is killed and the
 call returns at once, even if a background child still holds the output
-pipes open. Output beyond the cap is dropped, as kubelet would otherwise be
-handed an unbounded message.
+pipes open. Once the command exits in time, its output is drained as
+containerd drains it: until the pipes close, for at most
+`runtime.drain_exec_sync_io_timeout` (0: no bound, containerd's default),
+past which the call fails in containerd's words. Output beyond the cap is
+dropped, as kubelet would otherwise be handed an unbounded message.
 """
 
 from __future__ import annotations
@@ -17,8 +20,16 @@ from typing import Any
 from cri_shim.container.exec_process import KILL_WAIT_SECONDS, ExecProcess, process_spec
 from cri_shim.container.io import FifoReader
 from cri_shim.containerd.runtime import PROCESS_TYPE_URL, Runtime
+from cri_shim.settings import format_duration
 
-__all__ = ["PROCESS_TYPE_URL", "ExecResult", "ExecTimeout", "exec_sync", "process_spec"]
+__all__ = [
+    "PROCESS_TYPE_URL",
+    "ExecDrainTimeout",
+    "ExecResult",
+    "ExecTimeout",
+    "exec_sync",
+    "process_spec",
+]
 
 # kubelet's own cap for ExecSync output (and grpc's default message size).
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
@@ -26,6 +37,10 @@ MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
 class ExecTimeout(Exception):
     pass
+
+
+class ExecDrainTimeout(Exception):
+    """The command exited but something it started still holds its output pipes."""
 
 
 @dataclass
@@ -49,6 +64,7 @@ async def exec_sync(
     cmd: list[str],
     timeout: float | None,
     work_dir: Path,
+    drain_timeout: float = 0.0,
 ) -> ExecResult:
     process = ExecProcess(ops, container_id, work_dir)
     out, err = bytearray(), bytearray()
@@ -71,8 +87,15 @@ async def exec_sync(
             raise ExecTimeout(f"command {cmd!r} timed out after {timeout:g}s")
         exit_info = waiter.result()
         process.exited = True
-        # Output still in flight after exit; a child holding the pipes must not stall us.
-        await asyncio.wait(collectors, timeout=1.0)
+        # Output still in flight after exit: a background child may hold the pipes.
+        _, pending = await asyncio.wait(collectors, timeout=drain_timeout or None)
+        if pending:
+            exec_id = process.exec_id
+            raise ExecDrainTimeout(
+                f'failed to drain exec process "{exec_id}" io: failed to drain exec process '
+                f'"{exec_id}" io in {format_duration(drain_timeout)} because io is still held '
+                "by other processes"
+            )
         code = exit_info.exit_code if exit_info is not None else -1
         return ExecResult(bytes(out), bytes(err), code)
     finally:

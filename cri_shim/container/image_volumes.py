@@ -28,9 +28,8 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from cri_shim.containerd.client import ContainerdClient
-from cri_shim.containerd.snapshots import SNAPSHOTTER
+from cri_shim.containerd.snapshots import Snapshots
 from cri_shim.errors import ContainerdError, failed_precondition, invalid_argument, not_found
-from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.gen.containerd.types import Mount
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.store import ImageStore
@@ -143,7 +142,7 @@ class ImageVolumes:
     """Mounts the image volumes of containers under `<state_dir>/image-volumes/<id>/`."""
 
     def __init__(self, client: ContainerdClient, images: ImageStore, state_dir: Path) -> None:
-        self.client = client
+        self.snapshots = Snapshots(client)
         self.images = images
         self.root = state_dir / "image-volumes"
         self._swept = False
@@ -209,29 +208,16 @@ class ImageVolumes:
     async def _view(self, key: str, parent: str, container_id: str) -> list[Mount]:
         """A read-only snapshot of the image, kept from GC by its root label until
         `release` removes it; one left by an interrupted attach is reused."""
-        snapshots = self.client.snapshots
         labels = {
             GC_ROOT_LABEL: datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             CONTAINER_LABEL: container_id,
         }
         try:
-            reply = await self.client.call(
-                "Snapshots.View",
-                snapshots.view(
-                    snapshots_v1.ViewSnapshotRequest(
-                        snapshotter=SNAPSHOTTER, key=key, parent=parent, labels=labels
-                    )
-                ),
-            )
-            return list(reply.mounts)
+            return await self.snapshots.view(key, parent, labels)
         except ContainerdError as err:
             if err.status is not Status.ALREADY_EXISTS:
                 raise
-        existing = await self.client.call(
-            "Snapshots.Mounts",
-            snapshots.mounts(snapshots_v1.MountsRequest(snapshotter=SNAPSHOTTER, key=key)),
-        )
-        return list(existing.mounts)
+        return await self.snapshots.mounts(key)
 
     async def release(self, container_id: str) -> None:
         """Unmount and remove every image volume of the container (idempotent)."""
@@ -240,12 +226,7 @@ class ImageVolumes:
         for target in entries:
             await asyncio.to_thread(_unmount_all, target)
             try:
-                await self.client.call(
-                    "Snapshots.Remove",
-                    self.client.snapshots.remove(
-                        snapshots_v1.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=str(target))
-                    ),
-                )
+                await self.snapshots.remove(str(target))
             except ContainerdError as err:
                 if err.status is not Status.NOT_FOUND:
                     raise

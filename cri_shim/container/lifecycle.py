@@ -33,7 +33,7 @@ from cri_shim.container.manager_base import (
 from cri_shim.container.recovery import ContainerRecovery
 from cri_shim.container.rootfs import read_image_file
 from cri_shim.containerd.runtime import pack_json
-from cri_shim.errors import already_exists, failed_precondition, invalid_argument, not_found
+from cri_shim.errors import failed_precondition, go_quote, invalid_argument, not_found
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import log_event
 from cri_shim.oci.container_spec import (
@@ -112,7 +112,7 @@ class ContainerManager(ContainerRecovery):
     async def create(self, sandbox: Sandbox, config: cri.ContainerConfig) -> str:
         """Shielded: a caller that gives up (kubelet's timeout) does not undo the
         work, which finishes and is handed to the retry with the same name."""
-        name = container_name(sandbox.name, config.metadata or cri.ContainerMetadata())
+        name = container_name(sandbox.metadata, config.metadata or cri.ContainerMetadata())
         return await self._creating.join(
             name,
             lambda: self._create_once(sandbox, config),
@@ -127,14 +127,24 @@ class ContainerManager(ContainerRecovery):
         image = self.images.get(image_spec.image)
         if image is None:
             raise not_found(f"image {image_spec.image!r} not found; pull it first")
-        name = container_name(sandbox.name, metadata)
+        name = container_name(sandbox.metadata, metadata)
         owner = self.store.names.owner(name)
         if owner is not None:
             existing = self.store.by_id.find(owner)
-            if existing is not None and existing.state is ContainerState.CREATED:
+            if (
+                existing is not None
+                and existing.state is ContainerState.CREATED
+                and existing.config == config
+            ):
+                # kubelet retrying a call that timed out on its side: same answer.
                 log_event(log, "container reused for retried create", container=owner)
                 return owner
-            raise already_exists(f"container name {name!r} is reserved for {owner}")
+            # containerd's words (its name registrar), so tools matching them keep working.
+            raise failed_precondition(
+                f"failed to reserve container name {go_quote(name)}; check if another "
+                f"CreateContainer request is in progress: name {go_quote(name)} is reserved "
+                f"for {go_quote(owner)}"
+            )
         log_path = log_path_for(sandbox, config.log_path)
         container = Container(
             id=new_id(),
@@ -144,6 +154,7 @@ class ContainerManager(ContainerRecovery):
             image_ref=image_spec.image,
             image_id=image.id,
             image_repo_ref=(image.repo_digests or [image.id])[0],
+            image_tag=(image.repo_tags or [""])[0],
             created_at=time.time_ns(),
             log_path=log_path,
             stop_signal=stop_signal(config, runtime_config(image.config)),

@@ -15,6 +15,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from cri_shim.concurrency import stop_task
 from cri_shim.containerd.version import parse_version, unsupported_reason, version_field
 from cri_shim.logs import log_event
 
@@ -242,11 +243,8 @@ class EmbeddedContainerd:
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-            self._supervisor = None
+        await stop_task(self._supervisor)
+        self._supervisor = None
         process = self.process
         if process is None or process.returncode is not None:
             return

@@ -1,8 +1,10 @@
 """containerd's event stream, turned into calls on the shim's stores.
 
 Task exits and OOM kills must reach the in-memory view at once (kubelet reads
-it every second), so one subscription runs for the life of the shim and is
-re-established, with a resync, whenever containerd comes back.
+it every second), and so must image records made or removed by other clients
+of the same containerd (`ctr -n k8s.io images import`, `kind load`), as
+containerd's CRI shows them; so one subscription runs for the life of the shim
+and is re-established, with a resync, whenever containerd comes back.
 """
 
 from __future__ import annotations
@@ -14,16 +16,21 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from cri_shim.concurrency import stop_task
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd import events as events_v1
 from cri_shim.gen.containerd.services.events import v1 as events_service
+from cri_shim.gen.containerd.services.images import v1 as images_v1
 from cri_shim.logs import log_event
 
 log = logging.getLogger(__name__)
 
 TASK_EXIT_URL = "containerd.events.TaskExit"
 TASK_OOM_URL = "containerd.events.TaskOOM"
+IMAGE_CREATE_URL = "containerd.services.images.v1.ImageCreate"
+IMAGE_UPDATE_URL = "containerd.services.images.v1.ImageUpdate"
+IMAGE_DELETE_URL = "containerd.services.images.v1.ImageDelete"
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class TaskExit:
 
 ExitHandler = Callable[[TaskExit], Awaitable[None]]
 OomHandler = Callable[[str], Awaitable[None]]
+# An image record's name, and whether it was deleted (else created or updated).
+ImageHandler = Callable[[str, bool], Awaitable[None]]
 Resync = Callable[[], Awaitable[None]]
 # After a new subscription is sent: long enough for containerd to register it,
 # so an exit is either in the stream or already visible to the resync.
@@ -57,6 +66,7 @@ class EventMonitor:
         self.namespace = namespace
         self.exit_handlers: list[ExitHandler] = []
         self.oom_handlers: list[OomHandler] = []
+        self.image_handlers: list[ImageHandler] = []
         # Run after a lost stream is re-established: exits in the gap never arrive.
         self.resync_handlers: list[Resync] = []
         self._task: asyncio.Task[None] | None = None
@@ -76,6 +86,12 @@ class EventMonitor:
             oom = events_v1.TaskOom.parse(payload)
             for oom_handler in self.oom_handlers:
                 await oom_handler(oom.container_id)
+        elif name in (IMAGE_CREATE_URL, IMAGE_UPDATE_URL, IMAGE_DELETE_URL):
+            deleted = name == IMAGE_DELETE_URL
+            # The three messages all carry the record's name in field 1.
+            image_name = images_v1.ImageDelete.parse(payload).name
+            for image_handler in self.image_handlers:
+                await image_handler(image_name, deleted)
 
     async def _resync(self) -> None:
         await asyncio.sleep(RESYNC_DELAY)
@@ -92,6 +108,10 @@ class EventMonitor:
             filters=[
                 f'namespace=={self.namespace},topic=="/tasks/exit"',
                 f'namespace=={self.namespace},topic=="/tasks/oom"',
+                *(
+                    f'namespace=={self.namespace},topic=="/images/{action}"'
+                    for action in ("create", "update", "delete")
+                ),
             ]
         )
         stream = self.client.stream("Events.Subscribe", self.client.events.subscribe(request))
@@ -126,13 +146,7 @@ class EventMonitor:
             await asyncio.wait_for(self.subscribed.wait(), 5)
 
     async def stop(self) -> None:
-        if self._resync_task is not None:
-            self._resync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resync_task
-            self._resync_task = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._resync_task)
+        self._resync_task = None
+        await stop_task(self._task)
+        self._task = None

@@ -8,10 +8,10 @@ the rest of the shim can resynchronise its view.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from cri_shim.concurrency import stop_task
 from cri_shim.containerd.client import ContainerdClient, ContainerdVersion
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.logs import log_event
@@ -74,8 +74,5 @@ class ContainerdHealth:
         self._task = asyncio.create_task(self._run(), name="containerd-health")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None

@@ -35,6 +35,20 @@ class Snapshots:
         )
         return list(reply.mounts)
 
+    async def view(
+        self, key: str, parent: str, labels: dict[str, str] | None = None
+    ) -> list[Mount]:
+        """A new read-only view of the committed `parent`; its mounts."""
+        reply = await self.client.call(
+            "Snapshots.View",
+            self.client.snapshots.view(
+                snapshots_v1.ViewSnapshotRequest(
+                    snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {}
+                )
+            ),
+        )
+        return list(reply.mounts)
+
     async def mounts(self, key: str) -> list[Mount]:
         reply = await self.client.call(
             "Snapshots.Mounts",

@@ -12,10 +12,16 @@ import json
 from collections.abc import AsyncIterator
 
 from cri_shim.container.events import ContainerEventBus
-from cri_shim.container.exec_sync import ExecTimeout, exec_sync
+from cri_shim.container.exec_sync import ExecDrainTimeout, ExecTimeout, exec_sync
 from cri_shim.container.lifecycle import ContainerManager
 from cri_shim.cri.labels import require_label_keys
-from cri_shim.errors import DeadlineExceeded, failed_precondition, invalid_argument, require
+from cri_shim.errors import (
+    DeadlineExceeded,
+    Unknown,
+    failed_precondition,
+    invalid_argument,
+    require,
+)
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.oci.errors import SpecError
 from cri_shim.store.containers import ContainerState, ContainerStore
@@ -40,8 +46,11 @@ class ContainerHandlers:
         manager: ContainerManager,
         events: ContainerEventBus,
         limits: BatchLimits | None = None,
+        *,
+        drain_exec_sync_io_seconds: float = 0.0,
     ) -> None:
         self.store = store
+        self.drain_exec_sync_io_seconds = drain_exec_sync_io_seconds
         self.limits = limits or BatchLimits()
         self.sandboxes = sandboxes
         self.manager = manager
@@ -153,9 +162,12 @@ class ContainerHandlers:
                 list(request.cmd),
                 float(request.timeout) if request.timeout else None,
                 self.manager.io_dir(container.id) / "exec",
+                drain_timeout=self.drain_exec_sync_io_seconds,
             )
         except ExecTimeout as err:
             raise DeadlineExceeded(str(err)) from err
+        except ExecDrainTimeout as err:
+            raise Unknown(f"failed to exec in container: {err}") from err
         return cri.ExecSyncResponse(
             stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
         )

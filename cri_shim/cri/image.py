@@ -10,13 +10,14 @@ and no image; verbose status: the image config as JSON under "info").
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from cri_shim.errors import invalid_argument, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.manager import ImageManager
 from cri_shim.images.store import ImageRecord
+from cri_shim.registry.reference import ReferenceError, parse_reference
 from cri_shim.registry.types import Credentials
 from cri_shim.store.encoded import (
     BatchLimits,
@@ -106,6 +107,40 @@ def _spec_image(spec: cri.ImageSpec | None) -> str:
     return spec.image if spec is not None else ""
 
 
+def name_matcher(wanted: str) -> Callable[[str], bool]:
+    """Whether an image name matches a ListImages filter as `crictl images NAME` users
+    expect: the repository as typed (`busybox`, `e2e-test-images/busybox`) matches
+    every registry's repository ending in those path components, a name with a
+    registry host (`registry.k8s.io/e2e-test-images/busybox`) that repository only;
+    a tag or digest in the filter must match too, else any tag does."""
+    name, _, digest = wanted.partition("@")
+    colon = name.rfind(":")
+    tag = name[colon + 1 :] if colon > name.rfind("/") else ""
+    path = name[:colon] if tag else name
+    first, sep, _ = path.partition("/")
+    with_host = bool(sep) and (any(c in first for c in ".:") or first == "localhost")
+    try:
+        typed = parse_reference(path)
+    except ReferenceError:
+        return lambda _name: False
+
+    def matches(candidate: str) -> bool:
+        try:
+            ref = parse_reference(candidate)
+        except ReferenceError:
+            return False
+        if with_host:
+            if ref.repository != typed.repository:
+                return False
+        elif ref.path != path and not ref.path.endswith("/" + path):
+            return False
+        if digest:
+            return ref.digest == digest
+        return not tag or ref.tag == tag
+
+    return matches
+
+
 class ImageHandlers:
     def __init__(self, manager: ImageManager, limits: BatchLimits | None = None) -> None:
         self.manager = manager
@@ -113,10 +148,17 @@ class ImageHandlers:
 
     def _records(self, filter_: cri.ImageFilter | None) -> list[ImageRecord]:
         wanted = _spec_image(filter_.image) if filter_ is not None else ""
-        if wanted:
-            found = self.manager.store.get(wanted)
-            return [found] if found is not None else []
-        return list(self.manager.store.list())
+        records = list(self.manager.store.list())
+        if not wanted:
+            return records
+        exact = self.manager.store.get(wanted)
+        matches = name_matcher(wanted)
+        return [
+            r
+            for r in records
+            if (exact is not None and r.id == exact.id)
+            or any(matches(name) for name in [*r.repo_tags, *r.repo_digests])
+        ]
 
     async def list_images(self, request: cri.ListImagesRequest) -> cri.ListImagesResponse:
         return cri.ListImagesResponse(

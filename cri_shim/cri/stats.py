@@ -4,8 +4,8 @@ the three lists (the same answer, in bounded batches).
 
 The figures come from `container/stats.py`. Lists follow containerd: running
 containers and ready pods only, unknown filter ids match nothing. A single
-ContainerStats of a container without a task answers its writable layer
-(containerd fails the call instead).
+ContainerStats of a container without a task (created, exited) fails as
+containerd's does: containerd's metrics call has no entry for it.
 
 ListMetricDescriptors and ListPodSandboxMetrics carry cAdvisor-style
 metrics (`container/metrics.py`) for kubelet's PodAndContainerStatsFromCRI:
@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 from cri_shim.container.metrics import descriptors
 from cri_shim.container.stats import StatsCollector
-from cri_shim.errors import Unavailable, require
+from cri_shim.errors import Unavailable, Unknown, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.store.containers import Container, ContainerStore
 from cri_shim.store.encoded import (
@@ -54,7 +54,11 @@ class StatsHandlers:
         require(request.container_id, "container_id")
         container = self.containers.by_id.get(request.container_id)
         samples = await self.collector.samples([container.id])
-        stats = await self.collector.container_stats(container, samples.get(container.id))
+        sample = samples.get(container.id)
+        if sample is None:
+            # containerd's words for the same case (its Tasks.Metrics answers no entry).
+            raise Unknown("unexpected metrics response: []")
+        stats = await self.collector.container_stats(container, sample)
         return cri.ContainerStatsResponse(stats=stats)
 
     def _stats_containers(self, wanted: cri.ContainerStatsFilter | None) -> list[Container]:

@@ -1,11 +1,8 @@
 """containerd's content store, as the image code uses it: Info, Read, label
-updates, and the Write protocol for streaming a blob in.
-
-Write is containerd's bidirectional stream: STAT takes the ingest lock for a
-ref and reports how much of a previous attempt is already stored, WRITE
-appends at the current offset, COMMIT makes containerd verify size and digest
-and publish the blob with its labels. Every exchange is bounded in time, so a
-containerd that stops answering fails the pull instead of hanging it.
+updates, and streaming a blob in through containerd's Write protocol
+(`containerd/content.py` speaks it): resume from what a previous attempt
+stored, wait for another writer's lock, keep what arrived when the registry
+connection breaks, and discard a download that does not match its digest.
 """
 
 from __future__ import annotations
@@ -15,16 +12,14 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
 
 from grpclib import GRPCError
-from grpclib.client import Stream
-from grpclib.const import Cardinality, Status
+from grpclib.const import Status
 
 from cri_shim.containerd.client import LEASE_HEADER, ContainerdClient, metadata_for
+from cri_shim.containerd.content import Content, ContentWriter
 from cri_shim.errors import ContainerdError, DeadlineExceeded
 from cri_shim.gen.containerd.services.content import v1 as content_v1
-from cri_shim.gen.google.protobuf import FieldMask
 from cri_shim.logs import log_event
 from cri_shim.registry.client import BlobInterruptedError
 from cri_shim.registry.errors import DigestMismatchError, PullStalledError
@@ -38,7 +33,6 @@ from cri_shim.registry.types import (
 
 log = logging.getLogger(__name__)
 
-WRITE_ROUTE = "/containerd.services.content.v1.Content/Write"
 # containerd accepts 16 MiB messages; 1 MiB writes keep memory flat and round-trips few.
 WRITE_CHUNK = 1 << 20
 # A broken registry connection is resumed from containerd's offset this many times.
@@ -69,32 +63,21 @@ class ContentStore:
     """Blob-level operations on containerd's content store for one namespace."""
 
     def __init__(self, client: ContainerdClient, *, timeout: float) -> None:
-        self.client = client
+        self.content = Content(client)
         # Longest wait for any single containerd answer during a write.
         self.timeout = timeout
 
     async def info(self, digest: str) -> content_v1.Info | None:
         try:
-            reply = await self.client.call(
-                "Content.Info", self.client.content.info(content_v1.InfoRequest(digest=digest))
-            )
+            return await self.content.info(digest)
         except ContainerdError as err:
             if err.status is Status.NOT_FOUND:
                 return None
             raise
-        return reply.info
 
     async def read(self, digest: str, *, limit: int) -> bytes:
         """A whole blob (manifests, configs); refuses anything over `limit` bytes."""
-        parts: list[bytes] = []
-        total = 0
-        responses = self.client.content.read(content_v1.ReadContentRequest(digest=digest))
-        async for part in self.client.stream("Content.Read", responses):
-            total += len(part.data)
-            if total > limit:
-                raise ValueError(f"blob {digest} is larger than {limit} bytes")
-            parts.append(part.data)
-        return b"".join(parts)
+        return await self.content.read(digest, limit=limit)
 
     async def update_labels(
         self, digest: str, labels: Mapping[str, str], *, lease: str | None = None
@@ -102,14 +85,7 @@ class ContentStore:
         """Merge `labels` into the blob's labels (containerd's `labels.<key>` field paths)."""
         if not labels:
             return
-        request = content_v1.UpdateRequest(
-            info=content_v1.Info(digest=digest, labels=dict(labels)),
-            update_mask=FieldMask(paths=[f"labels.{key}" for key in labels]),
-        )
-        await self.client.call(
-            "Content.Update",
-            self.client.content.update(request, metadata=metadata_for(self.client, lease)),
-        )
+        await self.content.update_labels(digest, labels, lease=lease)
 
     async def ensure_labels(
         self, info: content_v1.Info, labels: Mapping[str, str], *, lease: str | None = None
@@ -128,49 +104,10 @@ class ContentStore:
 
     async def abort(self, ref: str) -> None:
         try:
-            await self.client.call(
-                "Content.Abort", self.client.content.abort(content_v1.AbortRequest(ref=ref))
-            )
+            await self.content.abort(ref)
         except ContainerdError as err:
             if err.status is not Status.NOT_FOUND:
                 raise
-
-    async def _exchange(
-        self,
-        stream: Stream[Any, Any],
-        request: content_v1.WriteContentRequest,
-        what: str,
-        *,
-        end: bool = False,
-    ) -> content_v1.WriteContentResponse:
-        """Send one Write message and wait (bounded) for containerd's answer.
-
-        containerd answers an error (or the end after COMMIT) with trailers and a
-        stream reset while our side is still open; grpclib then reports the status
-        only when the call's context exits, which is where it surfaces from here.
-        COMMIT half-closes our side with the message, so its outcome arrives normally.
-        """
-        try:
-            async with asyncio.timeout(self.timeout):
-                await stream.send_message(request, end=end)
-                reply: content_v1.WriteContentResponse | None = await stream.recv_message()
-                if reply is None:
-                    await stream.recv_trailing_metadata()
-                    raise ContainerdError(
-                        "Content.Write", Status.UNKNOWN, f"stream ended during {what}"
-                    )
-                if end:
-                    # containerd repeats its last answer before the trailers.
-                    while await stream.recv_message() is not None:
-                        pass
-                    await stream.recv_trailing_metadata()
-        except GRPCError as err:
-            raise ContainerdError("Content.Write", err.status, err.message or "") from err
-        except TimeoutError as err:
-            raise DeadlineExceeded(
-                f"containerd did not answer {what} within {self.timeout:g}s"
-            ) from err
-        return reply
 
     async def write(
         self,
@@ -219,63 +156,31 @@ class ContentStore:
         lease: str | None,
         progress: Progress | None,
     ) -> bool:
-        channel = self.client.content.channel
-        metadata = metadata_for(self.client, lease)
-
-        async def call() -> bool:
-            async with channel.request(
-                WRITE_ROUTE,
-                Cardinality.STREAM_STREAM,
-                content_v1.WriteContentRequest,
-                content_v1.WriteContentResponse,
-                metadata=metadata,
-            ) as stream:
-                await stream.send_request()
-                stat = await self._exchange(
-                    stream,
-                    content_v1.WriteContentRequest(
-                        action=content_v1.WriteAction.STAT,
-                        ref=ref,
-                        total=desc.size,
-                        expected=desc.digest,
-                    ),
-                    f"content write status of {desc.digest}",
+        async def session(writer: ContentWriter) -> bool:
+            stat = await writer.stat(ref, desc.size, desc.digest)
+            offset = stat if 0 < stat <= desc.size else 0
+            if offset:
+                log_event(
+                    log,
+                    "resuming blob write",
+                    level=logging.DEBUG,
+                    digest=desc.digest,
+                    offset=offset,
+                    size=desc.size,
                 )
-                offset = stat.offset if 0 < stat.offset <= desc.size else 0
-                if offset:
-                    log_event(
-                        log,
-                        "resuming blob write",
-                        level=logging.DEBUG,
-                        digest=desc.digest,
-                        offset=offset,
-                        size=desc.size,
-                    )
-                    if progress is not None:
-                        progress(offset)
-                offset = await self._stream_data(stream, desc, ref, source, offset, progress)
-                try:
-                    await self._exchange(
-                        stream,
-                        content_v1.WriteContentRequest(
-                            action=content_v1.WriteAction.COMMIT,
-                            ref=ref,
-                            total=desc.size,
-                            expected=desc.digest,
-                            offset=offset,
-                            labels=dict(labels),
-                        ),
-                        f"commit of {desc.digest}",
-                        end=True,
-                    )
-                except ContainerdError as err:
-                    if err.status is Status.FAILED_PRECONDITION:
-                        raise _CommitMismatch(err.detail) from err
-                    raise
+                if progress is not None:
+                    progress(offset)
+            offset = await self._stream_data(writer, desc, ref, source, offset, progress)
+            try:
+                await writer.commit(ref, desc.size, desc.digest, offset, labels)
+            except ContainerdError as err:
+                if err.status is Status.FAILED_PRECONDITION:
+                    raise _CommitMismatch(err.detail) from err
+                raise
             return True
 
         try:
-            return await self.client.call("Content.Write", call())
+            return await self.content.write(session, lease=lease, timeout=self.timeout)
         except _CommitMismatch as err:
             # What we stored does not hash to the digest: start from scratch next time.
             await self.abort(ref)
@@ -286,7 +191,7 @@ class ContentStore:
 
     async def _stream_data(
         self,
-        stream: Stream[Any, Any],
+        writer: ContentWriter,
         desc: Descriptor,
         ref: str,
         source: Source,
@@ -306,22 +211,16 @@ class ContentStore:
             pending.clear()
             # The first WRITE carries the resume offset; 0 makes containerd truncate
             # whatever a previous attempt left when we could not resume it.
-            reply = await self._exchange(
-                stream,
-                content_v1.WriteContentRequest(
-                    action=content_v1.WriteAction.WRITE, ref=ref, offset=position, data=data
-                ),
-                f"content write of {desc.digest}",
-            )
+            reached = await writer.write(ref, position, data, desc.digest)
             first = False
-            if reply.offset != position + len(data):
+            if reached != position + len(data):
                 raise ContainerdError(
                     "Content.Write",
                     Status.DATA_LOSS,
-                    f"blob {desc.digest}: containerd is at offset {reply.offset}, "
+                    f"blob {desc.digest}: containerd is at offset {reached}, "
                     f"expected {position + len(data)}",
                 )
-            position = reply.offset
+            position = reached
 
         if position >= desc.size:
             await flush()

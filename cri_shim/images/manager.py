@@ -52,7 +52,7 @@ from cri_shim.registry.types import (
     ResolvedImage,
     host_platform,
 )
-from cri_shim.settings import Settings
+from cri_shim.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +92,20 @@ PullObserver = Callable[[str, int, float], None]
 class ImageManager:
     def __init__(
         self,
-        settings: Settings,
+        settings: RegistrySettings,
+        sandbox_image: str,
         client: ContainerdClient,
         *,
         registry: RegistryClient | None = None,
         on_pull: PullObserver | None = None,
     ) -> None:
-        self.settings = settings
         self.client = client
         self.records = Images(client)
         # Told of every finished pull (ref, bytes downloaded, seconds): metrics.
         self.on_pull = on_pull
         self.store = ImageStore()
-        self.registry = registry or RegistryClient(settings.registry)
-        self.content = ContentStore(client, timeout=settings.registry.stall_timeout)
+        self.registry = registry or RegistryClient(settings)
+        self.content = ContentStore(client, timeout=settings.stall_timeout)
         self.unpacker = Unpacker(client, SNAPSHOTTER)
         self.puller = Puller(client, self.registry, self.content, self.unpacker)
         self.usage = SnapshotUsage(client, SNAPSHOTTER)
@@ -114,9 +114,9 @@ class ImageManager:
         # Store changes made while a load reads containerd, replayed on its result.
         self._journal: list[Callable[[], None]] | None = None
         try:
-            self._sandbox_image = str(parse_reference(settings.runtime.sandbox_image))
+            self._sandbox_image = str(parse_reference(sandbox_image))
         except ReferenceError:
-            self._sandbox_image = settings.runtime.sandbox_image
+            self._sandbox_image = sandbox_image
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,6 +145,45 @@ class ImageManager:
             await self.load()
         except (ContainerdError, ContainerdUnavailable) as err:
             log_event(log, "image reload failed", level=logging.WARNING, error=str(err))
+
+    async def on_image_event(self, name: str, deleted: bool) -> None:
+        """An image record changed in containerd, maybe by another client: the store
+        follows at once, as containerd's CRI does (its UpdateImage). The record is
+        read back rather than trusted from the event, so a stale event finds the
+        current state; a record that is not the CRI's yet is adopted."""
+        if deleted:
+            self._discard(name)
+            return
+        try:
+            image = await self.records.get(name)
+        except ContainerdError as err:
+            if err.status is not Status.NOT_FOUND:
+                raise
+            image = None
+        target = _descriptor(image.target) if image is not None else None
+        if image is None or target is None:
+            self._discard(name)
+            return
+        try:
+            content = await self._read_content(target)
+        except (ContainerdError, ValueError, UnsupportedManifestError) as err:
+            log_event(
+                log,
+                "skipping image whose content is unreadable",
+                level=logging.WARNING,
+                image=name,
+                target=target.digest,
+                error=str(err),
+            )
+            return
+        pinned = image.labels.get(PINNED_LABEL) == PINNED_VALUE
+        self._set(name, content, pinned)
+        if image.labels.get(MANAGED_LABEL) != MANAGED_VALUE:
+            names = set(self.store.names_of(content.id))
+            for added, added_content, added_pinned in await self._adopt(
+                name, target, content, pinned, names
+            ):
+                self._set(added, added_content, added_pinned)
 
     # ------------------------------------------------------------ store upkeep
 

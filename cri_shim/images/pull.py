@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cri_shim.concurrency import stop_task
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.images.content import ContentStore
 from cri_shim.images.lease import PullLease
@@ -227,9 +228,7 @@ class Puller:
         try:
             await _all_or_nothing([*downloads.values(), unpack()])
         finally:
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
+            await stop_task(reporter)
         log_event(log, "image layers pulled and unpacked", **progress.fields())
         return progress.bytes_done
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +194,13 @@ class ImageStore:
     def __init__(self) -> None:
         self._names: dict[str, _Name] = {}
         self._contents: dict[str, ImageContent] = {}
+        # Told the ids whose names changed: containers report their image's current
+        # repo tag and digest, as containerd's ContainerStatus does.
+        self.listeners: list[Callable[[set[str]], None]] = []
+
+    def _changed(self, ids: set[str]) -> None:
+        for listener in self.listeners:
+            listener(ids)
 
     def __len__(self) -> int:
         return len(self._contents)
@@ -205,20 +212,26 @@ class ImageStore:
         for name, content, pinned in entries:
             names[name] = _Name(content.id, pinned)
             contents[content.id] = content
+        changed = {entry.id for entry in self._names.values()} | set(contents)
         self._names, self._contents = names, contents
+        self._changed(changed)
 
     def set(self, name: str, content: ImageContent, *, pinned: bool) -> None:
         """`name` now points at `content` (a tag may move from another image)."""
         previous = self._names.get(name)
         self._names[name] = _Name(content.id, pinned)
         self._contents[content.id] = content
+        changed = {content.id}
         if previous is not None and previous.id != content.id:
             self._forget_unnamed(previous.id)
+            changed.add(previous.id)
+        self._changed(changed)
 
     def discard(self, name: str) -> None:
         previous = self._names.pop(name, None)
         if previous is not None:
             self._forget_unnamed(previous.id)
+            self._changed({previous.id})
 
     def _forget_unnamed(self, image_id: str) -> None:
         if not any(entry.id == image_id for entry in self._names.values()):

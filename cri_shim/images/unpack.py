@@ -19,10 +19,10 @@ import time
 from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient
+from cri_shim.containerd.diff import Diff
 from cri_shim.containerd.snapshots import SNAPSHOTTER, Snapshots
 from cri_shim.errors import ContainerdError
 from cri_shim.gen.containerd import types as ctypes
-from cri_shim.gen.containerd.services.diff import v1 as diff_v1
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.logs import log_event
 from cri_shim.registry.types import Descriptor
@@ -42,6 +42,7 @@ class Unpacker:
         self.client = client
         self.snapshotter = snapshotter
         self.snapshots = Snapshots(client, snapshotter)
+        self.diff = Diff(client)
 
     @property
     def lease_type(self) -> str:
@@ -90,21 +91,15 @@ class Unpacker:
             break
         try:
             started = time.monotonic()
-            reply = await self.client.call(
-                "Diff.Apply",
-                self.client.diff.apply(
-                    diff_v1.ApplyRequest(
-                        diff=ctypes.Descriptor(
-                            media_type=layer.media_type,
-                            digest=layer.digest,
-                            size=layer.size,
-                            annotations=dict(layer.annotations),
-                        ),
-                        mounts=mounts,
-                    )
+            applied = await self.diff.apply(
+                ctypes.Descriptor(
+                    media_type=layer.media_type,
+                    digest=layer.digest,
+                    size=layer.size,
+                    annotations=dict(layer.annotations),
                 ),
+                mounts,
             )
-            applied = reply.applied.digest if reply.applied is not None else ""
             if applied != diff_id:
                 raise LayerMismatchError(
                     f"layer {layer.digest} unpacked to {applied or 'nothing'}, but the image "

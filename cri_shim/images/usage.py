@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient
+from cri_shim.containerd.introspection import Introspection
 from cri_shim.containerd.snapshots import Snapshots
 from cri_shim.errors import ContainerdError
-from cri_shim.gen.containerd.services.introspection import v1 as introspection_v1
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.logs import log_event
 
@@ -53,15 +53,10 @@ class SnapshotUsage:
         """The snapshotter's root directory, from containerd's introspection service."""
         if self._root:
             return self._root
-        reply = await self.client.call(
-            "Introspection.Plugins",
-            self.client.introspection.plugins(
-                introspection_v1.PluginsRequest(
-                    filters=[f'type=="{SNAPSHOTTER_PLUGIN_TYPE}",id=="{self.snapshotter}"']
-                )
-            ),
+        plugins = await Introspection(self.client).plugins(
+            f'type=="{SNAPSHOTTER_PLUGIN_TYPE}",id=="{self.snapshotter}"'
         )
-        for plugin in reply.plugins:
+        for plugin in plugins:
             root = plugin.exports.get("root", "")
             if root:
                 self._root = root

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -71,7 +72,7 @@ from cri_shim.network.netns import (
 )
 from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
-from cri_shim.settings import Settings
+from cri_shim.settings import CniSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class PodNetwork:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: CniSettings,
+        state_dir: Path,
         readiness: NetworkReadiness,
         pod_cidrs: PodCidrStore | None = None,
         *,
@@ -94,25 +96,25 @@ class PodNetwork:
         self.readiness = readiness
         self.pod_cidrs = pod_cidrs
         self.ifname = ifname
-        cache_dir = settings.cni.cache_dir or str(settings.state_path / "cni-cache")
+        cache_dir = settings.cache_dir or str(state_dir / "cni-cache")
         self.cache = ResultCache(Path(cache_dir))
         # Written before an ADD and dropped once its result is cached or undone:
         # what a shim killed mid-ADD leaves here is DELeted by the next start.
-        self.pending = ResultCache(settings.state_path / "cni-pending")
+        self.pending = ResultCache(state_dir / "cni-pending")
         # One file per namespace pin we made, so a start-up sweep removes only
         # our own orphans from a pin directory other runtimes may share.
-        self.pins_dir = settings.state_path / "netns-pins"
-        self.runner = CniRunner(settings.cni.bin_dirs, settings.cni.plugin_timeout)
+        self.pins_dir = state_dir / "netns-pins"
+        self.runner = CniRunner(settings.bin_dirs, settings.plugin_timeout)
         self._locks = KeyedLocks()
 
     # namespaces, with the configured pin directory
 
     async def create_netns(self) -> str:
         name = new_pin_name()
-        path = os.path.join(self.settings.cni.netns_dir, name)
+        path = os.path.join(self.settings.netns_dir, name)
         await asyncio.to_thread(write_atomic, self.pins_dir / name, path.encode())
         try:
-            return await create_pod_netns(self.settings.cni.netns_dir, name)
+            return await create_pod_netns(self.settings.netns_dir, name)
         except BaseException:
             await asyncio.to_thread((self.pins_dir / name).unlink, missing_ok=True)
             raise
@@ -262,17 +264,7 @@ class PodNetwork:
             try:
                 result = await self.runner.add(chain, attachment)
                 status = PodNetworkStatus.from_result(CniResult.parse(result), self.ifname)
-                await self.cache.save(
-                    CachedAttachment(
-                        chain=chain,
-                        container_id=pod.sandbox_id,
-                        ifname=self.ifname,
-                        netns=pod.netns_path,
-                        cni_args=attachment.cni_args,
-                        capability_args=dict(attachment.capability_args),
-                        result=result,
-                    )
-                )
+                await self.cache.save(dataclasses.replace(intent, result=result))
             except BaseException as err:
                 prev = result if result is not None else getattr(err, "partial_result", None)
                 await asyncio.shield(self._rollback(chain, attachment, prev, err))

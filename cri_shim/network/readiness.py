@@ -8,11 +8,11 @@ fingerprint changes, so a config written after start is seen within a second.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from cri_shim.concurrency import stop_task
 from cri_shim.logs import log_event
 from cri_shim.network.cni_config import (
     CniConfigError,
@@ -85,8 +85,5 @@ class NetworkReadiness:
         self._task = asyncio.create_task(self._run(), name="cni-config-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None

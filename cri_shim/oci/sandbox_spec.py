@@ -97,7 +97,10 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
     if host_network:
         drop_namespace(spec, "network")
         drop_namespace(spec, "uts")
-        spec.pop("hostname", None)  # runc refuses a hostname without a private UTS ns
+        # A requested hostname stays: runc refuses it without a private UTS namespace,
+        # which is how containerd's CRI fails such a pod too.
+        if not inputs.hostname:
+            spec.pop("hostname", None)
     else:
         set_namespace(spec, "network", inputs.netns_path)
     if _namespace_mode(options, "pid") is cri.NamespaceMode.NODE:
@@ -134,6 +137,12 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
     if context is not None and context.privileged:
         spec["linux"].pop("maskedPaths", None)
         spec["linux"].pop("readonlyPaths", None)
+        # sysfs has one superblock per network namespace: a read-only mount by the
+        # pause process would make every privileged container's /sys read-only too
+        # (containerd 2.x mounts it rw here for the same reason).
+        for mount in spec["mounts"]:
+            if mount["destination"] == "/sys":
+                mount["options"] = ["rw" if o == "ro" else o for o in mount["options"]]
     spec["linux"]["cgroupsPath"] = cgroups_path(
         inputs.cgroup_driver, linux.cgroup_parent, "cri-containerd", inputs.sandbox_id
     )

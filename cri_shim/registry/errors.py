@@ -39,7 +39,14 @@ class UnsupportedManifestError(RegistryError):
 
 
 class RegistryUnavailableError(RegistryError):
-    """No endpoint answered usefully (connection refused, TLS failure, 5xx): UNAVAILABLE."""
+    """No endpoint answered usefully (connection refused, TLS failure, 5xx): UNAVAILABLE.
+    `http_status` is the status when the registry did answer (5xx, 408, 429)."""
+
+    def __init__(
+        self, message: str, *, host: str = "", reference: str = "", http_status: int = 0
+    ) -> None:
+        super().__init__(message, host=host, reference=reference)
+        self.http_status = http_status
 
 
 class PullStalledError(RegistryError):

@@ -19,7 +19,6 @@ import asyncio
 import dataclasses
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from urllib.parse import urlsplit
 
 from cri_shim.registry.errors import RegistryError
 from cri_shim.registry.reference import DEFAULT_DOMAIN
-from cri_shim.settings import RegistryAuthSettings, RegistrySettings
+from cri_shim.settings import RegistryAuthSettings, RegistrySettings, parse_duration
 
 DOCKER_HUB_HOST = "registry-1.docker.io"
 ALL_CAPABILITIES = frozenset({"pull", "resolve", "push"})
@@ -113,23 +112,6 @@ def api_url(url: str, *, override_path: bool = False) -> str:
 
 def _with_scheme(url: str) -> str:
     return url if "://" in url else f"https://{url}"
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Go duration strings as hosts.toml uses them (`500ms`, `5s`, `1m30s`) in seconds."""
-    pos, total = 0, 0.0
-    for match in _DURATION.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"invalid duration {text!r}")
-    return total
 
 
 class RegistryHosts:

@@ -119,17 +119,27 @@ def _same_error(template: RegistryError, message: str) -> RegistryError:
     return type(template)(message, host=template.host, reference=template.reference)
 
 
+def _resolve_priority(failure: RegistryError) -> int:
+    """containerd's resolver ranks what each host said: an error answer (401, 403,
+    5xx, ...) over not-found over no answer at all (unreachable, TLS, stalled)."""
+    if isinstance(failure, ImageNotFoundError):
+        return 2
+    if isinstance(failure, RegistryUnavailableError) and not failure.http_status:
+        return 1
+    if isinstance(failure, PullStalledError):
+        return 1
+    return 3
+
+
 def _combine(failures: Sequence[RegistryError], what: str) -> RegistryError:
-    """One error for a request every endpoint failed: all 404 is not-found; otherwise
-    an auth failure, else the first real failure (as containerd does), names the type."""
+    """One error for a request every endpoint failed, of the type containerd's resolver
+    would return: the first failure of the highest rank (`_resolve_priority`), an
+    auth failure first among error answers; the message names every endpoint."""
     if len(failures) == 1:
         return failures[0]
-    if all(isinstance(f, ImageNotFoundError) for f in failures):
-        chosen = failures[-1]
-    else:
-        chosen = next((f for f in failures if isinstance(f, RegistryAuthError)), None) or next(
-            f for f in failures if not isinstance(f, ImageNotFoundError)
-        )
+    top = max(_resolve_priority(f) for f in failures)
+    ranked = [f for f in failures if _resolve_priority(f) == top]
+    chosen = next((f for f in ranked if isinstance(f, RegistryAuthError)), ranked[0])
     detail = "; ".join(str(f) for f in failures)
     return _same_error(chosen, f"{what} failed on all {len(failures)} endpoints: {detail}")
 
@@ -275,7 +285,9 @@ class RegistryTransport:
             return
         message = f"registry {endpoint.host} answered HTTP {resp.status} for {what} of {name}"
         if resp.status >= 500 or resp.status in (408, 429):
-            raise RegistryUnavailableError(message, host=endpoint.host, reference=name)
+            raise RegistryUnavailableError(
+                message, host=endpoint.host, reference=name, http_status=resp.status
+            )
         raise RegistryError(message, host=endpoint.host, reference=name)
 
     async def _read_chunk(

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from cri_shim.concurrency import InFlight, run_all
 from cri_shim.containerd.events import TaskExit
 from cri_shim.containerd.runtime import RuntimeOps, TaskStatus, pack_json, unpack_json
-from cri_shim.errors import already_exists
+from cri_shim.errors import failed_precondition, go_quote
 from cri_shim.gen.containerd.types import Mount
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import log_event
@@ -236,12 +236,19 @@ class SandboxManager:
         owner = self.store.names.owner(name)
         if owner is not None:
             existing = self.store.by_id.find(owner)
-            if existing is not None and existing.state is SandboxState.READY:
+            if (
+                existing is not None
+                and existing.state is SandboxState.READY
+                and existing.config == config
+                and existing.runtime_handler == runtime_handler
+            ):
                 # kubelet retrying a call that timed out on its side: same pod, same answer.
                 log_event(log, "sandbox reused for retried run", pod=owner, name=name)
                 return owner
-            raise already_exists(
-                f"pod sandbox name {name!r} is reserved for {owner}; remove it first"
+            # containerd's words (its name registrar), so tools matching them keep working.
+            raise failed_precondition(
+                f"failed to reserve sandbox name {go_quote(name)}: "
+                f"name {go_quote(name)} is reserved for {go_quote(owner)}"
             )
         sandbox = Sandbox(
             id=new_id(),
@@ -284,9 +291,9 @@ class SandboxManager:
         dirs = self.dirs(sandbox.id)
         node_hostname = "" if config.hostname else await asyncio.to_thread(_host_hostname)
         # A pod that names no hostname gets the node's in /etc/hostname, as containerd
-        # writes it; the spec sets it only for host-network pods (a new UTS namespace
-        # starts with the node's name anyway).
-        hostname = config.hostname or (node_hostname if sandbox.host_network else "")
+        # writes it. The spec carries the requested one alone, as containerd's does: a
+        # hostname on a host-network pod (no UTS namespace) is refused by runc.
+        hostname = config.hostname
         undo.append(dirs.remove)
         await dirs.create(
             config.hostname or node_hostname, config.dns_config, private_shm=not host_ipc

@@ -4,6 +4,7 @@ without a containerd round-trip. Task exit events update it at once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # types only: the store does not depend on the domain code
     from cri_shim.container.io import ContainerIO
     from cri_shim.containerd.events import TaskExit
     from cri_shim.gen.containerd.types import Mount
+    from cri_shim.images.store import ImageRecord
 
 
 class ContainerState(StrEnum):
@@ -64,6 +66,9 @@ class Container(EncodingCache):
     image_repo_ref: str  # a repo digest of the image, for ContainerStatus.image_ref
     created_at: int
     log_path: str
+    # The image's first repo tag while it has one (kept current from the image store,
+    # not recorded): ContainerStatus.image, as containerd reports it.
+    image_tag: str = ""
     stop_signal: str = "SIGTERM"
     state: ContainerState = ContainerState.CREATED
     pid: int = 0
@@ -164,7 +169,7 @@ class Container(EncodingCache):
             started_at=self.started_at,
             finished_at=self.finished_at,
             exit_code=self.exit_code,
-            image=self.image_spec(),
+            image=cri.ImageSpec(image=self.image_tag) if self.image_tag else self.image_spec(),
             image_ref=self.image_repo_ref or self.image_id,
             reason=self.reason,
             message=self.message,
@@ -175,6 +180,7 @@ class Container(EncodingCache):
             resources=cri.ContainerResources(linux=self.resources) if self.resources else None,
             image_id=self.image_id,
             user=self._user(),
+            stop_signal=cri_signal(self.stop_signal),
         )
 
     def _user(self) -> cri.ContainerUser | None:
@@ -195,9 +201,22 @@ class Container(EncodingCache):
         }
 
 
-def container_name(sandbox_name: str, metadata: cri.ContainerMetadata) -> str:
-    """kubelet's unique container name within a pod attempt (containerd's form)."""
-    return f"{metadata.name}_{sandbox_name}_{metadata.attempt}"
+def cri_signal(name: str) -> cri.Signal:
+    """The CRI enum for a stop signal name (`SIGQUIT`, `SIGRTMIN+1`), as containerd's
+    toCRISignal maps it: a name CRI has no value for is RUNTIME_DEFAULT."""
+    key = name.replace("+", "PLUS", 1).replace("-", "MINUS", 1)
+    try:
+        return cri.Signal[key]
+    except KeyError:
+        return cri.Signal.RUNTIME_DEFAULT
+
+
+def container_name(sandbox: cri.PodSandboxMetadata, metadata: cri.ContainerMetadata) -> str:
+    """The unique name of a container attempt in a pod, as containerd's CRI forms it
+    (makeContainerName: the pod's attempt is not part of it)."""
+    return "_".join(
+        [metadata.name, sandbox.name, sandbox.namespace, sandbox.uid, str(metadata.attempt)]
+    )
 
 
 class ContainerStore:
@@ -211,6 +230,21 @@ class ContainerStore:
     def remove(self, container: Container) -> None:
         self.by_id.discard(container.id)
         self.names.release(container.name, container.id)
+
+    def follow_images(self, ids: set[str], current: Callable[[str], ImageRecord | None]) -> None:
+        """The images `ids` gained or lost names: each container of one reports the
+        image's current first tag and repo digest, or its id once it is gone, as
+        containerd's ContainerStatus looks them up on every call."""
+        for container in self.by_id:
+            if container.image_id not in ids:
+                continue
+            image = current(container.image_id)
+            tag = (image.repo_tags or [""])[0] if image is not None else ""
+            repo_ref = (image.repo_digests or [""])[0] if image is not None else ""
+            if container.image_tag != tag:
+                container.image_tag = tag
+            if container.image_repo_ref != repo_ref:
+                container.image_repo_ref = repo_ref
 
     def in_sandbox(self, sandbox_id: str) -> list[Container]:
         return [c for c in self.by_id if c.sandbox_id == sandbox_id]

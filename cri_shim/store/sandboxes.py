@@ -107,14 +107,17 @@ class Sandbox(EncodingCache):
         )
 
     def to_status(self) -> cri.PodSandboxStatus:
-        network = None
-        if not self.host_network:
+        """As containerd reports it: no IP once the network namespace is closed (the pod
+        stopped) and none for host-network pods; the namespace options the config gave."""
+        linux = self.config.linux
+        context = linux.security_context if linux is not None else None
+        if self.host_network or not self.network_ready:
+            network = cri.PodSandboxNetworkStatus()
+        else:
             network = cri.PodSandboxNetworkStatus(
                 ip=self.ip,
                 additional_ips=[cri.PodIp(ip=ip) for ip in self.additional_ips],
             )
-        else:
-            network = cri.PodSandboxNetworkStatus(ip=self.ip)
         return cri.PodSandboxStatus(
             id=self.id,
             metadata=self.metadata,
@@ -122,7 +125,9 @@ class Sandbox(EncodingCache):
             created_at=self.created_at,
             network=network,
             linux=cri.LinuxPodSandboxStatus(
-                namespaces=cri.Namespace(options=self.namespace_options())
+                namespaces=cri.Namespace(
+                    options=context.namespace_options if context is not None else None
+                )
             ),
             labels=dict(self.config.labels),
             annotations=dict(self.config.annotations),

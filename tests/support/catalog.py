@@ -161,6 +161,7 @@ def own_images() -> list[CatalogImage]:
         CatalogImage(LOCAL, "test/user", ("uid-gid",), lambda: im.user_image("1000:1000")),
         CatalogImage(LOCAL, "test/user", ("name-group",), lambda: im.user_image("www:www")),
         CatalogImage(LOCAL, "test/entrypoint", ("1",), im.entrypoint_image),
+        CatalogImage(LOCAL, "test/stopsignal", ("1",), im.stopsignal_image),
         CatalogImage(LOCAL, "test/httpd", ("1",), im.httpd_image),
         CatalogImage(LOCAL, "test/uncompressed", ("1",), uncompressed),
         CatalogImage(LOCAL, "test/large", ("1",), im.large_image),

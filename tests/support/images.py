@@ -867,6 +867,27 @@ def entrypoint_image(*, media: MediaKind = "oci") -> Image:
     return busybox_image(media=media, config=cfg, extra_layers=[extra])
 
 
+_REPORT_SIGNAL = """#!/bin/sh
+# Runs until a stop signal; logs which one arrived and exits with a code naming it.
+trap 'echo "caught USR2"; exit 12' USR2
+trap 'echo "caught USR1"; exit 10' USR1
+trap 'echo "caught TERM"; exit 15' TERM
+echo ready
+while :; do sleep 0.1; done
+"""
+
+
+def stopsignal_image(*, media: MediaKind = "oci") -> Image:
+    """busybox with ``STOPSIGNAL SIGUSR2`` whose command reports the signal it got
+    (``caught USR2`` on stdout, exit 12; USR1: 10; TERM: 15)."""
+    script = layer(
+        [file("usr/local/bin/report-signal", _REPORT_SIGNAL, mode=0o755)],
+        created_by="ADD report-signal",
+    )
+    cfg = ImageConfig(cmd=("/usr/local/bin/report-signal",), stop_signal="SIGUSR2")
+    return busybox_image(media=media, config=cfg, extra_layers=[script])
+
+
 def httpd_image(
     *,
     port: int = 80,
