@@ -270,6 +270,8 @@ class Shim:
         facts = RuntimeFacts(
             recursive_read_only_mounts=recursive_readonly_supported(),
             supplemental_groups_policy=True,
+            restrict_oom_score_adj=not can_lower_oom_score_adj(),
+            apparmor=await asyncio.to_thread(apparmor.host_supports),
         )
         status = StatusHandlers(
             settings, self.health, self.network, self.pod_cidrs, cgroup_driver, facts

@@ -76,6 +76,27 @@ def go_message(message: betterproto2.Message) -> dict[str, Any]:
     return out
 
 
+# specs-go booleans tagged omitempty that cri-shim's specs write even when false.
+_OMITTED_WHEN_FALSE = (
+    ("process", "noNewPrivileges"),
+    ("process", "terminal"),
+    ("root", "readonly"),
+)
+
+
+def go_spec(spec: Mapping[str, Any] | None) -> Any:
+    """The stored OCI spec as containerd prints it: decoded into specs-go's Spec and
+    encoded again, which drops the false booleans tagged omitempty."""
+    if spec is None:
+        return None
+    out = dict(spec)
+    for section, key in _OMITTED_WHEN_FALSE:
+        part = out.get(section)
+        if isinstance(part, dict) and part.get(key) is False:
+            out[section] = {k: v for k, v in part.items() if k != key}
+    return out
+
+
 @dataclass(frozen=True)
 class RuntimeIdentity:
     """What containerd's container record says of how a container runs: the same
@@ -112,7 +133,7 @@ def container_info(
         "runtimeType": runtime.runtime_type,
         "runtimeOptions": runtime.runtime_options,
         "config": go_message(container.config),
-        "runtimeSpec": spec,
+        "runtimeSpec": go_spec(spec),
     }
 
 
@@ -177,7 +198,7 @@ def sandbox_info(sandbox: Sandbox, runtime: RuntimeIdentity) -> dict[str, Any]:
         "runtimeType": runtime.runtime_type,
         "runtimeOptions": runtime.runtime_options,
         "config": config,
-        "runtimeSpec": sandbox.spec,
+        "runtimeSpec": go_spec(sandbox.spec),
         "cniResult": result,
         "sandboxMetadata": {
             "Version": "v1",
