@@ -51,6 +51,15 @@ class RuntimeFacts:
     apparmor: bool = False  # profiles are applied (the kernel has AppArmor)
 
 
+def _sorted_keys(value: Any) -> Any:
+    """JSON objects with their keys sorted at every level, as Go marshals a map."""
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value
+
+
 def _cni_network(config: NetworkConfig, ifname: str) -> dict[str, Any]:
     """One network of go-cni's config (containerd's `cniconfig.Networks[]`)."""
     plugins = []
@@ -62,9 +71,7 @@ def _cni_network(config: NetworkConfig, ifname: str) -> dict[str, Any]:
         network["ipam"] = (
             {"type": ipam["type"]} if isinstance(ipam, dict) and "type" in ipam else {}
         )
-        plugins.append(
-            {"Network": network, "Source": go_json({k: plugin[k] for k in sorted(plugin)})}
-        )
+        plugins.append({"Network": network, "Source": go_json(_sorted_keys(plugin))})
     return {
         "Config": {
             "Name": config.name,
