@@ -13,6 +13,7 @@ byte-identical; Status(verbose) carries containerd's keys.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -190,7 +191,28 @@ async def verbose_pod(client: CriClient, pod_id: str) -> dict[str, Any]:
     return parsed
 
 
-async def run_scenario(client: CriClient, image: str, log_dir: Path, uid: str) -> Side:
+async def crictl_json(endpoint: str, *args: str) -> dict[str, Any]:
+    """`crictl <command> -o json <id>` against `endpoint`, parsed."""
+    process = await asyncio.create_subprocess_exec(
+        peer_path("CRICTL"),
+        "--runtime-endpoint",
+        f"unix://{endpoint}",
+        *args[:-1],
+        "-o",
+        "json",
+        args[-1],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    parsed: dict[str, Any] = json.loads(out)
+    return parsed
+
+
+async def run_scenario(
+    client: CriClient, endpoint: str, image: str, log_dir: Path, uid: str
+) -> Side:
     """Pull; a pod with a container through created/running/exited; the pod stopped;
     a host-network pod; Status and ImageStatus, all verbose."""
     await client.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
@@ -220,6 +242,8 @@ async def run_scenario(client: CriClient, image: str, log_dir: Path, uid: str) -
     await client.runtime.start_container(cri.StartContainerRequest(container_id))
     infos["container running"] = await verbose_container(client, container_id)
     infos["pod ready"] = await verbose_pod(client, pod_id)
+    infos["crictl inspect"] = await crictl_json(endpoint, "inspect", container_id)
+    infos["crictl inspectp"] = await crictl_json(endpoint, "inspectp", pod_id)
     await client.runtime.stop_container(cri.StopContainerRequest(container_id, 1))
     infos["container exited"] = await verbose_container(client, container_id)
     await client.runtime.stop_pod_sandbox(cri.StopPodSandboxRequest(pod_id))
@@ -280,7 +304,11 @@ async def sides(pod_images: ServedCatalog) -> AsyncIterator[tuple[Side, Side]]:
             client = CriClient.connect(runtimes.endpoints[name])
             try:
                 side = await run_scenario(
-                    client, image, base / f"logs{index}", f"uid-parity-{index}"
+                    client,
+                    runtimes.endpoints[name],
+                    image,
+                    base / f"logs{index}",
+                    f"uid-parity-{index}",
                 )
             finally:
                 client.close()
@@ -418,3 +446,19 @@ async def test_status_info_has_containerd_keys(sides: tuple[Side, Side]) -> None
     ours_plugins = [p["Network"] for p in cni_ours["Networks"][0]["Config"]["Plugins"]]
     assert ours_plugins == [p["Network"] for p in configured["Config"]["Plugins"]]
     assert shim.status_info["lastCNILoadStatus.default"] == "OK"
+
+
+async def test_crictl_inspect_shows_the_same_document(sides: tuple[Side, Side]) -> None:
+    """What operators run: `crictl inspect | jq .info.runtimeSpec`, env values as text."""
+    containerd, shim = sides
+    for command, keys in (("crictl inspect", CONTAINER_KEYS), ("crictl inspectp", SANDBOX_KEYS)):
+        theirs, ours = containerd.infos[command], shim.infos[command]
+        assert list(ours) == list(theirs), command
+        # crictl prints the info's keys sorted.
+        assert list(ours["info"]) == list(theirs["info"]) == sorted(keys), command
+        assert set(ours["status"]) == set(theirs["status"]), command
+    for side in (containerd, shim):
+        info = side.infos["crictl inspect"]["info"]
+        assert info["runtimeSpec"]["process"]["args"] == ["sleep", "3600"]
+        assert info["config"]["envs"] == [{"key": "GREETING", "value": "hello world"}]
+        assert "GREETING=hello world" in info["runtimeSpec"]["process"]["env"]
