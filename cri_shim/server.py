@@ -31,6 +31,7 @@ from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.containerd.events import EventMonitor
 from cri_shim.containerd.health import ContainerdHealth
 from cri_shim.containerd.runtime import RuntimeOps
+from cri_shim.containerd.snapshots import SNAPSHOTTER
 from cri_shim.cri.container import ContainerHandlers
 from cri_shim.cri.image import ImageHandlers
 from cri_shim.cri.image_service import ImageService
@@ -39,6 +40,7 @@ from cri_shim.cri.sandbox import SandboxHandlers
 from cri_shim.cri.stats import StatsHandlers
 from cri_shim.cri.status import RuntimeFacts, StatusHandlers
 from cri_shim.cri.streaming import StreamingHandlers
+from cri_shim.gen.containerd.runc import v1 as runc_v1
 from cri_shim.gen.google.protobuf import Empty
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.grpc_limits import DEFAULT_MAX_RECV_MESSAGE_SIZE, BoundedHandler, bounded_buffer_class
@@ -64,6 +66,7 @@ from cri_shim.settings import Settings, SettingsError
 from cri_shim.store.containers import ContainerStore
 from cri_shim.store.encoded import BatchLimits
 from cri_shim.store.sandboxes import SandboxStore
+from cri_shim.store.verbose import RuntimeIdentity
 from cri_shim.streaming.exec import StreamRuntime
 from cri_shim.streaming.portforward import PodConnector
 from cri_shim.streaming.server import StreamingServer
@@ -272,6 +275,8 @@ class Shim:
         facts = RuntimeFacts(
             recursive_read_only_mounts=recursive_readonly_supported(),
             supplemental_groups_policy=True,
+            restrict_oom_score_adj=not can_lower_oom_score_adj(),
+            apparmor=await asyncio.to_thread(apparmor.host_supports),
         )
         status = StatusHandlers(
             settings, self.health, self.network, self.pod_cidrs, cgroup_driver, facts
@@ -403,12 +408,20 @@ class Shim:
         self._stack.push_async_callback(self.events.stop)
         self.metrics.register_state_provider("sandbox", self._sandbox_states)
         self.metrics.register_state_provider("container", self._container_states)
+        record = ops.runtime_options()
+        options = record.options
+        identity = RuntimeIdentity.of(
+            record.name,
+            runc_v1.Options.parse(options.value) if options is not None else None,
+            SNAPSHOTTER,
+        )
         return (
             SandboxHandlers(
                 self.sandboxes,
                 self.sandbox_manager,
                 settings.runtime.default_runtime,
                 self.batch_limits,
+                identity,
             ),
             ContainerHandlers(
                 self.containers,
@@ -416,6 +429,7 @@ class Shim:
                 self.container_manager,
                 self.container_events,
                 self.batch_limits,
+                identity,
                 drain_exec_sync_io_seconds=settings.runtime.drain_exec_sync_io_seconds,
             ),
         )

@@ -13,6 +13,7 @@ from cri_shim.server import Shim
 from cri_shim.store.containers import Container, ContainerState, ContainerStore
 from cri_shim.store.encoded import message_field
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore
+from cri_shim.store.verbose import RUNC_IDENTITY, container_info, go_json, sandbox_info
 
 from .conftest import CriClient
 from .pods import make_container, wait_exited
@@ -42,7 +43,7 @@ def container(index: int, sandbox_id: str) -> Container:
         annotations={"k": str(index)},
         mounts=[cri.Mount(container_path="/data", host_path=f"/tmp/{index}")],
     )
-    return Container(
+    made = Container(
         id=f"{index:02d}" + "c" * 62,
         name=f"c{index}_x_0",
         sandbox_id=sandbox_id,
@@ -53,6 +54,8 @@ def container(index: int, sandbox_id: str) -> Container:
         created_at=1_700_000_000_000_000_000 + index,
         log_path=f"/logs/c{index}.log",
     )
+    made.runtime.spec = {"ociVersion": "1.0.2-dev", "process": {"args": ["sh", str(index)]}}
+    return made
 
 
 def handlers() -> tuple[SandboxHandlers, ContainerHandlers, SandboxStore, ContainerStore]:
@@ -101,15 +104,13 @@ async def assert_identical(
             got = bytes(
                 await sh.pod_sandbox_status(cri.PodSandboxStatusRequest(s.id, verbose=verbose))
             )
-            info = {"info": '{"x": 1}'} if verbose else {}
-            if verbose:
-                reply = cri.PodSandboxStatusResponse.parse(got)
-                info = reply.info
+            info = {"info": go_json(sandbox_info(s, RUNC_IDENTITY))} if verbose else {}
             assert got == bytes(cri.PodSandboxStatusResponse(status=s.to_status(), info=info))
     for c in containers.list(None):
         for verbose in (False, True):
             got = bytes(await ch.container_status(cri.ContainerStatusRequest(c.id, verbose)))
-            info = cri.ContainerStatusResponse.parse(got).info if verbose else {}
+            fresh_info = go_json(container_info(c, c.runtime.spec, RUNC_IDENTITY))
+            info = {"info": fresh_info} if verbose else {}
             assert got == bytes(cri.ContainerStatusResponse(status=c.to_status(), info=info))
 
 
@@ -143,6 +144,15 @@ async def test_cached_encodings_follow_every_change() -> None:
     ctrs[2].reason, ctrs[2].message = "StartError", "exec: not found"
     ctrs[3].state = ContainerState.UNKNOWN
     ctrs[1].resources = cri.LinuxContainerResources(cpu_shares=1024)
+    await assert_identical(sh, ch, sandboxes, containers)
+    # Verbose-only changes: a new stored spec (UpdateContainerResources), removal under
+    # way, a pod's CNI result, spec and image, its task deleted.
+    ctrs[4].runtime.spec = {"ociVersion": "1.0.2-dev", "linux": {"resources": {"cpu": {}}}}
+    ctrs[5].removing = True
+    pods[0].cni_result = {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}
+    pods[0].spec = {"ociVersion": "1.0.2-dev"}
+    pods[0].image = "registry.k8s.io/pause:3.9"
+    pods[0].task_deleted = True
     await assert_identical(sh, ch, sandboxes, containers)
     # Removal.
     containers.remove(ctrs[0])

@@ -17,6 +17,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -28,6 +29,7 @@ from cri_shim.gen.containerd.services.containers import v1 as containers_v1
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.settings import RuntimeSettings
 
 from .conftest import CriClient, ShimProcess, short_tempdir, start_shim_process, wait_for
 from .pods import CNI_BIN, pod_config, wait_exited, write_conflist, write_shim_config
@@ -439,6 +441,11 @@ async def test_restart_and_containerd_crash_lose_nothing(
         logs = [node.base / "logs" / str(index) / "logger.log" for index in range(PODS)]
         assert await wait_for(lambda: lines_grew(logs, [0] * PODS, 3), timeout=30)
         before = await snapshot(client)
+        # What crictl inspect / inspectp show survives the restart unchanged.
+        logger_pod, logger = started[0]
+        inspected = await verbose_infos(client, logger_pod, logger)
+        assert inspected[0]["runtimeSpec"] and inspected[0]["cniResult"]
+        assert inspected[0]["image"] == RuntimeSettings().sandbox_image
 
         # 1. the shim dies mid-churn (runs, creates, execs, removals in flight)
         # and comes back on the same config.
@@ -465,6 +472,7 @@ async def test_restart_and_containerd_crash_lose_nothing(
         )
         after = await snapshot(client)
         assert {pod_id: after[0][pod_id] for pod_id in before[0]} == before[0]
+        assert await verbose_infos(client, logger_pod, logger) == inspected
         for container_id, state in before[1].items():
             if container_id in quitters:
                 code = await exit_code(client, container_id)
@@ -576,6 +584,15 @@ async def test_restart_and_containerd_crash_lose_nothing(
     finally:
         client.close()
         await stop_shim(shim)
+
+
+async def verbose_infos(
+    client: CriClient, pod_id: str, container_id: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The verbose `info` of a pod and one of its containers, parsed."""
+    pod = await client.runtime.pod_sandbox_status(cri.PodSandboxStatusRequest(pod_id, True))
+    ctr = await client.runtime.container_status(cri.ContainerStatusRequest(container_id, True))
+    return json.loads(pod.info["info"]), json.loads(ctr.info["info"])
 
 
 async def lines_grew(logs: list[Path], before: list[int], by: int) -> bool:

@@ -76,7 +76,7 @@ async def test_pod_gets_an_ip_reachable_from_the_host(pod_shim: Shim, pods: CriC
     assert status.state == cri.PodSandboxState.SANDBOX_READY
     assert status.network.ip.startswith(pod_shim.test_subnet_prefix)  # type: ignore[attr-defined]
     info = json.loads((await status_of(pods, reply.pod_sandbox_id, verbose=True)).info["info"])
-    listener = await listen_in_netns(info["netNamespacePath"], 8080)
+    listener = await listen_in_netns(info["sandboxMetadata"]["Metadata"]["NetNSPath"], 8080)
     assert await read_from(status.network.ip, 8080) == b"hello from pod"
     await listener.wait()
 
@@ -93,7 +93,9 @@ async def test_host_port_mapping_reaches_the_pod(pod_shim: Shim, pods: CriClient
     verbose = await status_of(pods, reply.pod_sandbox_id, verbose=True)
     assert verbose.status is not None and verbose.status.network is not None
     gateway = verbose.status.network.ip.rsplit(".", 1)[0] + ".1"
-    listener = await listen_in_netns(json.loads(verbose.info["info"])["netNamespacePath"], 80)
+    listener = await listen_in_netns(
+        json.loads(verbose.info["info"])["sandboxMetadata"]["Metadata"]["NetNSPath"], 80
+    )
     assert await read_from(gateway, host_port) == b"hello from pod"
     await listener.wait()
 
@@ -128,7 +130,9 @@ async def test_dns_config_and_sysctls_are_applied(pod_shim: Shim, pods: CriClien
     assert resolv.read_text() == "search svc.cluster.local\nnameserver 10.0.0.10\noptions ndots:5\n"
     info = json.loads((await status_of(pods, reply.pod_sandbox_id, verbose=True)).info["info"])
     value = await run_in_netns(
-        info["netNamespacePath"], "cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+        info["sandboxMetadata"]["Metadata"]["NetNSPath"],
+        "cat",
+        "/proc/sys/net/ipv4/ip_unprivileged_port_start",
     )
     assert value.strip() == "79"
 
@@ -156,7 +160,7 @@ async def test_stop_and_remove_are_idempotent(pod_shim: Shim, pods: CriClient) -
         await pods.runtime.stop_pod_sandbox(cri.StopPodSandboxRequest(sandbox_id))
     status = (await status_of(pods, sandbox_id)).status
     assert status is not None and status.state == cri.PodSandboxState.SANDBOX_NOTREADY
-    assert not Path(info["netNamespacePath"]).exists()
+    assert not Path(info["sandboxMetadata"]["Metadata"]["NetNSPath"]).exists()
     for _ in range(2):
         await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(sandbox_id))
     with pytest.raises(GRPCError) as caught:

@@ -363,14 +363,19 @@ class ContainerManager(ContainerRecovery):
                 # A StartContainer that held the lock ran the task after the stop
                 # above: stop that too, as containerd's RemoveContainer does.
                 await self.stop(container, 0)
-            if not container.runtime.task_deleted:
-                await self.ops.delete_task(container.id)
-            io, container.runtime.io = container.runtime.io, None
-            if io is not None:
-                await io.close()
-            await run_all(
-                self._forget(container), asyncio.to_thread(_rmtree, self.io_dir(container.id))
-            )
+            container.removing = True  # verbose status says so, as containerd's does
+            try:
+                if not container.runtime.task_deleted:
+                    await self.ops.delete_task(container.id)
+                io, container.runtime.io = container.runtime.io, None
+                if io is not None:
+                    await io.close()
+                await run_all(
+                    self._forget(container), asyncio.to_thread(_rmtree, self.io_dir(container.id))
+                )
+            except BaseException:
+                container.removing = False
+                raise
             self.store.remove(container)
         self._publish(container, cri.ContainerEventType.CONTAINER_DELETED_EVENT)
         log_event(log, "container removed", container=container.id)

@@ -8,7 +8,6 @@ unknown id succeed so kubelet's retries after restarts never fail.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from cri_shim.container.events import ContainerEventBus
@@ -34,6 +33,7 @@ from cri_shim.store.encoded import (
     prebuilt,
 )
 from cri_shim.store.sandboxes import SandboxStore
+from cri_shim.store.verbose import RUNC_IDENTITY, RuntimeIdentity, container_info, go_json
 
 MAX_NAME_LENGTH = 253
 
@@ -46,12 +46,14 @@ class ContainerHandlers:
         manager: ContainerManager,
         events: ContainerEventBus,
         limits: BatchLimits | None = None,
+        runtime: RuntimeIdentity = RUNC_IDENTITY,
         *,
         drain_exec_sync_io_seconds: float = 0.0,
     ) -> None:
         self.store = store
         self.drain_exec_sync_io_seconds = drain_exec_sync_io_seconds
         self.limits = limits or BatchLimits()
+        self.runtime = runtime
         self.sandboxes = sandboxes
         self.manager = manager
         self.events = events
@@ -106,7 +108,13 @@ class ContainerHandlers:
     ) -> cri.ContainerStatusResponse:
         require(request.container_id, "container_id")
         container = self.store.by_id.get(request.container_id)
-        info = {"info": json.dumps(container.verbose_info())} if request.verbose else {}
+        if not request.verbose:
+            return container_status_response(container)
+        # containerd reads the spec back from its container record: the stored one.
+        spec = container.runtime.spec or await self.manager.load_spec(container.id)
+        info = container.info_bytes(
+            lambda: {"info": go_json(container_info(container, spec, self.runtime))}, spec
+        )
         return container_status_response(container, info)
 
     async def list_containers(

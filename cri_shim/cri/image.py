@@ -9,23 +9,25 @@ and no image; verbose status: the image config as JSON under "info").
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from cri_shim.errors import invalid_argument, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.manager import ImageManager
-from cri_shim.images.store import ImageRecord
+from cri_shim.images.store import ImageContent, ImageRecord
 from cri_shim.registry.reference import ReferenceError, parse_reference
 from cri_shim.registry.types import Credentials
 from cri_shim.store.encoded import (
     BatchLimits,
+    EncodedImageStatusResponse,
     EncodedStreamImagesResponse,
     batches,
     framed,
     prebuilt,
 )
+from cri_shim.store.verbose import go_json
 
 
 def to_cri_image(record: ImageRecord) -> cri.Image:
@@ -85,7 +87,17 @@ def oci_image_spec(config: Mapping[str, Any]) -> dict[str, Any]:
 def verbose_info(record: ImageRecord) -> dict[str, str]:
     """containerd's verboseImageInfo, field for field: the chain id and the image config."""
     info = {"chainID": record.chain_id, "imageSpec": oci_image_spec(record.config)}
-    return {"info": json.dumps(info)}
+    return {"info": go_json(info)}
+
+
+@dataclass
+class _EncodedStatus:
+    """An image's ImageStatus answers, valid while its content and names are these."""
+
+    content: ImageContent
+    references: tuple[str, ...]
+    pinned: bool
+    by_verbose: dict[bool, bytes] = field(default_factory=dict)
 
 
 def credentials_from(auth: cri.AuthConfig | None) -> Credentials | None:
@@ -145,6 +157,7 @@ class ImageHandlers:
     def __init__(self, manager: ImageManager, limits: BatchLimits | None = None) -> None:
         self.manager = manager
         self.limits = limits or BatchLimits()
+        self._status_cache: dict[str, _EncodedStatus] = {}
 
     def _records(self, filter_: cri.ImageFilter | None) -> list[ImageRecord]:
         wanted = _spec_image(filter_.image) if filter_ is not None else ""
@@ -174,13 +187,32 @@ class ImageHandlers:
             yield prebuilt(EncodedStreamImagesResponse, body)
 
     async def image_status(self, request: cri.ImageStatusRequest) -> cri.ImageStatusResponse:
+        """Encoded once per image, names and pin state (the verbose info is the
+        whole image config as JSON); a pull, tag or removal changes the key."""
         record = self.manager.store.get(_spec_image(request.image))
         if record is None:
             return cri.ImageStatusResponse()
-        return cri.ImageStatusResponse(
-            image=to_cri_image(record),
-            info=verbose_info(record) if request.verbose else {},
-        )
+        cached = self._status_cache.get(record.id)
+        if (
+            cached is None
+            or cached.content is not record.content
+            or cached.references != record.references
+            or cached.pinned != record.pinned
+        ):
+            if len(self._status_cache) > 2 * len(self.manager.store) + 16:
+                self._status_cache.clear()  # drop images that are gone
+            cached = _EncodedStatus(record.content, record.references, record.pinned)
+            self._status_cache[record.id] = cached
+        body = cached.by_verbose.get(request.verbose)
+        if body is None:
+            body = bytes(
+                cri.ImageStatusResponse(
+                    image=to_cri_image(record),
+                    info=verbose_info(record) if request.verbose else {},
+                )
+            )
+            cached.by_verbose[request.verbose] = body
+        return prebuilt(EncodedImageStatusResponse, body)
 
     async def pull_image(self, request: cri.PullImageRequest) -> cri.PullImageResponse:
         image = require(_spec_image(request.image), "image.image")

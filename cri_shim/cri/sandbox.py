@@ -8,7 +8,6 @@ a pod it is cleaning up "does not exist".
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from cri_shim.cri.labels import require_label_keys
@@ -27,6 +26,7 @@ from cri_shim.store.encoded import (
     prebuilt,
 )
 from cri_shim.store.sandboxes import SandboxStore
+from cri_shim.store.verbose import RUNC_IDENTITY, RuntimeIdentity, go_json, sandbox_info
 
 KNOWN_HANDLERS = ("", "runc")
 MAX_NAME_LENGTH = 253
@@ -95,9 +95,11 @@ class SandboxHandlers:
         manager: SandboxManager,
         default_runtime: str,
         limits: BatchLimits | None = None,
+        runtime: RuntimeIdentity = RUNC_IDENTITY,
     ) -> None:
         self.store = store
         self.limits = limits or BatchLimits()
+        self.runtime = runtime
         self.manager = manager
         self.default_runtime = default_runtime
 
@@ -140,9 +142,9 @@ class SandboxHandlers:
     ) -> cri.PodSandboxStatusResponse:
         require(request.pod_sandbox_id, "pod_sandbox_id")
         sandbox = self.store.by_id.get(request.pod_sandbox_id)
-        info = {}
-        if request.verbose:
-            info["info"] = json.dumps(sandbox.verbose_info())
+        if not request.verbose:
+            return pod_sandbox_status_response(sandbox)
+        info = sandbox.info_bytes(lambda: {"info": go_json(sandbox_info(sandbox, self.runtime))})
         return pod_sandbox_status_response(sandbox, info)
 
     async def list_pod_sandbox(

@@ -182,6 +182,10 @@ class SandboxManager:
                 bool(sandbox.netns_path) and await netns_exists(sandbox.netns_path)
             )
             sandbox.pid = task.pid if running and task is not None else 0
+            sandbox.task_deleted = task is None
+            sandbox.image = container.image
+            spec = unpack_json(container.spec)
+            sandbox.spec = spec if isinstance(spec, dict) else None
             sandbox.network_ready = netns_ok
             sandbox.state = SandboxState.READY if running and netns_ok else SandboxState.NOTREADY
             if not running and not data.get(RUN_COMPLETE) and sandbox.name not in self._running:
@@ -286,6 +290,7 @@ class SandboxManager:
         config = sandbox.config
         image = await self.ensure_image(self.env.sandbox_image)
         sandbox.image_id = image.id
+        sandbox.image = self.env.sandbox_image
         options = sandbox.namespace_options()
         host_ipc = options.ipc == cri.NamespaceMode.NODE
         dirs = self.dirs(sandbox.id)
@@ -317,6 +322,7 @@ class SandboxManager:
                 pod_annotations=self.env.pod_annotations,
             )
         )
+        sandbox.spec = spec
         # CNI ADD and the pause container's create (snapshot, record, runc create) need
         # only the pinned namespace, not each other: they run at once, and the pause
         # process is started once both are done, so it still runs on a wired network.
@@ -361,6 +367,7 @@ class SandboxManager:
         result = await self.network.setup(request)
         sandbox.ip = result.ip
         sandbox.additional_ips = list(result.additional_ips)
+        sandbox.cni_result = result.result.raw
 
     async def _create_pause_container(
         self,
@@ -439,6 +446,7 @@ class SandboxManager:
     async def _stop_task(self, sandbox: Sandbox) -> None:
         await self._kill_and_delete_task(sandbox.id)
         self._mark_not_ready(sandbox)
+        sandbox.task_deleted = True
 
     async def _stop_network(self, sandbox: Sandbox) -> None:
         if not sandbox.host_network and sandbox.netns_path:

@@ -81,6 +81,7 @@ class Container(EncodingCache):
     # (uid, gid, supplemental gids) the process runs as, reported in ContainerStatus.user.
     user: tuple[int, int, tuple[int, ...]] | None = None
     resources: cri.LinuxContainerResources | None = None
+    removing: bool = False  # RemoveContainer is under way (verbose info's "removing")
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
     runtime: ContainerRuntime = field(default_factory=ContainerRuntime, repr=False, compare=False)
 
@@ -190,15 +191,6 @@ class Container(EncodingCache):
         return cri.ContainerUser(
             linux=cri.LinuxContainerUser(uid=uid, gid=gid, supplemental_groups=list(groups))
         )
-
-    def verbose_info(self) -> dict[str, Any]:
-        return {
-            "sandboxID": self.sandbox_id,
-            "pid": self.pid,
-            "removing": False,
-            "logPath": self.log_path,
-            "config": self.config.to_dict(),
-        }
 
 
 def cri_signal(name: str) -> cri.Signal:

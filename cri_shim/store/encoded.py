@@ -9,14 +9,16 @@ responses are the cached items concatenated as repeated field 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cri_shim.gen.runtime import v1 as cri
 
 # Record attributes that are not reflected in any encoding.
-_NOT_ENCODED = frozenset({"lock", "stop_complete", "_list_bytes", "_status_bytes"})
+_NOT_ENCODED = frozenset(
+    {"lock", "stop_complete", "_list_bytes", "_status_bytes", "_info_bytes", "_info_key"}
+)
 
 
 class EncodingCache:
@@ -25,12 +27,15 @@ class EncodingCache:
 
     _list_bytes: bytes | None = None
     _status_bytes: bytes | None = None
+    _info_bytes: bytes | None = None  # the verbose `info` map, as field 2 entries
+    _info_key: object = None  # what else the info was built from (compared by identity)
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
         if name not in _NOT_ENCODED:
             object.__setattr__(self, "_list_bytes", None)
             object.__setattr__(self, "_status_bytes", None)
+            object.__setattr__(self, "_info_bytes", None)
 
     def to_cri(self) -> Any:
         raise NotImplementedError
@@ -54,6 +59,17 @@ class EncodingCache:
             object.__setattr__(self, "_status_bytes", data)
         return data
 
+    def info_bytes(self, build: Callable[[], Mapping[str, str]], key: object = None) -> bytes:
+        """The verbose `info` map `build()` makes, as a Status response's field 2,
+        until a field is assigned or `key` (state kept outside the record's fields,
+        such as a container's stored spec) is no longer the same object."""
+        data = self._info_bytes
+        if data is None or self._info_key is not key:
+            data = map_field(2, build())
+            object.__setattr__(self, "_info_bytes", data)
+            object.__setattr__(self, "_info_key", key)
+        return data
+
 
 def varint(value: int) -> bytes:
     """A non-negative integer in protobuf's base-128 form."""
@@ -68,6 +84,15 @@ def varint(value: int) -> bytes:
 def message_field(number: int, data: bytes) -> bytes:
     """A length-delimited field, as betterproto2 writes a message-typed one."""
     return varint(number << 3 | 2) + varint(len(data)) + data
+
+
+def map_field(number: int, entries: Mapping[str, str]) -> bytes:
+    """A map<string, string> field: one entry message (key 1, value 2) per item,
+    as betterproto2 writes it."""
+    return b"".join(
+        message_field(number, message_field(1, key.encode()) + message_field(2, value.encode()))
+        for key, value in entries.items()
+    )
 
 
 class _Prebuilt:
@@ -112,24 +137,16 @@ def list_pod_sandbox_response(items: Iterable[EncodingCache]) -> cri.ListPodSand
 
 
 def container_status_response(
-    record: EncodingCache, info: dict[str, str]
+    record: EncodingCache, info: bytes = b""
 ) -> cri.ContainerStatusResponse:
-    """status (field 1) from the cache, then the verbose info map as betterproto writes it."""
-    response = EncodedContainerStatusResponse()
-    response._body = record.status_bytes()
-    if info:
-        response._body += bytes(cri.ContainerStatusResponse(info=info))
-    return response
+    """status (field 1) from the cache, then the (cached) verbose info map (field 2)."""
+    return prebuilt(EncodedContainerStatusResponse, record.status_bytes() + info)
 
 
 def pod_sandbox_status_response(
-    record: EncodingCache, info: dict[str, str]
+    record: EncodingCache, info: bytes = b""
 ) -> cri.PodSandboxStatusResponse:
-    response = EncodedPodSandboxStatusResponse()
-    response._body = record.status_bytes()
-    if info:
-        response._body += bytes(cri.PodSandboxStatusResponse(info=info))
-    return response
+    return prebuilt(EncodedPodSandboxStatusResponse, record.status_bytes() + info)
 
 
 @dataclass
@@ -190,6 +207,14 @@ class EncodedListPodSandboxMetricsResponse(_Prebuilt, cri.ListPodSandboxMetricsR
 
 
 class EncodedStreamImagesResponse(_Prebuilt, cri.StreamImagesResponse):
+    pass
+
+
+class EncodedImageStatusResponse(_Prebuilt, cri.ImageStatusResponse):
+    pass
+
+
+class EncodedStatusResponse(_Prebuilt, cri.StatusResponse):
     pass
 
 

@@ -36,6 +36,11 @@ class Sandbox(EncodingCache):
     state: SandboxState = SandboxState.NOTREADY
     pid: int = 0
     network_ready: bool = False
+    image: str = ""  # the sandbox image's name, as on the containerd container
+    # The pause container's OCI spec and the CNI ADD result, for verbose status.
+    spec: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    cni_result: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    task_deleted: bool = False  # the pause task is gone (stopped pod, or found so on load)
     # A stop ran to its end: task gone, network torn down (not in any encoding).
     stop_complete: bool = field(default=False, compare=False)
     # One lock per sandbox: lifecycle calls on one pod never interleave.
@@ -58,6 +63,7 @@ class Sandbox(EncodingCache):
             "netnsPath": self.netns_path,
             "ip": self.ip,
             "additionalIps": self.additional_ips,
+            "cniResult": self.cni_result,
         }
 
     @classmethod
@@ -74,6 +80,7 @@ class Sandbox(EncodingCache):
             netns_path=data.get("netnsPath", ""),
             ip=data.get("ip", ""),
             additional_ips=list(data.get("additionalIps", [])),
+            cni_result=data.get("cniResult") or None,
         )
 
     @property
@@ -134,14 +141,15 @@ class Sandbox(EncodingCache):
             runtime_handler=self.runtime_handler,
         )
 
-    def verbose_info(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "netNamespacePath": self.netns_path,
-            "image": self.image_id,
-            "runtimeHandler": self.runtime_handler,
-            "networkReady": self.network_ready,
-        }
+    def process_status(self) -> str:
+        """The pause task's status as containerd's verbose info names it."""
+        if self.task_deleted:
+            return "deleted"
+        return "running" if self.pid else "stopped"
+
+    def netns_closed(self) -> bool:
+        """containerd's netNamespaceClosed: the pod's own namespace is gone."""
+        return not self.host_network and not self.network_ready
 
 
 def sandbox_name(metadata: cri.PodSandboxMetadata) -> str:

@@ -261,7 +261,9 @@ async def start_runtimes(
         for i, pair in enumerate(runtimes.pairs):
             anchor_dir, shim_dir = base / f"cd{i}", base / f"shim{i}"
             for j, directory in enumerate((anchor_dir, shim_dir)):
-                bridge = f"crivs{octet + 2 * i + j}"
+                # A name of its own: another run (or a crashed one's leftover bridge)
+                # may hold the same octet under another subnet prefix.
+                bridge = f"crivs{random.getrandbits(32):08x}"
                 bridges.append(bridge)
                 subnet = f"{subnet_prefix}.{octet + 2 * i + j}.0/24"
                 write_conflist(directory / "cni", subnet, bridge, directory / "ipam")
