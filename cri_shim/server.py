@@ -26,6 +26,7 @@ from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.image_volumes import ImageVolumes
 from cri_shim.container.lifecycle import ContainerEnvironment, ContainerManager
 from cri_shim.container.stats import StatsCollector
+from cri_shim.containerd.checkpoint import CheckpointOps
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.containerd.events import EventMonitor
@@ -342,6 +343,7 @@ class Shim:
                 container_annotations=settings.runtime.container_annotations,
             ),
             image_volumes=ImageVolumes(self.client, images.store, settings.state_path),
+            checkpoints=CheckpointOps(self.client),
         )
         sandboxes, containers, bus = self.sandboxes, self.containers, self.container_events
 

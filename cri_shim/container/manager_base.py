@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from cri_shim.concurrency import InFlight
+from cri_shim.container.checkpoint import CriuSupport
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.image_volumes import ImageVolumes
 from cri_shim.container.io import ContainerIO
+from cri_shim.containerd.checkpoint import CheckpointOps
 from cri_shim.containerd.runtime import Runtime, pack_json, unpack_json
 from cri_shim.errors import failed_precondition, not_found
 from cri_shim.gen.runtime import v1 as cri
@@ -81,6 +83,7 @@ class ContainerManagerBase:
         events: ContainerEventBus,
         environment: ContainerEnvironment,
         image_volumes: ImageVolumes | None = None,
+        checkpoints: CheckpointOps | None = None,
     ) -> None:
         self.store = store
         self.sandboxes = sandboxes
@@ -91,6 +94,9 @@ class ContainerManagerBase:
         # Image volumes (Mount.image); None where no containerd backs the manager
         # (the in-memory fake), so such mounts are refused as not prepared.
         self.image_volumes = image_volumes
+        # Checkpoint/restore through containerd; None (the in-memory fake) refuses both.
+        self.checkpoints = checkpoints
+        self.criu = CriuSupport()
         # A container's IO, spec, mounts and exit signals live on its record
         # (`Container.runtime`), so removing the record drops them.
         self._releases: set[asyncio.Task[None]] = set()

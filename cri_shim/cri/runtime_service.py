@@ -125,6 +125,13 @@ class RuntimeService(cri.RuntimeServiceBase):
             "ReopenContainerLog", self._containers.reopen_container_log, message
         )
 
+    async def checkpoint_container(
+        self, message: cri.CheckpointContainerRequest
+    ) -> cri.CheckpointContainerResponse:
+        return await self._call(
+            "CheckpointContainer", self._containers.checkpoint_container, message
+        )
+
     async def exec_sync(self, message: cri.ExecSyncRequest) -> cri.ExecSyncResponse:
         return await self._call("ExecSync", self._containers.exec_sync, message)
 

@@ -76,6 +76,8 @@ class Container(EncodingCache):
     # (uid, gid, supplemental gids) the process runs as, reported in ContainerStatus.user.
     user: tuple[int, int, tuple[int, ...]] | None = None
     resources: cri.LinuxContainerResources | None = None
+    # Created from a checkpoint archive: StartContainer restores the task from it.
+    restore: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
     runtime: ContainerRuntime = field(default_factory=ContainerRuntime, repr=False, compare=False)
 
@@ -100,6 +102,8 @@ class Container(EncodingCache):
             "stopSignal": self.stop_signal,
             "user": [*user[:2], list(user[2])] if user else None,
         }
+        if self.restore:
+            data["restore"] = True
         if with_exit:
             data.update(
                 startedAt=self.started_at,
@@ -128,6 +132,7 @@ class Container(EncodingCache):
             log_path=data.get("logPath", ""),
             stop_signal=data.get("stopSignal", "SIGTERM"),
             user=(int(user[0]), int(user[1]), tuple(user[2])) if user else None,
+            restore=bool(data.get("restore", False)),
         )
 
     def cri_state(self) -> cri.ContainerState:
