@@ -20,13 +20,13 @@ import shutil
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from betterproto2 import Casing, OutputFormat
 
-from cri_shim.check import SYSTEM_BIN_DIRS
 from cri_shim.errors import failed_precondition, invalid_argument
 from cri_shim.gen.runtime import v1 as cri
 
@@ -43,13 +43,16 @@ RESTORE_DIR = "ctrd-restore"
 MIN_CRIU_VERSION = (3, 16, 0)
 METADATA_MAX_BYTES = 16 << 20
 CRIU_PROBE_TIMEOUT = 30.0
+# Where criu usually lives beyond PATH (sudo and service managers drop sbin dirs).
+CRIU_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 class CriuSupport:
     """Can CRIU run here? Asked before every checkpoint and restore; a success is
     kept (containerd keeps either answer; a fixed host then needs no restart)."""
 
-    def __init__(self) -> None:
+    def __init__(self, probe: Callable[[], str | None] | None = None) -> None:
+        self._probe = probe or criu_problem
         self._ok = False
         self._lock = asyncio.Lock()
 
@@ -62,31 +65,31 @@ class CriuSupport:
         async with self._lock:
             if self._ok:
                 return None
-            problem = await asyncio.to_thread(criu_problem)
+            problem = await asyncio.to_thread(self._probe)
             self._ok = problem is None
             return problem
 
 
-def find_criu() -> str | None:
-    """`criu` on PATH, else in the usual system directories (as the runc shim finds it
-    through containerd's PATH)."""
-    found = shutil.which("criu")
-    if found:
-        return found
-    for directory in SYSTEM_BIN_DIRS:
-        candidate = os.path.join(directory, "criu")
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
+def find_criu(dirs: tuple[str, ...] | None = None) -> str | None:
+    """`criu` on PATH (the runc shim finds it through containerd's PATH), else in
+    the usual sbin directories; with `dirs`, only there."""
+    search = (
+        dirs if dirs is not None else (*os.environ.get("PATH", "").split(os.pathsep), *CRIU_DIRS)
+    )
+    return shutil.which("criu", path=os.pathsep.join(d for d in search if d))
 
 
-def criu_problem() -> str | None:
-    """What keeps CRIU from working here, or None. Blocking: run in a thread."""
-    if not os.path.exists("/proc/sys/kernel/ns_last_pid"):
+def criu_problem(
+    criu: str | None = None, proc: Path = Path("/proc"), *, search: bool = True
+) -> str | None:
+    """What keeps CRIU (`criu`, else the one found when `search`) from working
+    here, or None. Blocking: run in a thread."""
+    if not (proc / "sys/kernel/ns_last_pid").exists():
         return (
-            "the kernel lacks CONFIG_CHECKPOINT_RESTORE (/proc/sys/kernel/ns_last_pid is missing)"
+            f"the kernel lacks CONFIG_CHECKPOINT_RESTORE ({proc}/sys/kernel/ns_last_pid is missing)"
         )
-    criu = find_criu()
+    if criu is None and search:
+        criu = find_criu()
     if criu is None:
         return "criu is not installed (no criu binary on PATH)"
     try:
@@ -95,10 +98,9 @@ def criu_problem() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"{criu} --version failed: {err}"
-    match = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", version.stdout)
-    if match is None:
+    found = parse_criu_version(version.stdout)
+    if found is None:
         return f"{criu} --version printed no version: {version.stdout.strip()!r}"
-    found = (int(match[1]), int(match[2]), int(match[3] or 0))
     if found < MIN_CRIU_VERSION:
         need = ".".join(map(str, MIN_CRIU_VERSION))
         return f"CRIU {need} or newer is needed, {criu} is {'.'.join(map(str, found))}"
@@ -115,18 +117,11 @@ def criu_problem() -> str | None:
     return None
 
 
-def criu_version_line() -> str:
-    criu = find_criu()
-    if criu is None:
-        return "criu"
-    try:
-        out = subprocess.run(
-            [criu, "--version"], capture_output=True, text=True, timeout=CRIU_PROBE_TIMEOUT
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return criu
-    match = re.search(r"Version:\s*(\S+)", out)
-    return f"{criu} {match[1]}" if match else criu
+def parse_criu_version(text: str) -> tuple[int, int, int] | None:
+    match = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        return None
+    return (int(match[1]), int(match[2]), int(match[3] or 0))
 
 
 # checkpoint: the archive's metadata files
