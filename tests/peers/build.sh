@@ -122,9 +122,12 @@ build_criu() {
     local apt_opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
       -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache")
     apt-get "${apt_opts[@]}" update -qq >&2
-    (cd "$work" && apt-get "${apt_opts[@]}" source --download-only "criu=$CRIU_DEBIAN_VERSION" >&2) || true
+    # Only the upstream tarball is needed (the Debian packaging is not used), so a
+    # failure to fetch the rest, or a newer Debian revision, does not matter.
+    (cd "$work" && apt-get "${apt_opts[@]}" source --download-only "criu=$CRIU_DEBIAN_VERSION" >&2) ||
+      (cd "$work" && apt-get "${apt_opts[@]}" source --download-only criu >&2) || true
     local orig=$work/criu_${CRIU_VERSION}.orig.tar.xz
-    [ -f "$orig" ] || { log "criu source $orig not downloaded"; exit 1; }
+    [ -f "$orig" ] || { log "criu $CRIU_VERSION source ($orig) not downloaded from $CRIU_DEBIAN_SUITE"; exit 1; }
     tar -C "$work" -xf "$orig"
     make -C "$work/criu-$CRIU_VERSION" -j"$(nproc)" criu >&2
     mkdir -p "$dest"
