@@ -341,6 +341,8 @@ class Shim:
                 recursive_readonly_supported=recursive_readonly_supported(),
                 pod_annotations=settings.runtime.pod_annotations,
                 container_annotations=settings.runtime.container_annotations,
+                enable_criu=settings.runtime.enable_criu,
+                restore_via_create=settings.runtime.restore_via_create,
             ),
             image_volumes=ImageVolumes(self.client, images.store, settings.state_path),
             checkpoints=CheckpointOps(self.client),

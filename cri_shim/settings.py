@@ -98,6 +98,11 @@ class RuntimeSettings:
     # The runtime's own `io.kubernetes.cri.*` annotations always win over them.
     pod_annotations: tuple[str, ...] = ()
     container_annotations: tuple[str, ...] = ()
+    # CheckpointContainer and restore through CRIU (containerd's `enable_criu`).
+    enable_criu: bool = True
+    # CreateContainer with a checkpoint archive's path as the image restores it
+    # (containerd 2.0-2.3's `enable_experimental_restore_via_create`, CRI-O).
+    restore_via_create: bool = True
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ nothing outside the restore directory)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -20,9 +21,12 @@ from cri_shim.container.checkpoint import (
     restored_config,
     unpack_archive,
 )
+from cri_shim.container.lifecycle import ContainerManager
 from cri_shim.cri.container import ContainerHandlers
 from cri_shim.errors import FailedPrecondition, InvalidArgument
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.images.store import ImageStore
+from cri_shim.settings import load
 from cri_shim.store.containers import ContainerState
 
 from .support.peers import require_peer
@@ -192,3 +196,36 @@ def test_unpack_keeps_only_files_and_dirs_inside(tmp_path: Path) -> None:
     found = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
     assert found == ["checkpoint", "checkpoint/inventory.img", "container.log"], found
     assert not (tmp_path / "escape").exists()
+
+
+async def test_criu_and_restore_can_be_switched_off(world: World, tmp_path: Path) -> None:  # noqa: F811
+    """`runtime.enable_criu = false` and `runtime.restore_via_create = false`, read from
+    a config file, refuse with what to change."""
+    config = tmp_path / "cri-shim.toml"
+    config.write_text("[runtime]\nenable_criu = false\nrestore_via_create = false\n")
+    settings = load(config, environ={})
+    assert not settings.runtime.enable_criu and not settings.runtime.restore_via_create
+    environment = dataclasses.replace(
+        world.manager.env,
+        enable_criu=settings.runtime.enable_criu,
+        restore_via_create=settings.runtime.restore_via_create,
+    )
+    manager = ContainerManager(
+        world.containers, world.manager.sandboxes, ImageStore(), world.fake, world.bus, environment
+    )
+    assert await manager.criu.problem() == (
+        "criu support is disabled by configuration (runtime.enable_criu = false)"
+    )
+    archive = tmp_path / "checkpoint.tar"
+    write_tar(archive, {"config.dump": b"{}", "spec.dump": b"{}", "status.dump": b"{}"})
+    handlers = ContainerHandlers(world.containers, world.manager.sandboxes, manager, world.bus)
+    with pytest.raises(FailedPrecondition, match=r"runtime\.restore_via_create = false"):
+        await handlers.create_container(
+            cri.CreateContainerRequest(
+                pod_sandbox_id=world.sandbox.id,
+                config=cri.ContainerConfig(
+                    metadata=cri.ContainerMetadata(name="restored"),
+                    image=cri.ImageSpec(image=str(archive)),
+                ),
+            )
+        )

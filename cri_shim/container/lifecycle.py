@@ -166,6 +166,11 @@ class ContainerManager(ContainerRecovery):
         """CreateContainer whose image is a checkpoint archive (containerd 2.0-2.3's
         CRImportCheckpoint): the container on the checkpoint's base image, the
         archive unpacked for StartContainer, the checkpointed log put back."""
+        if not self.env.restore_via_create:
+            raise failed_precondition(
+                f"{archive} is a checkpoint archive, and restoring one in CreateContainer "
+                "is disabled by configuration (runtime.restore_via_create = false)"
+            )
         await self.criu.require()
         if self.checkpoints is None:
             raise failed_precondition("checkpoint restore needs containerd")

@@ -63,6 +63,12 @@ class ContainerEnvironment:
     # Allow-lists of pod / container annotations for the spec (containerd's per handler).
     pod_annotations: tuple[str, ...] = ()
     container_annotations: tuple[str, ...] = ()
+    enable_criu: bool = True  # runtime.enable_criu
+    restore_via_create: bool = True  # runtime.restore_via_create
+
+
+def _criu_disabled() -> str:
+    return "criu support is disabled by configuration (runtime.enable_criu = false)"
 
 
 def _ns(moment: datetime.datetime | None) -> int:
@@ -96,7 +102,7 @@ class ContainerManagerBase:
         self.image_volumes = image_volumes
         # Checkpoint/restore through containerd; None (the in-memory fake) refuses both.
         self.checkpoints = checkpoints
-        self.criu = CriuSupport()
+        self.criu = CriuSupport() if environment.enable_criu else CriuSupport(_criu_disabled)
         # A container's IO, spec, mounts and exit signals live on its record
         # (`Container.runtime`), so removing the record drops them.
         self._releases: set[asyncio.Task[None]] = set()
