@@ -365,6 +365,7 @@ class Shim:
         self.events = EventMonitor(self.client, self.client.namespace)
         self.events.exit_handlers.append(self.sandbox_manager.on_task_exit)
         self.events.exit_handlers.append(self.container_manager.on_task_exit)
+        self.container_manager.pull_image = images.pull
         self.events.oom_handlers.append(self.container_manager.on_oom)
         sandbox_manager, container_manager = self.sandbox_manager, self.container_manager
         resync_lock = asyncio.Lock()

@@ -23,9 +23,9 @@ from cri_shim.container.checkpoint import (
 )
 from cri_shim.container.lifecycle import ContainerManager
 from cri_shim.cri.container import ContainerHandlers
-from cri_shim.errors import FailedPrecondition, InvalidArgument
+from cri_shim.errors import FailedPrecondition, InvalidArgument, NotFound
 from cri_shim.gen.runtime import v1 as cri
-from cri_shim.images.store import ImageStore
+from cri_shim.images.store import ImageRecord, ImageStore
 from cri_shim.settings import load
 from cri_shim.store.containers import ContainerState
 
@@ -229,3 +229,40 @@ async def test_criu_and_restore_can_be_switched_off(world: World, tmp_path: Path
                 ),
             )
         )
+
+
+async def test_a_missing_base_image_is_pulled_by_digest(world: World, tmp_path: Path) -> None:  # noqa: F811
+    """As containerd: the image the checkpoint is based on is pulled as the
+    archive records it (NAME@DIGEST) when it is not present."""
+    world.manager.criu = CriuSupport(probe=lambda: None)
+    asked: list[str] = []
+
+    async def pull(ref: str) -> ImageRecord:
+        asked.append(ref)
+        raise NotFound(f"{ref}: not in this registry")
+
+    world.manager.pull_image = pull
+    archive = tmp_path / "checkpoint.tar"
+    base = "registry.example/library/busybox@sha256:" + "a" * 64
+    write_tar(
+        archive,
+        {
+            "config.dump": json.dumps({"rootfsImageRef": base}).encode(),
+            "spec.dump": b"{}",
+            "status.dump": json.dumps({"image": {"image": "busybox:latest"}}).encode(),
+        },
+    )
+    handlers = ContainerHandlers(
+        world.containers, world.manager.sandboxes, world.manager, world.bus
+    )
+    with pytest.raises(NotFound, match="not in this registry"):
+        await handlers.create_container(
+            cri.CreateContainerRequest(
+                pod_sandbox_id=world.sandbox.id,
+                config=cri.ContainerConfig(
+                    metadata=cri.ContainerMetadata(name="restored"),
+                    image=cri.ImageSpec(image=str(archive)),
+                ),
+            )
+        )
+    assert asked == [base]

@@ -29,6 +29,7 @@ from cri_shim.container.checkpoint import (
     SPEC_DUMP,
     STATUS_DUMP,
     STATUS_FILE,
+    ArchiveMetadata,
     base_image_refs,
     config_dump,
     extract_criu_tar,
@@ -172,8 +173,6 @@ class ContainerManager(ContainerRecovery):
                 "is disabled by configuration (runtime.restore_via_create = false)"
             )
         await self.criu.require()
-        if self.checkpoints is None:
-            raise failed_precondition("checkpoint restore needs containerd")
         metadata = await asyncio.to_thread(read_archive_metadata, archive)
         user_image = (request.image or cri.ImageSpec()).user_specified_image or archive
         config = restored_config(request, metadata, user_image)
@@ -183,10 +182,20 @@ class ContainerManager(ContainerRecovery):
             if image is not None:
                 break
         if image is None:
-            refs = ", ".join(base_image_refs(metadata))
-            raise not_found(f"the checkpoint's base image ({refs}) is not present; pull it first")
+            image = await self._pull_base_image(metadata)
         log_event(log, "restoring container from checkpoint", archive=archive, pod=sandbox.id)
         return await self._create_with_image(sandbox, config, image, restore_from=archive)
+
+    async def _pull_base_image(self, metadata: ArchiveMetadata) -> ImageRecord:
+        """containerd pulls the image a checkpoint is based on (NAME@DIGEST, as the
+        archive records it) when it is not present; so does this."""
+        refs = base_image_refs(metadata)
+        if not refs:
+            raise invalid_argument("the checkpoint archive names no base image")
+        if self.pull_image is None:
+            raise not_found(f"the checkpoint's base image {refs[0]} is not present")
+        log_event(log, "pulling checkpoint base image", image=refs[0])
+        return await self.pull_image(refs[0])
 
     async def _create_with_image(
         self,

@@ -24,7 +24,7 @@ from cri_shim.containerd.checkpoint import CheckpointOps
 from cri_shim.containerd.runtime import Runtime, pack_json, unpack_json
 from cri_shim.errors import failed_precondition, not_found
 from cri_shim.gen.runtime import v1 as cri
-from cri_shim.images.store import ImageStore
+from cri_shim.images.store import ImageRecord, ImageStore
 from cri_shim.logs import log_event
 from cri_shim.store.containers import Container, ContainerStore
 from cri_shim.store.sandboxes import SandboxStore
@@ -107,6 +107,8 @@ class ContainerManagerBase:
         # (`Container.runtime`), so removing the record drops them.
         self._releases: set[asyncio.Task[None]] = set()
         self.status_provider: Callable[[str], Awaitable[cri.PodSandboxStatus | None]] | None = None
+        # Pulls a checkpoint's base image that is not present (the image manager's pull).
+        self.pull_image: Callable[[str], Awaitable[ImageRecord]] | None = None
         # Creates in flight by name: a kubelet retry joins the first call's work.
         self._creating: InFlight[str] = InFlight()
 
