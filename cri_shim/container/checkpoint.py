@@ -219,6 +219,8 @@ def write_archive(source_dir: Path, location: str) -> None:
 def check_location(location: str) -> None:
     if not location:
         raise invalid_argument("location must be set: the path of the checkpoint archive")
+    if "\x00" in location:
+        raise invalid_argument("location must not contain a NUL byte")
     if not os.path.isabs(location):
         raise invalid_argument(f"location {location!r} must be an absolute path")
     parent = os.path.dirname(location)
