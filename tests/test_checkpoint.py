@@ -28,9 +28,13 @@ from .conftest import CriClient
 from .pods import make_container, pod_config
 from .test_streaming_crictl import crictl
 
-# Counts forever: each number to stdout (the CRI log) and to /count in the rootfs.
-# "started" is printed once per fresh start, never by a restored process.
-COUNTER = "echo started; i=0; while true; do i=$((i+1)); echo $i; echo $i > /count; sleep 0.2; done"
+# Counts forever: each number to stdout (the CRI log) and to /count in the rootfs
+# (renamed into place, so a checkpoint never catches it empty). "started" is
+# printed once per fresh start, never by a restored process.
+COUNTER = (
+    "echo started; i=0; while true; do i=$((i+1)); echo $i;"
+    " echo $i > /count.new; mv /count.new /count; sleep 0.2; done"
+)
 ARCHIVE_FILES = {
     "config.dump",
     "spec.dump",
