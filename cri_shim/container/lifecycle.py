@@ -640,7 +640,8 @@ def _fresh_dir(path: Path) -> None:
 def _write_checkpoint_files(work: Path, files: dict[str, Any], log_path: str) -> None:
     for name, value in files.items():
         target = work / name
-        target.write_text(json.dumps(value))
+        # Compact, as Go's encoding/json writes them.
+        target.write_text(json.dumps(value, separators=(",", ":")))
         target.chmod(0o600)
     if log_path and os.path.isfile(log_path):
         shutil.copyfile(log_path, work / CONTAINER_LOG)

@@ -138,9 +138,10 @@ class ContainerHandlers:
             raise invalid_argument("timeout must not be negative")
         await asyncio.to_thread(check_location, request.location)
         container = self.store.by_id.get(request.container_id)
-        # `timeout` is not enforced, as containerd does not: a CRIU dump cut off
-        # half-way would leave the container paused.
-        await self.manager.checkpoint(container, request.location)
+        # Shielded, and `timeout` not enforced (containerd ignores it too): a CRIU
+        # dump cut off half-way by a caller that gave up must not leave the
+        # container paused; the archive is still written.
+        await asyncio.shield(self.manager.checkpoint(container, request.location))
         return cri.CheckpointContainerResponse()
 
     async def reopen_container_log(

@@ -177,10 +177,21 @@ class Container(EncodingCache):
             annotations=dict(self.config.annotations),
             mounts=list(self.config.mounts),
             log_path=self.log_path,
-            resources=cri.ContainerResources(linux=self.resources) if self.resources else None,
+            # Always present, as containerd 2.x reports it (empty without limits).
+            resources=cri.ContainerResources(linux=self.resources or cri.LinuxContainerResources()),
             image_id=self.image_id,
             user=self._user(),
+            stop_signal=self._stop_signal(),
         )
+
+    def _stop_signal(self) -> cri.Signal:
+        """The stop signal as containerd 2.x reports it; RUNTIME_DEFAULT if unnamed."""
+        name = self.stop_signal.upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        try:
+            return cri.Signal[name]
+        except KeyError:
+            return cri.Signal.RUNTIME_DEFAULT
 
     def _user(self) -> cri.ContainerUser | None:
         if self.user is None:
