@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from cri_shim.container.checkpoint import criu_problem
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import read_binary_version
 from cri_shim.containerd.introspection import Introspection
@@ -218,6 +219,16 @@ async def check_runc_shim(ctx: Context) -> list[CheckResult]:
     return _pass("runtime shim", f"{name} at {path}")
 
 
+async def check_criu(ctx: Context) -> list[CheckResult]:
+    """CheckpointContainer and restore need CRIU that works on this kernel."""
+    path = await asyncio.to_thread(_which, "criu", ctx.node.bin_dirs)
+    problem = await asyncio.to_thread(criu_problem, path, ctx.node.proc, search=False)
+    if problem is not None or path is None:
+        return _warn("criu", f"CheckpointContainer and restore are unavailable: {problem}")
+    version = await _run_version(str(path), ctx.timeout)
+    return _pass("criu", f"{version.removeprefix('Version: ')} at {path}: checkpoint/restore works")
+
+
 # --- CNI ------------------------------------------------------------------------
 
 
@@ -384,6 +395,7 @@ CHECKS: tuple[Check, ...] = (
     Check("containerd", check_containerd),
     Check("runc", check_runc),
     Check("runtime shim", check_runc_shim),
+    Check("criu", check_criu, critical=False),
     Check("cni", check_cni),
     Check("cgroups", check_cgroups),
     Check("overlayfs", _threaded(_overlay)),

@@ -26,6 +26,7 @@ from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.image_volumes import ImageVolumes
 from cri_shim.container.lifecycle import ContainerEnvironment, ContainerManager
 from cri_shim.container.stats import StatsCollector
+from cri_shim.containerd.checkpoint import CheckpointOps
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.containerd.events import EventMonitor
@@ -352,8 +353,11 @@ class Shim:
                 recursive_readonly_supported=recursive_readonly_supported(),
                 pod_annotations=settings.runtime.pod_annotations,
                 container_annotations=settings.runtime.container_annotations,
+                enable_criu=settings.runtime.enable_criu,
+                restore_via_create=settings.runtime.restore_via_create,
             ),
             image_volumes=ImageVolumes(self.client, images.store, settings.state_path),
+            checkpoints=CheckpointOps(self.client),
         )
         sandboxes, containers, bus = self.sandboxes, self.containers, self.container_events
 
@@ -373,6 +377,7 @@ class Shim:
         self.events = EventMonitor(self.client, self.client.namespace)
         self.events.exit_handlers.append(self.sandbox_manager.on_task_exit)
         self.events.exit_handlers.append(self.container_manager.on_task_exit)
+        self.container_manager.pull_image = images.pull
         self.events.oom_handlers.append(self.container_manager.on_oom)
         self.events.image_handlers.append(images.on_image_event)
         images.store.listeners.append(lambda ids: containers.follow_images(ids, images.store.get))

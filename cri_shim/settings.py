@@ -143,6 +143,12 @@ class RuntimeSettings:
     def drain_exec_sync_io_seconds(self) -> float:
         return parse_duration(self.drain_exec_sync_io_timeout)
 
+    # CheckpointContainer and restore through CRIU (containerd's `enable_criu`).
+    enable_criu: bool = True
+    # CreateContainer with a checkpoint archive's path as the image restores it
+    # (containerd 2.0-2.3's `enable_experimental_restore_via_create`, CRI-O).
+    restore_via_create: bool = True
+
 
 @dataclass(frozen=True)
 class LogSettings:

@@ -13,6 +13,11 @@ packages=(
   util-linux procps ca-certificates
   systemd  # systemd-analyze, which verifies deploy/systemd/ in the tests
   libseccomp-dev pkg-config  # the runc peer is built with cgo and seccomp
+  # CRIU (checkpoint/restore) is built from Debian's source package by the peers
+  # script: bookworm's criu 3.17 fails `criu check` on kernels 6.13+.
+  make gcc libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev
+  libnl-3-dev libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
+  python3-protobuf iproute2 xz-utils
 )
 missing=()
 for pkg in "${packages[@]}"; do
@@ -42,5 +47,11 @@ fi
 .venv/bin/pip install -q -e '.[test,gen]'
 # The peers the tests run against, built from published Go modules into a cache
 # outside the checkout (tests/peers/build.sh; already-built versions are skipped).
-tests/peers/build.sh >/dev/null
+peers=$(tests/peers/build.sh)
+# containerd's runc shim runs runc, and runc runs `criu` from PATH: install the
+# CRIU peer where every containerd (and `cri-shim check`) finds it.
+criu=$(sed -n 's/^CRIU=//p' <<<"$peers")
+if [ -n "$criu" ] && ! cmp -s "$criu" /usr/local/sbin/criu; then
+  install -m 0755 "$criu" /usr/local/sbin/criu
+fi
 echo "setup-dev: ready (.venv/bin/cri-shim, containerd $(containerd --version | awk '{print $3}'))"

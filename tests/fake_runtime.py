@@ -172,6 +172,7 @@ class FakeRuntime:
         stdout: str = "",
         stderr: str = "",
         terminal: bool = False,
+        options: AnyMessage | None = None,
     ) -> int:
         await self._call("create_task")
         self._next_pid += 1

@@ -104,6 +104,21 @@ class Target:
         self.count += 1
 
 
+# CheckpointContainer locations that must be refused, whatever the container.
+BAD_LOCATIONS = [
+    "",
+    ".",
+    "..",
+    "a/../../b",
+    "/",
+    "/proc/self/root",
+    "/nonexistent-dir/c.tar",
+    "\x00",
+    "/a\x00b",
+    "x" * 5000,
+]
+
+
 def ids(target: Target) -> st.SearchStrategy[str]:
     return st.one_of(
         text, st.sampled_from([target.pod_id, *target.ids]), st.just(target.pod_id[:6])
@@ -504,6 +519,16 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
             ),
         ),
         rt("reopen_container_log", st.builds(cri.ReopenContainerLogRequest, container_id=some_id)),
+        rt(
+            "checkpoint_container",
+            st.builds(
+                cri.CheckpointContainerRequest,
+                container_id=some_id,
+                # Never a writable path: a running target would really be checkpointed there.
+                location=st.sampled_from(BAD_LOCATIONS),
+                timeout=number,
+            ),
+        ),
         rt(
             "exec_sync",
             st.builds(

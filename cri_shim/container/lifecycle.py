@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,27 @@ from pathlib import Path
 from typing import Any
 
 from cri_shim.concurrency import run_all
+from cri_shim.container.checkpoint import (
+    CHECKPOINT_DIRECTORY,
+    CONFIG_DUMP,
+    CONTAINER_LOG,
+    RESTORE_DIR,
+    ROOTFS_DIFF,
+    SPEC_DUMP,
+    STATUS_DUMP,
+    STATUS_FILE,
+    ArchiveMetadata,
+    base_image_refs,
+    config_dump,
+    extract_criu_tar,
+    is_checkpoint_archive,
+    read_archive_metadata,
+    restored_config,
+    runtime_status_file,
+    status_dump,
+    unpack_archive,
+    write_archive,
+)
 from cri_shim.container.io import ContainerIO
 from cri_shim.container.manager_base import (
     CONTAINER_KIND,
@@ -32,9 +54,23 @@ from cri_shim.container.manager_base import (
 )
 from cri_shim.container.recovery import ContainerRecovery
 from cri_shim.container.rootfs import read_image_file
+from cri_shim.containerd.checkpoint import (
+    MEDIA_CHECKPOINT_CONFIG,
+    MEDIA_CRIU_TAR,
+    restore_task_options,
+)
 from cri_shim.containerd.runtime import pack_json
-from cri_shim.errors import failed_precondition, go_quote, invalid_argument, not_found
+from cri_shim.errors import (
+    failed_precondition,
+    go_quote,
+    invalid_argument,
+    not_found,
+)
+from cri_shim.gen.containerd.services.containers import v1 as containers_v1
+from cri_shim.gen.containerd.types import Mount
+from cri_shim.gen.google.protobuf import Any as AnyMessage
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.images.store import ImageRecord
 from cri_shim.logs import log_event
 from cri_shim.oci.container_spec import (
     ContainerSpecInput,
@@ -120,13 +156,62 @@ class ContainerManager(ContainerRecovery):
         )
 
     async def _create_once(self, sandbox: Sandbox, config: cri.ContainerConfig) -> str:
-        metadata = config.metadata or cri.ContainerMetadata()
         if sandbox.state is not SandboxState.READY:
             raise failed_precondition(f"pod sandbox {sandbox.id} is not ready")
         image_spec = config.image or cri.ImageSpec()
+        if await asyncio.to_thread(is_checkpoint_archive, image_spec.image):
+            return await self._create_restored(sandbox, config, image_spec.image)
         image = self.images.get(image_spec.image)
         if image is None:
             raise not_found(f"image {image_spec.image!r} not found; pull it first")
+        return await self._create_with_image(sandbox, config, image, restore_from=None)
+
+    async def _create_restored(
+        self, sandbox: Sandbox, request: cri.ContainerConfig, archive: str
+    ) -> str:
+        """CreateContainer whose image is a checkpoint archive (containerd 2.0-2.3's
+        CRImportCheckpoint): the container on the checkpoint's base image, the
+        archive unpacked for StartContainer, the checkpointed log put back."""
+        if not self.env.restore_via_create:
+            raise failed_precondition(
+                f"{archive} is a checkpoint archive, and restoring one in CreateContainer "
+                "is disabled by configuration (runtime.restore_via_create = false)"
+            )
+        await self.criu.require()
+        metadata = await asyncio.to_thread(read_archive_metadata, archive)
+        user_image = (request.image or cri.ImageSpec()).user_specified_image or archive
+        config = restored_config(request, metadata, user_image)
+        image = None
+        for ref in base_image_refs(metadata):
+            image = self.images.get(ref)
+            if image is not None:
+                break
+        if image is None:
+            image = await self._pull_base_image(metadata)
+        log_event(log, "restoring container from checkpoint", archive=archive, pod=sandbox.id)
+        return await self._create_with_image(sandbox, config, image, restore_from=archive)
+
+    async def _pull_base_image(self, metadata: ArchiveMetadata) -> ImageRecord:
+        """containerd pulls the image a checkpoint is based on (NAME@DIGEST, as the
+        archive records it) when it is not present; so does this."""
+        refs = base_image_refs(metadata)
+        if not refs:
+            raise invalid_argument("the checkpoint archive names no base image")
+        if self.pull_image is None:
+            raise not_found(f"the checkpoint's base image {refs[0]} is not present")
+        log_event(log, "pulling checkpoint base image", image=refs[0])
+        return await self.pull_image(refs[0])
+
+    async def _create_with_image(
+        self,
+        sandbox: Sandbox,
+        config: cri.ContainerConfig,
+        image: ImageRecord,
+        *,
+        restore_from: str | None,
+    ) -> str:
+        metadata = config.metadata or cri.ContainerMetadata()
+        image_spec = config.image or cri.ImageSpec()
         name = container_name(sandbox.metadata, metadata)
         owner = self.store.names.owner(name)
         if owner is not None:
@@ -158,12 +243,17 @@ class ContainerManager(ContainerRecovery):
             created_at=time.time_ns(),
             log_path=log_path,
             stop_signal=stop_signal(config, runtime_config(image.config)),
+            restore=restore_from is not None,
         )
         self.store.names.reserve(name, container.id)
         try:
             await self._create_in_containerd(
                 container, sandbox, runtime_config(image.config), image.chain_id
             )
+            if restore_from is not None:
+                await asyncio.to_thread(
+                    _unpack_for_restore, restore_from, self.io_dir(container.id), log_path
+                )
         except BaseException:
             self.store.names.release(name, container.id)
             await asyncio.shield(self._forget(container))
@@ -272,6 +362,7 @@ class ContainerManager(ContainerRecovery):
                 await io.open()
                 mounts, runtime.mounts = runtime.mounts, None
                 mounts = mounts or await self.ops.prepare_snapshot(container.id, "")
+                options = await self._restore_options(container, mounts)
                 stdin, stdout, stderr = io.stdio()
                 await self.ops.create_task(
                     container.id,
@@ -280,23 +371,70 @@ class ContainerManager(ContainerRecovery):
                     stdout=stdout,
                     stderr=stderr,
                     terminal=container.config.tty,
+                    options=options,
                 )
-                io.task_created()
+                if options is None:
+                    io.task_created()
                 # Taken before the start call: the exit time containerd reports for a
                 # process that ends at once must never precede it.
                 started_at = time.time_ns()
                 container.pid = await self.ops.start_task(container.id)
+                if options is not None:
+                    # A restoring shim opens the output FIFOs only in Start (the
+                    # CRIU restore), so EOF means "gone" only from here on.
+                    io.task_created()
             except BaseException as err:
                 runtime.early_exit = None
                 await asyncio.shield(self._start_failed(container, io, err))
                 raise
             container.state = ContainerState.RUNNING
             container.started_at = started_at
+            if container.restore:
+                await self._restored(container)
         self._publish(container, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
         log_event(log, "container started", container=container.id, pid=container.pid)
         early, container.runtime.early_exit = container.runtime.early_exit, None
         if early is not None:
             await self._finish(container, early.exit_code, _ns(early.exited_at))
+
+    async def _restore_options(
+        self, container: Container, mounts: list[Mount]
+    ) -> AnyMessage | None:
+        """For a container created from a checkpoint: its rootfs diff applied to the
+        new snapshot, and runc options naming the CRIU images, so Tasks.Create
+        prepares a restore that Tasks.Start carries out."""
+        if not container.restore:
+            return None
+        await self.criu.require()
+        if self.checkpoints is None:
+            raise failed_precondition("checkpoint restore needs containerd")
+        restore_dir = self.io_dir(container.id) / RESTORE_DIR
+        images = restore_dir / CHECKPOINT_DIRECTORY
+        if not await asyncio.to_thread(images.is_dir):
+            raise failed_precondition(
+                f"container {container.id}: checkpoint images missing in {restore_dir}"
+            )
+        diff = restore_dir / ROOTFS_DIFF
+        if await asyncio.to_thread(diff.is_file):
+            async with self.checkpoints.lease() as lease:
+                await self.checkpoints.apply_layer_file(diff, mounts, lease=lease)
+        return await restore_task_options(
+            self.checkpoints.client, container.id, str(images), str(restore_dir)
+        )
+
+    async def _restored(self, container: Container) -> None:
+        """The restore is done: its files go, and the record stops asking for one."""
+        container.restore = False
+        await asyncio.to_thread(_rmtree, self.io_dir(container.id) / RESTORE_DIR)
+        try:
+            await self.ops.update_extension(
+                container.id,
+                METADATA_EXTENSION,
+                pack_json(METADATA_TYPE_URL, container.to_record()),
+            )
+        except Exception as err:  # the record in memory is right; a restart would re-restore
+            log_event(log, "could not persist restore", container=container.id, error=err)
+        log_event(log, "container restored from checkpoint", container=container.id)
 
     async def _start_failed(
         self, container: Container, io: ContainerIO, err: BaseException
@@ -386,6 +524,78 @@ class ContainerManager(ContainerRecovery):
     async def remove_pod(self, sandbox: Sandbox) -> None:
         await run_all(*(self.remove(c) for c in self.store.in_sandbox(sandbox.id)))
 
+    # checkpoint
+
+    async def checkpoint(self, container: Container, location: str) -> None:
+        """containerd's CheckpointContainer: the running task dumped by CRIU and left
+        running, its writable layer diffed (paused between the two), then the
+        archive written to `location` with the metadata files kubelet's API has."""
+        await self.criu.require()
+        if self.checkpoints is None:
+            raise failed_precondition("checkpoint needs containerd")
+        async with container.lock:
+            if container.state is not ContainerState.RUNNING:
+                raise failed_precondition(
+                    f"container {container.id} is {container.state.value}; "
+                    "only running containers can be checkpointed"
+                )
+            record = await self.ops.get_container(container.id)
+            if record is None:
+                raise not_found(f"container {container.id} not found in containerd")
+            work = self.io_dir(container.id) / "ctrd-checkpoint"
+            await asyncio.to_thread(_fresh_dir, work)
+            try:
+                await self._checkpoint_into(container, record, work)
+                await asyncio.to_thread(write_archive, work, location)
+            finally:
+                await asyncio.to_thread(_rmtree, work)
+        log_event(log, "container checkpointed", container=container.id, location=location)
+
+    async def _checkpoint_into(
+        self, container: Container, record: containers_v1.Container, work: Path
+    ) -> None:
+        assert self.checkpoints is not None
+        ops = self.checkpoints
+        status = container.to_status()
+        checkpointed_at = time.time_ns()
+        created = record.created_at
+        config = config_dump(
+            container_id=container.id,
+            name=container.name,
+            image=container.image_ref,
+            image_ref=container.image_repo_ref,
+            runtime=record.runtime.name if record.runtime is not None else "",
+            created_at=_ns(created) if created is not None else container.created_at,
+            checkpointed_at=checkpointed_at,
+        )
+        async with ops.lease() as lease:
+            # containerd's task.Checkpoint: paused so the CRIU images and the
+            # filesystem diff show one moment; resumed whatever happens.
+            await ops.pause(container.id)
+            try:
+                blobs = await ops.checkpoint_task(container.id, str(work), lease=lease)
+                rw_layer = await ops.diff_rw_snapshot(container.id, lease=lease)
+            finally:
+                await ops.resume(container.id)
+            for blob in blobs:
+                if blob.media_type == MEDIA_CRIU_TAR:
+                    tar_path = work / ".criu.tar"
+                    await ops.read_blob_to(blob.digest, tar_path)
+                    await asyncio.to_thread(extract_criu_tar, tar_path, work / CHECKPOINT_DIRECTORY)
+                    await asyncio.to_thread(tar_path.unlink)
+                elif blob.media_type == MEDIA_CHECKPOINT_CONFIG:
+                    spec_any = AnyMessage.parse(await ops.read_blob(blob.digest))
+                    await asyncio.to_thread((work / SPEC_DUMP).write_bytes, spec_any.value)
+            await ops.read_blob_to(rw_layer.digest, work / ROOTFS_DIFF)
+        files = {
+            STATUS_FILE: runtime_status_file(
+                container.pid, container.created_at, container.started_at
+            ),
+            CONFIG_DUMP: config,
+            STATUS_DUMP: status_dump(status),
+        }
+        await asyncio.to_thread(_write_checkpoint_files, work, files, container.log_path)
+
     # logs
 
     async def reopen_log(self, container: Container) -> None:
@@ -429,6 +639,34 @@ class ContainerManager(ContainerRecovery):
             memory_limit=container.resources.memory_limit_in_bytes or None,
             cpu_quota=container.resources.cpu_quota or None,
         )
+
+
+def _unpack_for_restore(archive: str, io_dir: Path, log_path: str) -> None:
+    """The archive (less its metadata dumps) under the container's state dir, and
+    its saved log as the new container's log (as containerd restores it)."""
+    restore_dir = io_dir / RESTORE_DIR
+    unpack_archive(archive, restore_dir)
+    saved_log = restore_dir / CONTAINER_LOG
+    if log_path and saved_log.is_file() and not saved_log.is_symlink():
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(saved_log, log_path)
+        os.chmod(log_path, 0o600)
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700, parents=True)
+
+
+def _write_checkpoint_files(work: Path, files: dict[str, Any], log_path: str) -> None:
+    for name, value in files.items():
+        target = work / name
+        # Compact, as Go's encoding/json writes them.
+        target.write_text(json.dumps(value, separators=(",", ":")))
+        target.chmod(0o600)
+    if log_path and os.path.isfile(log_path):
+        shutil.copyfile(log_path, work / CONTAINER_LOG)
+        (work / CONTAINER_LOG).chmod(0o600)
 
 
 def _rmtree(path: Path) -> None:

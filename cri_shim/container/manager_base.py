@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from cri_shim.concurrency import InFlight
+from cri_shim.container.checkpoint import CriuSupport
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.image_volumes import ImageVolumes
 from cri_shim.container.io import ContainerIO
+from cri_shim.containerd.checkpoint import CheckpointOps
 from cri_shim.containerd.runtime import Runtime, pack_json, unpack_json
 from cri_shim.errors import failed_precondition, not_found
 from cri_shim.gen.runtime import v1 as cri
-from cri_shim.images.store import ImageStore
+from cri_shim.images.store import ImageRecord, ImageStore
 from cri_shim.logs import log_event
 from cri_shim.store.containers import Container, ContainerStore
 from cri_shim.store.sandboxes import SandboxStore
@@ -61,6 +63,12 @@ class ContainerEnvironment:
     # Allow-lists of pod / container annotations for the spec (containerd's per handler).
     pod_annotations: tuple[str, ...] = ()
     container_annotations: tuple[str, ...] = ()
+    enable_criu: bool = True  # runtime.enable_criu
+    restore_via_create: bool = True  # runtime.restore_via_create
+
+
+def _criu_disabled() -> str:
+    return "criu support is disabled by configuration (runtime.enable_criu = false)"
 
 
 def _ns(moment: datetime.datetime | None) -> int:
@@ -81,6 +89,7 @@ class ContainerManagerBase:
         events: ContainerEventBus,
         environment: ContainerEnvironment,
         image_volumes: ImageVolumes | None = None,
+        checkpoints: CheckpointOps | None = None,
     ) -> None:
         self.store = store
         self.sandboxes = sandboxes
@@ -91,10 +100,15 @@ class ContainerManagerBase:
         # Image volumes (Mount.image); None where no containerd backs the manager
         # (the in-memory fake), so such mounts are refused as not prepared.
         self.image_volumes = image_volumes
+        # Checkpoint/restore through containerd; None (the in-memory fake) refuses both.
+        self.checkpoints = checkpoints
+        self.criu = CriuSupport() if environment.enable_criu else CriuSupport(_criu_disabled)
         # A container's IO, spec, mounts and exit signals live on its record
         # (`Container.runtime`), so removing the record drops them.
         self._releases: set[asyncio.Task[None]] = set()
         self.status_provider: Callable[[str], Awaitable[cri.PodSandboxStatus | None]] | None = None
+        # Pulls a checkpoint's base image that is not present (the image manager's pull).
+        self.pull_image: Callable[[str], Awaitable[ImageRecord]] | None = None
         # Creates in flight by name: a kubelet retry joins the first call's work.
         self._creating: InFlight[str] = InFlight()
 

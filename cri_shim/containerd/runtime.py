@@ -137,6 +137,7 @@ class Runtime(Protocol):
         stdout: str = "",
         stderr: str = "",
         terminal: bool = False,
+        options: AnyMessage | None = None,
     ) -> int: ...
 
     async def start_task(self, container_id: str, exec_id: str = "") -> int: ...
@@ -330,9 +331,12 @@ class RuntimeOps:
         stdout: str = "",
         stderr: str = "",
         terminal: bool = False,
+        options: AnyMessage | None = None,
     ) -> int:
         try:
-            return await self._create_task(container_id, rootfs, stdin, stdout, stderr, terminal)
+            return await self._create_task(
+                container_id, rootfs, stdin, stdout, stderr, terminal, options
+            )
         except ContainerdError as err:
             if "no such file or directory" not in err.detail:
                 raise
@@ -351,6 +355,7 @@ class RuntimeOps:
         stdout: str,
         stderr: str,
         terminal: bool,
+        options: AnyMessage | None = None,
     ) -> int:
         reply = await self.client.call(
             "Tasks.Create",
@@ -362,6 +367,7 @@ class RuntimeOps:
                     stdout=stdout,
                     stderr=stderr,
                     terminal=terminal,
+                    options=options,
                 )
             ),
         )

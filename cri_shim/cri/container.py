@@ -8,8 +8,10 @@ unknown id succeed so kubelet's retries after restarts never fail.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
+from cri_shim.container.checkpoint import check_location
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.exec_sync import ExecDrainTimeout, ExecTimeout, exec_sync
 from cri_shim.container.lifecycle import ContainerManager
@@ -144,6 +146,20 @@ class ContainerHandlers:
         except SpecError as err:
             raise invalid_argument(str(err)) from err
         return cri.UpdateContainerResourcesResponse()
+
+    async def checkpoint_container(
+        self, request: cri.CheckpointContainerRequest
+    ) -> cri.CheckpointContainerResponse:
+        require(request.container_id, "container_id")
+        if request.timeout < 0:
+            raise invalid_argument("timeout must not be negative")
+        await asyncio.to_thread(check_location, request.location)
+        container = self.store.by_id.get(request.container_id)
+        # Shielded, and `timeout` not enforced (containerd ignores it too): a CRIU
+        # dump cut off half-way by a caller that gave up must not leave the
+        # container paused; the archive is still written.
+        await asyncio.shield(self.manager.checkpoint(container, request.location))
+        return cri.CheckpointContainerResponse()
 
     async def reopen_container_log(
         self, request: cri.ReopenContainerLogRequest

@@ -14,7 +14,6 @@ from cri_shim.cri.sandbox import SandboxHandlers
 from cri_shim.cri.stats import StatsHandlers
 from cri_shim.cri.status import StatusHandlers
 from cri_shim.cri.streaming import StreamingHandlers
-from cri_shim.errors import unimplemented
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.instrument import Instrumentation
 
@@ -126,6 +125,13 @@ class RuntimeService(cri.RuntimeServiceBase):
             "ReopenContainerLog", self._containers.reopen_container_log, message
         )
 
+    async def checkpoint_container(
+        self, message: cri.CheckpointContainerRequest
+    ) -> cri.CheckpointContainerResponse:
+        return await self._call(
+            "CheckpointContainer", self._containers.checkpoint_container, message
+        )
+
     async def exec_sync(self, message: cri.ExecSyncRequest) -> cri.ExecSyncResponse:
         return await self._call("ExecSync", self._containers.exec_sync, message)
 
@@ -210,18 +216,3 @@ class RuntimeService(cri.RuntimeServiceBase):
             "StreamPodSandboxMetrics", self._stats.stream_pod_sandbox_metrics, message
         ):
             yield batch
-
-    async def checkpoint_container(
-        self, message: cri.CheckpointContainerRequest
-    ) -> cri.CheckpointContainerResponse:
-        return await self._call("CheckpointContainer", _checkpoint_unimplemented, message)
-
-
-async def _checkpoint_unimplemented(
-    request: cri.CheckpointContainerRequest,
-) -> cri.CheckpointContainerResponse:
-    """Said in words: kubelet and crictl show this text to whoever asked."""
-    raise unimplemented(
-        "CheckpointContainer is not implemented by cri-shim: it has no CRIU checkpoint "
-        "(containerd Tasks.Checkpoint) nor checkpoint archive support yet"
-    )

@@ -82,6 +82,8 @@ class Container(EncodingCache):
     user: tuple[int, int, tuple[int, ...]] | None = None
     resources: cri.LinuxContainerResources | None = None
     removing: bool = False  # RemoveContainer is under way (verbose info's "removing")
+    # Created from a checkpoint archive: StartContainer restores the task from it.
+    restore: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
     runtime: ContainerRuntime = field(default_factory=ContainerRuntime, repr=False, compare=False)
 
@@ -106,6 +108,8 @@ class Container(EncodingCache):
             "stopSignal": self.stop_signal,
             "user": [*user[:2], list(user[2])] if user else None,
         }
+        if self.restore:
+            data["restore"] = True
         if with_exit:
             data.update(
                 startedAt=self.started_at,
@@ -134,6 +138,7 @@ class Container(EncodingCache):
             log_path=data.get("logPath", ""),
             stop_signal=data.get("stopSignal", "SIGTERM"),
             user=(int(user[0]), int(user[1]), tuple(user[2])) if user else None,
+            restore=bool(data.get("restore", False)),
         )
 
     def cri_state(self) -> cri.ContainerState:
@@ -178,7 +183,8 @@ class Container(EncodingCache):
             annotations=dict(self.config.annotations),
             mounts=list(self.config.mounts),
             log_path=self.log_path,
-            resources=cri.ContainerResources(linux=self.resources) if self.resources else None,
+            # Always present, as containerd 2.x reports it (empty without limits).
+            resources=cri.ContainerResources(linux=self.resources or cri.LinuxContainerResources()),
             image_id=self.image_id,
             user=self._user(),
             stop_signal=cri_signal(self.stop_signal),

@@ -9,7 +9,7 @@
 #   tests/peers/build.sh crictl containerd2   # only these groups
 #
 # Groups: cri-tools (CRICTL, CRITEST), containerd2 (CONTAINERD2, CONTAINERD2_SHIM,
-# CONTAINERD2_CTR), kubelet (KUBELET), runc (RUNC).
+# CONTAINERD2_CTR), kubelet (KUBELET), runc (RUNC), criu (CRIU).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -106,6 +106,39 @@ build_runc() {
   echo "RUNC=$dest/runc"
 }
 
+build_criu() {
+  local dest=$peers_dir/criu-$CRIU_VERSION
+  if [ ! -x "$dest/criu" ]; then
+    # Debian bookworm's CRIU 3.17 fails `criu check` on kernels with the
+    # [vvar_vclock] mapping (6.13+: "Unexpected rt vDSO area bounds"); 4.1 knows
+    # it. Debian ships 4.1 only for a newer libc, so its source package is
+    # fetched with apt (a private sources list: the host's is left alone) and
+    # `criu` built against the host's libraries (deploy/setup-dev.sh installs them).
+    log "building criu $CRIU_VERSION from Debian's source package into $dest"
+    local start=$SECONDS work=$peers_dir/criu-$CRIU_VERSION.src
+    rm -rf "$work"
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
+    echo "deb-src http://deb.debian.org/debian $CRIU_DEBIAN_SUITE main" >"$work/sources.list"
+    local apt_opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
+      -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache")
+    apt-get "${apt_opts[@]}" update -qq >&2
+    # Only the upstream tarball is needed (the Debian packaging is not used), so a
+    # failure to fetch the rest, or a newer Debian revision, does not matter.
+    (cd "$work" && apt-get "${apt_opts[@]}" source --download-only "criu=$CRIU_DEBIAN_VERSION" >&2) ||
+      (cd "$work" && apt-get "${apt_opts[@]}" source --download-only criu >&2) || true
+    local orig=$work/criu_${CRIU_VERSION}.orig.tar.xz
+    [ -f "$orig" ] || { log "criu $CRIU_VERSION source ($orig) not downloaded from $CRIU_DEBIAN_SUITE"; exit 1; }
+    tar -C "$work" -xf "$orig"
+    make -C "$work/criu-$CRIU_VERSION" -j"$(nproc)" criu >&2
+    mkdir -p "$dest"
+    cp "$work/criu-$CRIU_VERSION/criu/criu" "$dest/criu.tmp"
+    mv "$dest/criu.tmp" "$dest/criu"
+    rm -rf "$work"
+    log "criu built in $((SECONDS - start)) s"
+  fi
+  echo "CRIU=$dest/criu"
+}
+
 # locked GROUP FUNCTION: one build of a group at a time, across processes
 # (a second caller waits, then finds the binaries and skips).
 locked() {
@@ -116,13 +149,14 @@ locked() {
 }
 
 groups=("$@")
-[ ${#groups[@]} -gt 0 ] || groups=(cri-tools containerd2 runc kubelet)
+[ ${#groups[@]} -gt 0 ] || groups=(cri-tools containerd2 runc kubelet criu)
 for group in "${groups[@]}"; do
   case $group in
     cri-tools | crictl | critest) locked cri-tools build_cri_tools ;;
     containerd2 | containerd) locked containerd2 build_containerd2 ;;
     kubelet) locked kubelet build_kubelet ;;
     runc) locked runc build_runc ;;
-    *) echo "peers: unknown group '$group' (cri-tools, containerd2, kubelet, runc)" >&2; exit 2 ;;
+    criu) locked criu build_criu ;;
+    *) echo "peers: unknown group '$group' (cri-tools, containerd2, kubelet, runc, criu)" >&2; exit 2 ;;
   esac
 done

@@ -28,6 +28,7 @@ GROUPS = {
     "CONTAINERD2_SHIM": "containerd2",
     "CONTAINERD2_CTR": "containerd2",
     "RUNC": "runc",
+    "CRIU": "criu",
     "KUBELET": "kubelet",
 }
 # A cold build of a group takes minutes on a 2-core machine; a cached one, a second.
