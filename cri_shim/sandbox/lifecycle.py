@@ -14,8 +14,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,8 +27,9 @@ from cri_shim.gen.containerd.types import Mount
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import log_event
 from cri_shim.network.cni import DnsConfig, PodNetwork, PodNetworkRequest, PortMapping
-from cri_shim.network.netns import netns_exists
+from cri_shim.network.netns import UsernsPin, netns_exists, remove_pod_netns
 from cri_shim.oci.sandbox_spec import SandboxSpecInput, build_sandbox_spec
+from cri_shim.oci.userns import IdMapping, pod_userns_of
 from cri_shim.sandbox.files import SandboxDirs
 from cri_shim.store.index import new_id
 from cri_shim.store.record import RecordVersionError
@@ -70,6 +71,8 @@ class SandboxEnvironment:
     cgroup_driver: str
     oom_score_adj_floor: int | None
     pod_annotations: tuple[str, ...] = ()  # allow-list of pod annotations for the spec
+    # runc binary of each configured runtime handler; absent: the shim's default runc.
+    runc_binaries: Mapping[str, str] = field(default_factory=dict)
 
 
 def runtime_config(image_config: dict[str, Any]) -> dict[str, Any]:
@@ -292,8 +295,15 @@ class SandboxManager:
             config.hostname or node_hostname, config.dns_config, private_shm=not host_ipc
         )
 
+        userns = pod_userns_of(config)
+        userns_path = ""
         if not sandbox.host_network:
-            sandbox.netns_path = await self.network.create_netns()
+            pin = None
+            if userns is not None:
+                userns_path = str(dirs.userns)
+                pin = UsernsPin(userns_path, _map_line(userns.uids), _map_line(userns.gids))
+                undo.append(lambda: remove_pod_netns(userns_path))
+            sandbox.netns_path = await self.network.create_netns(pin)
             netns = sandbox.netns_path
             undo.append(lambda: self.network.remove_netns(netns))
 
@@ -308,6 +318,8 @@ class SandboxManager:
                 cgroup_driver=self.env.cgroup_driver,
                 oom_score_adj_floor=self.env.oom_score_adj_floor,
                 pod_annotations=self.env.pod_annotations,
+                userns=userns,
+                userns_path=userns_path,
             )
         )
         # CNI ADD and the pause container's create (snapshot, record, runc create) need
@@ -317,8 +329,12 @@ class SandboxManager:
 
         async def create_pause() -> None:
             async with self.ops.creation_lease() as lease:
+                parent, labels = image.chain_id, None
+                if userns is not None:
+                    rootfs = await self.ops.userns_rootfs(parent, userns, lease)
+                    parent, labels = rootfs.parent, rootfs.labels
                 undo.append(lambda: self.ops.remove_snapshot(sandbox.id))
-                mounts[:] = await self.ops.prepare_snapshot(sandbox.id, image.chain_id, lease=lease)
+                mounts[:] = await self.ops.prepare_snapshot(sandbox.id, parent, labels, lease=lease)
                 await self._create_pause_container(sandbox, spec, lease, undo)
             undo.append(lambda: self._kill_and_delete_task(sandbox.id))
             await self.ops.create_task(sandbox.id, mounts)
@@ -380,6 +396,7 @@ class SandboxManager:
             extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, sandbox.to_record())},
             snapshot_key=sandbox.id,
             lease=lease,
+            runc_binary=self.env.runc_binaries.get(sandbox.runtime_handler, ""),
         )
 
     async def _kill_and_delete_task(self, sandbox_id: str) -> None:
@@ -437,6 +454,7 @@ class SandboxManager:
         if not sandbox.host_network and sandbox.netns_path:
             await self.network.teardown(network_request(sandbox))
             await self.network.remove_netns(sandbox.netns_path)
+            await remove_pod_netns(self.dirs(sandbox.id).userns)
         sandbox.network_ready = False
 
     async def remove(self, sandbox: Sandbox) -> None:
@@ -466,6 +484,11 @@ class SandboxManager:
             pod=sandbox.id,
             exit_code=event.exit_code,
         )
+
+
+def _map_line(mapping: IdMapping) -> str:
+    """One /proc/<pid>/uid_map line."""
+    return f"{mapping.container_id} {mapping.host_id} {mapping.size}"
 
 
 def _host_hostname() -> str:
