@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from tests.conftest import CriClient
 
 CNI_BIN = "/usr/lib/cni"
+# The runtime handler test shims run with the peer runc (tests/peers/build.sh), the
+# one that can id-map mounts: user-namespaced pods need it.
+USERNS_HANDLER = "runc-current"
 # Images the pod tests need from the catalog: the pause image and busybox.
 POD_IMAGES = ("registry.k8s.io/pause:3.9", "library/busybox:latest", "test/multilayer:1")
 

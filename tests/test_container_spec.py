@@ -447,13 +447,19 @@ def test_user_namespace_on_the_host_network_binds_sys() -> None:
         (
             cri.UserNamespace(
                 mode=cri.NamespaceMode.POD,
-                uids=[cri.IdMapping(container_id=0, host_id=1000, length=10), cri.IdMapping(container_id=10, host_id=2000, length=10)],
+                uids=[
+                    cri.IdMapping(container_id=0, host_id=1000, length=10),
+                    cri.IdMapping(container_id=10, host_id=2000, length=10),
+                ],
                 gids=[cri.IdMapping(container_id=0, host_id=1000, length=10)],
             ),
             "only one mapping line",
         ),
         (
-            cri.UserNamespace(mode=cri.NamespaceMode.NODE, uids=[cri.IdMapping(container_id=0, host_id=1000, length=10)]),
+            cri.UserNamespace(
+                mode=cri.NamespaceMode.NODE,
+                uids=[cri.IdMapping(container_id=0, host_id=1000, length=10)],
+            ),
             "mode NODE takes no mappings",
         ),
     ],
@@ -471,7 +477,13 @@ def test_container_user_namespace_must_match_its_pods() -> None:
             sandbox=pod_with(namespace_options=userns_pod(100000)),
         )
     with pytest.raises(SpecError, match="needs a pod user namespace"):
-        build(container(mounts=[bind("/data", uid_mappings=[cri.IdMapping(container_id=0, host_id=1, length=1)])]))
+        build(
+            container(
+                mounts=[
+                    bind("/data", uid_mappings=[cri.IdMapping(container_id=0, host_id=1, length=1)])
+                ]
+            )
+        )
 
 
 # --------------------------------------------------------------------- mounts

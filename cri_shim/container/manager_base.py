@@ -10,8 +10,8 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ class ContainerEnvironment:
     # Allow-lists of pod / container annotations for the spec (containerd's per handler).
     pod_annotations: tuple[str, ...] = ()
     container_annotations: tuple[str, ...] = ()
+    # runc binary of each configured runtime handler; absent: the shim's default runc.
+    runc_binaries: Mapping[str, str] = field(default_factory=dict)
 
 
 def _ns(moment: datetime.datetime | None) -> int:

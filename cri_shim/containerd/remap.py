@@ -19,6 +19,8 @@ import stat
 import tempfile
 from dataclasses import dataclass
 
+from grpclib.const import Status
+
 from cri_shim.containerd.snapshots import Snapshots
 from cri_shim.errors import ContainerdError
 from cri_shim.gen.containerd.types import Mount
@@ -122,12 +124,20 @@ class RootfsRemapper:
         self.idmapped = REMAP_CAPABILITY in capabilities
         self._locks = KeyedLocks()
 
+    async def _exists(self, key: str) -> bool:
+        try:
+            return await self.snapshots.stat(key) is not None
+        except ContainerdError as err:
+            if err.status is Status.NOT_FOUND:
+                return False
+            raise
+
     async def resolve(self, parent: str, userns: PodUserns, lease: str) -> RemappedRootfs:
         if self.idmapped:
             return RemappedRootfs(parent, remap_labels(userns))
         name = remapped_name(parent, userns)
         async with self._locks.hold(name):
-            if await self.snapshots.stat(name) is not None:
+            if await self._exists(name):
                 return RemappedRootfs(name, {})
             work_key = f"{name}-remap"
             with contextlib.suppress(ContainerdError):

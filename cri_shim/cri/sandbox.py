@@ -9,13 +9,15 @@ a pod it is cleaning up "does not exist".
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from cri_shim.cri.labels import require_label_keys
 from cri_shim.errors import Unknown, failed_precondition, invalid_argument, not_found, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.network.cni import CniError, CniNotReady
 from cri_shim.oci.sandbox_spec import SpecError
+from cri_shim.oci.userns import pod_userns_of
+from cri_shim.runtime_handlers import RuntimeHandler
 from cri_shim.sandbox.files import SandboxFilesError
 from cri_shim.sandbox.lifecycle import SandboxManager
 from cri_shim.store.encoded import (
@@ -95,17 +97,34 @@ class SandboxHandlers:
         manager: SandboxManager,
         default_runtime: str,
         limits: BatchLimits | None = None,
+        handlers: Mapping[str, RuntimeHandler] | None = None,
     ) -> None:
         self.store = store
         self.limits = limits or BatchLimits()
         self.manager = manager
         self.default_runtime = default_runtime
+        self.handlers = handlers or {}
 
     async def run_pod_sandbox(self, request: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
         config = _validate_config(request.config)
         handler = request.runtime_handler
-        if handler not in KNOWN_HANDLERS and handler != self.default_runtime:
-            raise not_found(f"runtime handler {handler!r} is not configured (known: runc)")
+        known = sorted({*KNOWN_HANDLERS, *self.handlers} - {""})
+        if handler not in known and handler not in ("", self.default_runtime):
+            raise not_found(
+                f"runtime handler {handler!r} is not configured (known: {', '.join(known)})"
+            )
+        try:
+            userns = pod_userns_of(config)
+        except SpecError as err:
+            raise invalid_argument(str(err)) from err
+        runtime = self.handlers.get(handler)
+        if userns is not None and runtime is not None and not runtime.user_namespaces:
+            capable = sorted(n for n, h in self.handlers.items() if h.user_namespaces and n)
+            raise failed_precondition(
+                f"runtime handler {handler or self.default_runtime!r} cannot run a pod in its "
+                f"own user namespace: {runtime.userns_problem}"
+                + (f"; handlers that can: {', '.join(capable)}" if capable else "")
+            )
         try:
             sandbox_id = await self.manager.run(config, handler)
         except (SpecError, SandboxFilesError) as err:

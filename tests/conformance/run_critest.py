@@ -160,6 +160,9 @@ async def run_suite(
 ) -> CritestResult:
     """critest against a fresh `cri-shim serve` with a private containerd."""
     base = Path(tempfile.mkdtemp(prefix="critest-", dir="/tmp"))
+    # Searchable by all, as containerd's state dir: user-namespaced pods' mapped root
+    # must reach its rootfs under it.
+    base.chmod(0o711)
     octet = random.randrange(10, 250)
     bridge = write_cni_config(base / "cni", octet, base / "ipam")
     served = ServedCatalog(entries=catalog(own=False), storage_dir=base / "registry")
