@@ -59,8 +59,8 @@ from cri_shim.network.cni import PodNetwork
 from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
 from cri_shim.oci import apparmor
-from cri_shim.sandbox.lifecycle import SandboxEnvironment, SandboxManager
 from cri_shim.runtime_handlers import RuntimeHandler, probe_handlers
+from cri_shim.sandbox.lifecycle import SandboxEnvironment, SandboxManager
 from cri_shim.settings import Settings, SettingsError
 from cri_shim.store.containers import ContainerStore
 from cri_shim.store.encoded import BatchLimits

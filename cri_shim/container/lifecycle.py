@@ -36,7 +36,6 @@ from cri_shim.containerd.runtime import pack_json
 from cri_shim.errors import already_exists, failed_precondition, invalid_argument, not_found
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import log_event
-from cri_shim.oci.userns import pod_userns_of
 from cri_shim.oci.container_spec import (
     ContainerSpecInput,
     SandboxView,
@@ -45,6 +44,7 @@ from cri_shim.oci.container_spec import (
     ensure_mount_source,
     resources_from_spec,
 )
+from cri_shim.oci.userns import pod_userns_of
 from cri_shim.sandbox.files import SandboxDirs
 from cri_shim.sandbox.lifecycle import runtime_config
 from cri_shim.store.containers import Container, ContainerState, container_name

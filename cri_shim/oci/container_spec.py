@@ -46,8 +46,8 @@ from cri_shim.oci.defaults import (
 )
 from cri_shim.oci.errors import SpecError
 from cri_shim.oci.seccomp import profile_from_path, seccomp_for
-from cri_shim.oci.users import resolve_user
 from cri_shim.oci.userns import PodUserns, parse_userns, pod_userns_of
+from cri_shim.oci.users import resolve_user
 
 CGROUP_KIND_PREFIX = "cri-containerd"
 APPARMOR_DEFAULT_PROFILE = apparmor.DEFAULT_PROFILE  # containerd's name, loaded by oci.apparmor
