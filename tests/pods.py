@@ -117,6 +117,7 @@ def write_shim_config(
     *,
     embedded: bool = False,
     containerd_extra: str = "",
+    handlers: dict[str, str] | None = None,
 ) -> Path:
     """A `cri-shim serve --config` file keeping everything under `base` (for
     shims run as processes: recovery tests, critest, the benchmark)."""
@@ -137,5 +138,9 @@ def write_shim_config(
         f'config_path = "{hosts_dir}"\n'
         "[metrics]\n"
         "port = 0\n"
+        + "".join(
+            f'[runtime.handlers."{name}"]\nrunc_binary = {json.dumps(binary)}\n'
+            for name, binary in (handlers or {}).items()
+        )
     )
     return config
