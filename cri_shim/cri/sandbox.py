@@ -20,6 +20,8 @@ from cri_shim.oci.userns import pod_userns_of
 from cri_shim.runtime_handlers import RuntimeHandler
 from cri_shim.sandbox.files import SandboxFilesError
 from cri_shim.sandbox.lifecycle import SandboxManager
+from cri_shim.sandbox.resources import PodCgroupError, PodResourcesError
+from cri_shim.sandbox.resources import validate as validate_pod_resources
 from cri_shim.store.encoded import (
     BatchLimits,
     EncodedStreamPodSandboxesResponse,
@@ -135,6 +137,23 @@ class SandboxHandlers:
             # The plugin's own words; like containerd, the call fails as UNKNOWN.
             raise Unknown(f"failed to set up pod network: {err}") from err
         return cri.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
+
+    async def update_pod_sandbox_resources(
+        self, request: cri.UpdatePodSandboxResourcesRequest
+    ) -> cri.UpdatePodSandboxResourcesResponse:
+        require(request.pod_sandbox_id, "pod_sandbox_id")
+        try:
+            for field, value in (("overhead", request.overhead), ("resources", request.resources)):
+                if value is not None:
+                    validate_pod_resources(value, field)
+        except PodResourcesError as err:
+            raise invalid_argument(str(err)) from err
+        sandbox = self.store.by_id.get(request.pod_sandbox_id)
+        try:
+            await self.manager.update_resources(sandbox, request.overhead, request.resources)
+        except PodCgroupError as err:
+            raise failed_precondition(str(err)) from err
+        return cri.UpdatePodSandboxResourcesResponse()
 
     async def stop_pod_sandbox(
         self, request: cri.StopPodSandboxRequest

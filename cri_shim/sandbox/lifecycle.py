@@ -31,6 +31,7 @@ from cri_shim.network.netns import UsernsPin, netns_exists, remove_pod_netns
 from cri_shim.oci.sandbox_spec import SandboxSpecInput, build_sandbox_spec
 from cri_shim.oci.userns import IdMapping, pod_userns_of
 from cri_shim.sandbox.files import SandboxDirs
+from cri_shim.sandbox.resources import apply_pod_resources
 from cri_shim.store.index import new_id
 from cri_shim.store.record import RecordVersionError
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore, sandbox_name
@@ -415,6 +416,31 @@ class SandboxManager:
                     log, "pause task did not exit in time", level=logging.WARNING, pod=sandbox_id
                 )
         await self.ops.delete_task(sandbox_id)
+
+    # resources
+
+    async def update_resources(
+        self,
+        sandbox: Sandbox,
+        overhead: cri.LinuxContainerResources | None,
+        resources: cri.LinuxContainerResources | None,
+    ) -> list[str]:
+        """Write the pod's new resources into its cgroup parent, then record them
+        (in memory and on the containerd record) as containerd does; the files written."""
+        async with sandbox.lock:
+            linux = sandbox.config.linux
+            parent = linux.cgroup_parent if linux is not None else ""
+            written: list[str] = []
+            if resources is not None and parent:
+                written = await asyncio.to_thread(apply_pod_resources, parent, resources)
+            sandbox.overhead, sandbox.resources = overhead, resources
+            data = sandbox.to_record()
+            data[RUN_COMPLETE] = True
+            await self.ops.update_extension(
+                sandbox.id, METADATA_EXTENSION, pack_json(METADATA_TYPE_URL, data)
+            )
+        log_event(log, "pod resources updated", pod=sandbox.id, files=",".join(written))
+        return written
 
     # stop / remove
 

@@ -36,6 +36,10 @@ class Sandbox(EncodingCache):
     state: SandboxState = SandboxState.NOTREADY
     pid: int = 0
     network_ready: bool = False
+    # The latest UpdatePodSandboxResources (kubelet's pod-level resize), as containerd
+    # records it: the pod overhead and the pod's resources.
+    overhead: cri.LinuxContainerResources | None = None
+    resources: cri.LinuxContainerResources | None = None
     # A stop ran to its end: task gone, network torn down (not in any encoding).
     stop_complete: bool = field(default=False, compare=False)
     # One lock per sandbox: lifecycle calls on one pod never interleave.
@@ -58,12 +62,24 @@ class Sandbox(EncodingCache):
             "netnsPath": self.netns_path,
             "ip": self.ip,
             "additionalIps": self.additional_ips,
+            **self._updated_resources(),
+        }
+
+    def _updated_resources(self) -> dict[str, Any]:
+        if self.overhead is None and self.resources is None:
+            return {}
+        return {
+            "updatedResources": {
+                "overhead": self.overhead.to_dict() if self.overhead is not None else None,
+                "resources": self.resources.to_dict() if self.resources is not None else None,
+            }
         }
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> Sandbox:
         """The sandbox as run; its state is for the caller to set from the task."""
         check_record_version(data, "pod sandbox")
+        updated = data.get("updatedResources") or {}
         return cls(
             id=data["id"],
             name=data["name"],
@@ -74,6 +90,8 @@ class Sandbox(EncodingCache):
             netns_path=data.get("netnsPath", ""),
             ip=data.get("ip", ""),
             additional_ips=list(data.get("additionalIps", [])),
+            overhead=_resources(updated.get("overhead")),
+            resources=_resources(updated.get("resources")),
         )
 
     @property
@@ -136,7 +154,12 @@ class Sandbox(EncodingCache):
             "image": self.image_id,
             "runtimeHandler": self.runtime_handler,
             "networkReady": self.network_ready,
+            **self._updated_resources(),
         }
+
+
+def _resources(data: Any) -> cri.LinuxContainerResources | None:
+    return cri.LinuxContainerResources.from_dict(data) if isinstance(data, dict) else None
 
 
 def sandbox_name(metadata: cri.PodSandboxMetadata) -> str:
