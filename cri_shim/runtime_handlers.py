@@ -64,11 +64,11 @@ def userns_problem(features: dict[str, Any] | None, kernel: tuple[int, int]) -> 
     return ""
 
 
-async def runc_features(binary: str) -> tuple[dict[str, Any] | None, str]:
-    """(`runc features` JSON or None, the runc path found or an error)."""
+async def runc_features(binary: str) -> tuple[dict[str, Any] | None, str, str]:
+    """(`runc features` JSON or None, the runc path, why it could not be run or "")."""
     path = await asyncio.to_thread(shutil.which, binary)
     if path is None:
-        return None, f"{binary} not found"
+        return None, binary, f"{binary} not found"
     try:
         process = await asyncio.create_subprocess_exec(
             path,
@@ -77,33 +77,31 @@ async def runc_features(binary: str) -> tuple[dict[str, Any] | None, str]:
             stderr=asyncio.subprocess.DEVNULL,
         )
     except OSError as err:
-        return None, f"{path}: {err.strerror or err}"
+        return None, path, f"{path}: {err.strerror or err}"
     try:
         out, _ = await asyncio.wait_for(process.communicate(), FEATURES_TIMEOUT)
     except TimeoutError:
         process.kill()
         await process.wait()
-        return None, f"{path} features timed out"
+        return None, path, f"{path} features timed out"
     if process.returncode != 0:
-        return None, path
+        return None, path, ""
     try:
         data = json.loads(out)
     except ValueError:
-        return None, path
-    return (data if isinstance(data, dict) else None), path
+        return None, path, ""
+    return (data if isinstance(data, dict) else None), path, ""
 
 
 async def probe(name: str, runc_binary: str, kernel: tuple[int, int]) -> RuntimeHandler:
-    features, where = await runc_features(runc_binary or "runc")
-    problem = userns_problem(features, kernel)
-    if features is None and not where.startswith("/"):
-        problem = where
+    features, path, error = await runc_features(runc_binary or "runc")
+    problem = error or userns_problem(features, kernel)
     handler = RuntimeHandler(name, runc_binary, not problem, problem)
     log_event(
         log,
         "runtime handler",
         handler=name,
-        runc=where,
+        runc=path,
         user_namespaces=handler.user_namespaces,
         userns_problem=problem,
     )
