@@ -36,6 +36,8 @@ class RuntimeHandler:
     user_namespaces: bool = False
     # Why user namespaces are not available ("" when they are).
     userns_problem: str = ""
+    # Where the runc was found (or the name that was not).
+    runc_path: str = ""
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
@@ -96,16 +98,7 @@ async def runc_features(binary: str) -> tuple[dict[str, Any] | None, str, str]:
 async def probe(name: str, runc_binary: str, kernel: tuple[int, int]) -> RuntimeHandler:
     features, path, error = await runc_features(runc_binary or "runc")
     problem = error or userns_problem(features, kernel)
-    handler = RuntimeHandler(name, runc_binary, not problem, problem)
-    log_event(
-        log,
-        "runtime handler",
-        handler=name,
-        runc=path,
-        user_namespaces=handler.user_namespaces,
-        userns_problem=problem,
-    )
-    return handler
+    return RuntimeHandler(name, runc_binary, not problem, problem, runc_path=path)
 
 
 async def probe_handlers(settings: Settings) -> dict[str, RuntimeHandler]:
@@ -116,6 +109,15 @@ async def probe_handlers(settings: Settings) -> dict[str, RuntimeHandler]:
     }
     found = await asyncio.gather(*(probe(n, b, kernel) for n, b in configured.items()))
     handlers = {h.name: h for h in found}
+    for handler in found:
+        log_event(
+            log,
+            "runtime handler",
+            handler=handler.name,
+            runc=handler.runc_path,
+            user_namespaces=handler.user_namespaces,
+            userns_problem=handler.userns_problem,
+        )
     default = settings.runtime.default_runtime
     handlers[""] = handlers.get(default, handlers[DEFAULT_HANDLER])
     return handlers
