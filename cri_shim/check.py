@@ -34,6 +34,7 @@ from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.host import detect_cgroup_driver, runs_systemd
 from cri_shim.network import default_network
 from cri_shim.network.cni_config import CniConfigError, load_network_config
+from cri_shim.runtime_handlers import DEFAULT_HANDLER, kernel_version, probe
 from cri_shim.settings import Settings
 
 SNAPSHOTTER = "overlayfs"
@@ -229,6 +230,37 @@ async def check_criu(ctx: Context) -> list[CheckResult]:
     return _pass("criu", f"{version.removeprefix('Version: ')} at {path}: checkpoint/restore works")
 
 
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+async def check_user_namespaces(ctx: Context) -> list[CheckResult]:
+    """Pods with `hostUsers: false` need a handler whose runc (1.2+) and kernel
+    (5.19+) can id-map mounts, and user namespaces enabled in the kernel."""
+    name = "user namespaces"
+    limit = await asyncio.to_thread(_read_text, Path("/proc/sys/user/max_user_namespaces"))
+    if limit is not None and limit.strip() == "0":
+        return _warn(name, "user.max_user_namespaces = 0: the kernel allows no user namespaces")
+    kernel = kernel_version()
+    default = await asyncio.to_thread(_which, "runc", ctx.node.bin_dirs)
+    configured = {DEFAULT_HANDLER: default or "runc"} | {
+        n: h.runc_binary for n, h in ctx.settings.runtime.handlers.items()
+    }
+    handlers = [await probe(n, b, kernel) for n, b in configured.items()]
+    able = [h.name for h in handlers if h.user_namespaces]
+    unable = "; ".join(f"{h.name}: {h.userns_problem}" for h in handlers if not h.user_namespaces)
+    if not able:
+        return _warn(name, f"no runtime handler can run user-namespaced pods ({unable})")
+    return _pass(
+        name,
+        f"handlers {', '.join(able)} can run user-namespaced pods"
+        + (f" (not {unable})" if unable else ""),
+    )
+
+
 # --- CNI ------------------------------------------------------------------------
 
 
@@ -396,6 +428,7 @@ CHECKS: tuple[Check, ...] = (
     Check("runc", check_runc),
     Check("runtime shim", check_runc_shim),
     Check("criu", check_criu, critical=False),
+    Check("user namespaces", check_user_namespaces, critical=False),
     Check("cni", check_cni),
     Check("cgroups", check_cgroups),
     Check("overlayfs", _threaded(_overlay)),

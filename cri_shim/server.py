@@ -62,6 +62,7 @@ from cri_shim.network.cni import PodNetwork
 from cri_shim.network.pod_cidr import PodCidrStore
 from cri_shim.network.readiness import NetworkReadiness
 from cri_shim.oci import apparmor
+from cri_shim.runtime_handlers import RuntimeHandler, probe_handlers
 from cri_shim.sandbox.lifecycle import SandboxEnvironment, SandboxManager
 from cri_shim.settings import Settings, SettingsError
 from cri_shim.store.containers import ContainerStore
@@ -182,6 +183,7 @@ class Shim:
         self.container_manager: ContainerManager | None = None
         self.sandbox_manager: SandboxManager | None = None
         self.pod_network: PodNetwork | None = None
+        self.runtime_handlers: dict[str, RuntimeHandler] = {}
         self.events: EventMonitor | None = None
         self.metrics_server: MetricsServer | None = None
         self.metrics_port: int | None = None  # the bound port once serving (config may say 0)
@@ -273,7 +275,10 @@ class Shim:
         sandboxes, containers = await self._start_runtime(cgroup_driver)
         stats = self._stats_handlers()
         streaming = await self._start_streaming()
+        handlers = self.runtime_handlers
         facts = RuntimeFacts(
+            handlers=("", *sorted(n for n in handlers if n)),
+            userns_handlers=frozenset(n for n, h in handlers.items() if h.user_namespaces),
             recursive_read_only_mounts=recursive_readonly_supported(),
             supplemental_groups_policy=True,
             restrict_oom_score_adj=not can_lower_oom_score_adj(),
@@ -317,6 +322,8 @@ class Shim:
         images = self.images
         ops = RuntimeOps(self.client, systemd_cgroup=cgroup_driver is CgroupDriver.SYSTEMD)
         floor = None if can_lower_oom_score_adj() else own_oom_score_adj()
+        self.runtime_handlers = await probe_handlers(settings)
+        runc_binaries = {n: h.runc_binary for n, h in self.runtime_handlers.items()}
         self.pod_network = PodNetwork(
             settings.cni, settings.state_path, self.network, self.pod_cidrs
         )
@@ -335,6 +342,7 @@ class Shim:
                 cgroup_driver=cgroup_driver.value,
                 oom_score_adj_floor=floor,
                 pod_annotations=settings.runtime.pod_annotations,
+                runc_binaries=runc_binaries,
             ),
         )
         self.container_manager = ContainerManager(
@@ -355,6 +363,7 @@ class Shim:
                 container_annotations=settings.runtime.container_annotations,
                 enable_criu=settings.runtime.enable_criu,
                 restore_via_create=settings.runtime.restore_via_create,
+                runc_binaries=runc_binaries,
             ),
             image_volumes=ImageVolumes(self.client, images.store, settings.state_path),
             checkpoints=CheckpointOps(self.client),
@@ -427,6 +436,7 @@ class Shim:
                 settings.runtime.default_runtime,
                 self.batch_limits,
                 identity,
+                self.runtime_handlers,
             ),
             ContainerHandlers(
                 self.containers,

@@ -124,6 +124,16 @@ def format_duration(seconds: float) -> str:
 
 
 @dataclass(frozen=True)
+class RuntimeHandlerSettings:
+    """One extra runtime handler (`[runtime.handlers.<name>]`), as containerd's
+    `[...runtimes.<name>]` with the runc shim: pods asking for `<name>` run with
+    this runc binary (the shim's `BinaryName` option)."""
+
+    # runc executable (absolute path, or a name looked up on the shim's PATH).
+    runc_binary: str = ""
+
+
+@dataclass(frozen=True)
 class RuntimeSettings:
     # "auto" picks systemd when the host runs systemd on a cgroup v2 hierarchy.
     cgroup_driver: str = "auto"
@@ -148,6 +158,8 @@ class RuntimeSettings:
     # CreateContainer with a checkpoint archive's path as the image restores it
     # (containerd 2.0-2.3's `enable_experimental_restore_via_create`, CRI-O).
     restore_via_create: bool = True
+    # Runtime handlers beside the default `runc` (RunPodSandbox's `runtime_handler`).
+    handlers: Mapping[str, RuntimeHandlerSettings] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -317,6 +329,22 @@ def _check_range(key: str, value: Any) -> None:
         )
 
 
+# RuntimeClass handler names are DNS labels (Kubernetes validates them so).
+_HANDLER_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _check_handlers(handlers: Mapping[str, RuntimeHandlerSettings]) -> None:
+    for name, handler in handlers.items():
+        key = f"runtime.handlers.{_toml_key(name)}"
+        if name == "runc" or not _HANDLER_NAME.fullmatch(name):
+            raise SettingsError(
+                f"config key {key!r}: a handler name must be a DNS label other than 'runc' "
+                "(lower-case letters, digits and '-', at most 63)"
+            )
+        if not handler.runc_binary:
+            raise SettingsError(f"config key {key + '.runc_binary'!r} must not be empty")
+
+
 def _convert(value: Any, annotation: Any, key: str) -> Any:
     """Coerce a TOML, env or flag value to the field's declared type."""
     origin = typing.get_origin(annotation)
@@ -411,6 +439,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             kwargs[f.name] = _build(annotation, value, key + ".")  # type: ignore[arg-type]
         elif (entry_cls := _table_map_type(annotation)) is not None:
             kwargs[f.name] = _build_table_map(entry_cls, value, key)
+            if key == "runtime.handlers":
+                _check_handlers(kwargs[f.name])
         else:
             converted = _convert(value, annotation, key)
             allowed = _CHOICES.get(key)
@@ -560,6 +590,7 @@ __all__ = [
     "RegistryMirrorSettings",
     "RegistrySettings",
     "RegistryTlsSettings",
+    "RuntimeHandlerSettings",
     "RuntimeSettings",
     "ServerSettings",
     "Settings",

@@ -27,9 +27,10 @@ from cri_shim.containerd.embedded import EmbeddedContainerd
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 from cri_shim.settings import ContainerdSettings, ServerSettings, Settings, load
-from tests.pods import CNI_BIN, POD_IMAGES, pod_config, write_conflist
+from tests.pods import CNI_BIN, POD_IMAGES, USERNS_HANDLER, pod_config, write_conflist
 from tests.support.catalog import ServedCatalog, catalog
 from tests.support.containerd_matrix import CONTAINERD_MATRIX, ContainerdPeer
+from tests.support.peers import require_peer
 from tests.support.reaper import reap
 
 REQUIRED_BINARIES = ("containerd", "runc")
@@ -69,6 +70,9 @@ def short_tempdir(prefix: str) -> Path:
 @pytest.fixture(scope="session")
 def session_dir() -> Iterator[Path]:
     path = short_tempdir("crishim-")
+    # Searchable by all, as containerd's own root and state dirs (0711): the mapped root
+    # of a user-namespaced pod must reach its rootfs under the state dir.
+    path.chmod(0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -245,6 +249,8 @@ async def pod_shim(
         cni__netns_dir=str(base / "netns"),
         # Its own containerd namespace: other test shims remove images in k8s.io.
         containerd__namespace="crishim-pods",
+        # The peer runc (1.2+): user-namespaced pods run on this handler.
+        runtime__handlers={USERNS_HANDLER: {"runc_binary": require_peer("RUNC")}},
     )
     shim = Shim(settings)
     await shim.start()

@@ -20,11 +20,13 @@ from typing import Any
 from grpclib.const import Status
 
 from cri_shim.containerd.events import TaskExit
+from cri_shim.containerd.remap import RemappedRootfs, remap_labels
 from cri_shim.containerd.runtime import SPEC_TYPE_URL, ExitInfo, TaskInfo, TaskStatus, pack_json
 from cri_shim.errors import ContainerdError
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
 from cri_shim.gen.containerd.types import Metric, Mount
 from cri_shim.gen.google.protobuf import Any as AnyMessage
+from cri_shim.oci.userns import PodUserns
 
 
 @dataclass
@@ -122,6 +124,10 @@ class FakeRuntime:
         self.snapshots.add(key)
         return []
 
+    async def userns_rootfs(self, parent: str, userns: PodUserns, lease: str) -> RemappedRootfs:
+        await self._call("userns_rootfs")
+        return RemappedRootfs(parent, remap_labels(userns))
+
     async def remove_snapshot(self, key: str) -> None:
         await self._call("remove_snapshot")
         self.snapshots.discard(key)
@@ -136,6 +142,8 @@ class FakeRuntime:
         extensions: dict[str, AnyMessage],
         snapshot_key: str,
         lease: str = "",
+        runc_binary: str = "",
+        io_owner: tuple[int, int] | None = None,
     ) -> None:
         await self._call("create_container")
         self.containers[container_id] = containers_v1.Container(

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from tests.conftest import CriClient
 
 CNI_BIN = "/usr/lib/cni"
+# The runtime handler test shims run with the peer runc (tests/peers/build.sh), the
+# one that can id-map mounts: user-namespaced pods need it.
+USERNS_HANDLER = "runc-current"
 # Images the pod tests need from the catalog: the pause image, busybox, a layered
 # image, and one with a STOPSIGNAL.
 POD_IMAGES = (
@@ -120,6 +123,7 @@ def write_shim_config(
     *,
     embedded: bool = False,
     containerd_extra: str = "",
+    handlers: dict[str, str] | None = None,
 ) -> Path:
     """A `cri-shim serve --config` file keeping everything under `base` (for
     shims run as processes: recovery tests, critest, the benchmark)."""
@@ -140,5 +144,9 @@ def write_shim_config(
         f'config_path = "{hosts_dir}"\n'
         "[metrics]\n"
         "port = 0\n"
+        + "".join(
+            f'[runtime.handlers."{name}"]\nrunc_binary = {json.dumps(binary)}\n'
+            for name, binary in (handlers or {}).items()
+        )
     )
     return config

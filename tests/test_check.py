@@ -93,6 +93,11 @@ async def test_healthy_node_passes(containerd: EmbeddedContainerd) -> None:
     assert containerd.address in line(lines, "containerd")
     assert line(lines, "snapshotter").startswith("PASS snapshotter: containerd's overlayfs")
     assert line(lines, "runc").startswith("PASS runc: runc ")
+    # Debian's runc 1.1.5 and no other handler configured: no id-mapped mounts.
+    assert line(lines, "user namespaces").startswith(
+        "WARN user namespaces: no runtime handler can run user-namespaced pods "
+        "(runc: runc cannot make id-mapped mounts"
+    )
     assert line(lines, "cni") == (
         f"PASS cni: network 'pods' from {conf / '10-pods.conflist'} "
         "(cniVersion 1.0.0; plugins bridge, portmap found)"

@@ -396,10 +396,94 @@ def test_cgroup_namespace_only_on_v2_unprivileged() -> None:
     )
 
 
-def test_user_namespaces_are_refused() -> None:
-    options = cri.NamespaceOption(userns_options=cri.UserNamespace(mode=cri.NamespaceMode.POD))
-    with pytest.raises(SpecError, match="user namespaces"):
+def userns_pod(host_id: int = 100000, **modes: Any) -> cri.NamespaceOption:
+    line = [cri.IdMapping(container_id=0, host_id=host_id, length=65536)]
+    return cri.NamespaceOption(
+        userns_options=cri.UserNamespace(mode=cri.NamespaceMode.POD, uids=line, gids=line),
+        **modes,
+    )
+
+
+def test_pod_user_namespace_is_joined_with_its_mappings() -> None:
+    options = userns_pod()
+    data = bind("/data", uid_mappings=[cri.IdMapping(container_id=0, host_id=100000, length=65536)])
+    spec = build(
+        container(security=ctx(namespace_options=options), mounts=[data]),
+        sandbox=pod_with(namespace_options=options),
+    )
+    assert namespaces(spec)["user"] == f"/proc/{SANDBOX.pid}/ns/user"
+    mapping = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    assert spec["linux"]["uidMappings"] == mapping
+    assert spec["linux"]["gidMappings"] == mapping
+    assert mount_at(spec, "/data")["uidMappings"] == mapping
+    assert "gidMappings" not in mount_at(spec, "/data")
+    assert mount_at(spec, "/sys")["type"] == "sysfs"
+
+
+def test_user_namespace_on_the_host_network_binds_sys() -> None:
+    options = userns_pod(network=cri.NamespaceMode.NODE)
+    spec = build(
+        container(security=ctx(namespace_options=options)),
+        sandbox=pod_with(namespace_options=options),
+    )
+    assert mount_at(spec, "/sys")["type"] == "bind"
+    assert "rro" in mount_at(spec, "/sys")["options"]
+
+
+@pytest.mark.parametrize(
+    ("userns", "message"),
+    [
+        (cri.UserNamespace(mode=cri.NamespaceMode.CONTAINER), "mode CONTAINER is not supported"),
+        (cri.UserNamespace(mode=cri.NamespaceMode.TARGET), "mode TARGET is not supported"),
+        (cri.UserNamespace(mode=cri.NamespaceMode.POD), "needs one uid and one gid mapping"),
+        (
+            cri.UserNamespace(
+                mode=cri.NamespaceMode.POD,
+                uids=[cri.IdMapping(container_id=1, host_id=1000, length=10)],
+                gids=[cri.IdMapping(container_id=0, host_id=1000, length=10)],
+            ),
+            "container id 0 must be mapped",
+        ),
+        (
+            cri.UserNamespace(
+                mode=cri.NamespaceMode.POD,
+                uids=[
+                    cri.IdMapping(container_id=0, host_id=1000, length=10),
+                    cri.IdMapping(container_id=10, host_id=2000, length=10),
+                ],
+                gids=[cri.IdMapping(container_id=0, host_id=1000, length=10)],
+            ),
+            "only one mapping line",
+        ),
+        (
+            cri.UserNamespace(
+                mode=cri.NamespaceMode.NODE,
+                uids=[cri.IdMapping(container_id=0, host_id=1000, length=10)],
+            ),
+            "mode NODE takes no mappings",
+        ),
+    ],
+)
+def test_invalid_user_namespaces_are_refused(userns: cri.UserNamespace, message: str) -> None:
+    options = cri.NamespaceOption(userns_options=userns)
+    with pytest.raises(SpecError, match=message):
         build(container(security=ctx(namespace_options=options)))
+
+
+def test_container_user_namespace_must_match_its_pods() -> None:
+    with pytest.raises(SpecError, match="differ from its pod's"):
+        build(
+            container(security=ctx(namespace_options=userns_pod(200000))),
+            sandbox=pod_with(namespace_options=userns_pod(100000)),
+        )
+    with pytest.raises(SpecError, match="needs a pod user namespace"):
+        build(
+            container(
+                mounts=[
+                    bind("/data", uid_mappings=[cri.IdMapping(container_id=0, host_id=1, length=1)])
+                ]
+            )
+        )
 
 
 # --------------------------------------------------------------------- mounts

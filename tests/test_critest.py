@@ -26,16 +26,21 @@ STREAMING_MODES = {
     "spdy": [],
     "websocket": ["-websocket-exec", "-websocket-attach", "-websocket-portforward"],
 }
-# critest v1.37.0 here: 108 of its 142 specs run in either mode on either containerd
-# (critest skips the rest itself on this host: AppArmor, user namespaces, benchmarks...).
-MIN_SPECS_RAN = 108
+# critest v1.37.0 here: 114 of its 142 specs run in either mode on either containerd,
+# with -runtime-handler naming the peer-runc handler (run_critest): the 6 user-namespace
+# specs included. critest skips the rest itself on this host (AppArmor, benchmarks...).
+MIN_SPECS_RAN = 114
+USERNS_SPECS = 6
 
 
 @pytest.mark.parametrize("mode", list(STREAMING_MODES))
 @pytest.mark.parametrize("peer", CONTAINERD_MATRIX)
 async def test_critest_passes(peer: ContainerdPeer, mode: str) -> None:
     result = await run_suite(
-        require_peer("CRITEST"), containerd=peer.binary(), extra=STREAMING_MODES[mode]
+        require_peer("CRITEST"),
+        containerd=peer.binary(),
+        runc=require_peer("RUNC"),
+        extra=STREAMING_MODES[mode],
     )
     print(result.summary())
     if result.failed:
@@ -43,5 +48,8 @@ async def test_critest_passes(peer: ContainerdPeer, mode: str) -> None:
         pytest.fail(f"{len(result.failed)} critest specs failed:\n  {names}\n{result.summary()}")
     if result.code != 0:
         pytest.fail(f"critest failed outside any spec: {result.summary()}")
+    userns = [name for name in result.passed if "UserNamespaces" in name]
+    if len(userns) != USERNS_SPECS:
+        pytest.fail(f"{len(userns)} user-namespace specs passed, expected {USERNS_SPECS}")
     if result.ran < MIN_SPECS_RAN:
         pytest.fail(f"only {result.ran} specs ran, expected {MIN_SPECS_RAN}: {result.summary()}")

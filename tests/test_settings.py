@@ -49,6 +49,10 @@ def test_rendered_default_config_reads_back_identically(tmp_path: Path) -> None:
             "[runtime]\ndrain_exec_sync_io_timeout = '10'\n",
             "'runtime.drain_exec_sync_io_timeout' must be a Go duration",
         ),
+        ("[runtime.handlers.Bad_Name]\nrunc_binary = '/x'\n", "must be a DNS label"),
+        ("[runtime.handlers.runc]\nrunc_binary = '/x'\n", "other than 'runc'"),
+        ("[runtime.handlers.new]\n", "'runtime.handlers.new.runc_binary' must not be empty"),
+        ("[runtime.handlers.new]\nbinary = '/x'\n", "unknown config key 'runtime.handlers.new"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, fragment: str) -> None:
@@ -93,3 +97,15 @@ def test_drain_exec_sync_io_timeout_is_containerds_key_and_default() -> None:
         "1m30s",
         "1h0m0s",
     ]
+
+
+def test_runtime_handlers_read_back_from_rendered_toml(tmp_path: Path) -> None:
+    path = tmp_path / "handlers.toml"
+    path.write_text("[runtime.handlers.runc-current]\nrunc_binary = '/opt/runc'\n")
+    loaded = settings.load(path, environ={})
+    assert loaded.runtime.handlers == {
+        "runc-current": settings.RuntimeHandlerSettings(runc_binary="/opt/runc")
+    }
+    again = tmp_path / "again.toml"
+    again.write_text(settings.render_toml(loaded))
+    assert settings.load(again, environ={}) == loaded

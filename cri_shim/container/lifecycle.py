@@ -80,6 +80,7 @@ from cri_shim.oci.container_spec import (
     ensure_mount_source,
     resources_from_spec,
 )
+from cri_shim.oci.userns import pod_userns_of
 from cri_shim.sandbox.files import SandboxDirs
 from cri_shim.sandbox.lifecycle import runtime_config
 from cri_shim.store.containers import Container, ContainerState, container_name
@@ -277,7 +278,12 @@ class ContainerManager(ContainerRecovery):
         chain_id: str,
         lease: str,
     ) -> None:
-        mounts = await self.ops.prepare_snapshot(container.id, chain_id, lease=lease)
+        userns = pod_userns_of(sandbox.config)
+        parent, labels = chain_id, None
+        if userns is not None:
+            rootfs = await self.ops.userns_rootfs(chain_id, userns, lease)
+            parent, labels = rootfs.parent, rootfs.labels
+        mounts = await self.ops.prepare_snapshot(container.id, parent, labels, lease=lease)
         if self.image_volumes is not None:
             await self.image_volumes.attach(container.id, container.config)
         passwd = await read_image_file(mounts, "/etc/passwd")
@@ -331,6 +337,13 @@ class ContainerManager(ContainerRecovery):
             extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, container.to_record())},
             snapshot_key=container.id,
             lease=lease,
+            runc_binary=self.env.runc_binaries.get(sandbox.runtime_handler, ""),
+            # The stdio pipes belong to the process's host ids (containerd's WithUIDOwner).
+            io_owner=(
+                (userns.uids.to_host(container.user[0]), userns.gids.to_host(container.user[1]))
+                if userns is not None
+                else None
+            ),
         )
         container.runtime.spec = spec
         # StartContainer then needs no second Prepare/Mounts round-trip

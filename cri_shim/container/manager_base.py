@@ -10,8 +10,8 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ class ContainerEnvironment:
     container_annotations: tuple[str, ...] = ()
     enable_criu: bool = True  # runtime.enable_criu
     restore_via_create: bool = True  # runtime.restore_via_create
+    # runc binary of each configured runtime handler; absent: the shim's default runc.
+    runc_binaries: Mapping[str, str] = field(default_factory=dict)
 
 
 def _criu_disabled() -> str:

@@ -25,15 +25,18 @@ from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.leases import Leases, expires_in
+from cri_shim.containerd.remap import RemappedRootfs, RootfsRemapper
 from cri_shim.containerd.snapshots import SNAPSHOTTER, Snapshots
 from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd.runc import v1 as runc_v1
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
+from cri_shim.gen.containerd.services.introspection import v1 as introspection_v1
 from cri_shim.gen.containerd.services.tasks import v1 as tasks_v1
 from cri_shim.gen.containerd.types import Metric, Mount
 from cri_shim.gen.containerd.v1 import types as task_types
 from cri_shim.gen.google.protobuf import Any as AnyMessage
 from cri_shim.logs import log_event
+from cri_shim.oci.userns import PodUserns
 
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
@@ -118,7 +121,11 @@ class Runtime(Protocol):
         extensions: dict[str, AnyMessage],
         snapshot_key: str,
         lease: str = "",
+        runc_binary: str = "",
+        io_owner: tuple[int, int] | None = None,
     ) -> None: ...
+
+    async def userns_rootfs(self, parent: str, userns: PodUserns, lease: str) -> RemappedRootfs: ...
 
     async def get_container(self, container_id: str) -> containers_v1.Container | None: ...
 
@@ -194,6 +201,7 @@ class RuntimeOps:
         self.systemd_cgroup = systemd_cgroup
         self.leases = Leases(client)
         self.snapshots = Snapshots(client, SNAPSHOTTER)
+        self._remapper: RootfsRemapper | None = None
 
     # leases
 
@@ -241,8 +249,30 @@ class RuntimeOps:
 
     # containers
 
-    def runtime_options(self) -> containers_v1.ContainerRuntime:
-        options = runc_v1.Options(systemd_cgroup=self.systemd_cgroup)
+    async def userns_rootfs(self, parent: str, userns: PodUserns, lease: str) -> RemappedRootfs:
+        """Where and how to prepare a rootfs owned by the pod's mapped root."""
+        if self._remapper is None:
+            reply = await self.client.call(
+                "Introspection.Plugins",
+                self.client.introspection.plugins(
+                    introspection_v1.PluginsRequest(
+                        filters=[f"type==io.containerd.snapshotter.v1,id=={SNAPSHOTTER}"]
+                    )
+                ),
+            )
+            capabilities = tuple(c for p in reply.plugins for c in p.capabilities)
+            self._remapper = RootfsRemapper(self.snapshots, capabilities)
+        return await self._remapper.resolve(parent, userns, lease)
+
+    def runtime_options(
+        self, runc_binary: str = "", io_owner: tuple[int, int] | None = None
+    ) -> containers_v1.ContainerRuntime:
+        """The runc shim's options: the handler's runc (`BinaryName`) and, in a pod
+        user namespace, the owner of its stdio pipes (containerd's WithUIDOwner)."""
+        uid, gid = io_owner or (0, 0)
+        options = runc_v1.Options(
+            systemd_cgroup=self.systemd_cgroup, binary_name=runc_binary, io_uid=uid, io_gid=gid
+        )
         return containers_v1.ContainerRuntime(
             name=RUNC_RUNTIME,
             options=AnyMessage(type_url=RUNC_OPTIONS_TYPE_URL, value=bytes(options)),
@@ -258,12 +288,14 @@ class RuntimeOps:
         extensions: dict[str, AnyMessage],
         snapshot_key: str,
         lease: str = "",
+        runc_binary: str = "",
+        io_owner: tuple[int, int] | None = None,
     ) -> None:
         container = containers_v1.Container(
             id=container_id,
             labels=labels,
             image=image,
-            runtime=self.runtime_options(),
+            runtime=self.runtime_options(runc_binary, io_owner),
             spec=pack_json(SPEC_TYPE_URL, spec),
             snapshotter=SNAPSHOTTER,
             snapshot_key=snapshot_key,

@@ -54,6 +54,13 @@ class RuntimeService(cri.RuntimeServiceBase):
     async def run_pod_sandbox(self, message: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
         return await self._call("RunPodSandbox", self._sandboxes.run_pod_sandbox, message)
 
+    async def update_pod_sandbox_resources(
+        self, message: cri.UpdatePodSandboxResourcesRequest
+    ) -> cri.UpdatePodSandboxResourcesResponse:
+        return await self._call(
+            "UpdatePodSandboxResources", self._sandboxes.update_pod_sandbox_resources, message
+        )
+
     async def stop_pod_sandbox(
         self, message: cri.StopPodSandboxRequest
     ) -> cri.StopPodSandboxResponse:

@@ -8,15 +8,19 @@ a pod it is cleaning up "does not exist".
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from cri_shim.cri.labels import require_label_keys
 from cri_shim.errors import Unknown, failed_precondition, invalid_argument, not_found, require
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.network.cni import CniError, CniNotReady
 from cri_shim.oci.sandbox_spec import SpecError
+from cri_shim.oci.userns import pod_userns_of
+from cri_shim.runtime_handlers import RuntimeHandler
 from cri_shim.sandbox.files import SandboxFilesError
 from cri_shim.sandbox.lifecycle import SandboxManager
+from cri_shim.sandbox.resources import PodCgroupError, PodResourcesError
+from cri_shim.sandbox.resources import validate as validate_pod_resources
 from cri_shim.store.encoded import (
     BatchLimits,
     EncodedStreamPodSandboxesResponse,
@@ -96,18 +100,35 @@ class SandboxHandlers:
         default_runtime: str,
         limits: BatchLimits | None = None,
         runtime: RuntimeIdentity = RUNC_IDENTITY,
+        handlers: Mapping[str, RuntimeHandler] | None = None,
     ) -> None:
         self.store = store
         self.limits = limits or BatchLimits()
         self.runtime = runtime
         self.manager = manager
         self.default_runtime = default_runtime
+        self.handlers = handlers or {}
 
     async def run_pod_sandbox(self, request: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
         config = _validate_config(request.config)
         handler = request.runtime_handler
-        if handler not in KNOWN_HANDLERS and handler != self.default_runtime:
-            raise not_found(f"runtime handler {handler!r} is not configured (known: runc)")
+        known = sorted({*KNOWN_HANDLERS, *self.handlers} - {""})
+        if handler not in known and handler not in ("", self.default_runtime):
+            raise not_found(
+                f"runtime handler {handler!r} is not configured (known: {', '.join(known)})"
+            )
+        try:
+            userns = pod_userns_of(config)
+        except SpecError as err:
+            raise invalid_argument(str(err)) from err
+        runtime = self.handlers.get(handler)
+        if userns is not None and runtime is not None and not runtime.user_namespaces:
+            capable = sorted(n for n, h in self.handlers.items() if h.user_namespaces and n)
+            raise failed_precondition(
+                f"runtime handler {handler or self.default_runtime!r} cannot run a pod in its "
+                f"own user namespace: {runtime.userns_problem}"
+                + (f"; handlers that can: {', '.join(capable)}" if capable else "")
+            )
         try:
             sandbox_id = await self.manager.run(config, handler)
         except (SpecError, SandboxFilesError) as err:
@@ -118,6 +139,23 @@ class SandboxHandlers:
             # The plugin's own words; like containerd, the call fails as UNKNOWN.
             raise Unknown(f"failed to set up pod network: {err}") from err
         return cri.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
+
+    async def update_pod_sandbox_resources(
+        self, request: cri.UpdatePodSandboxResourcesRequest
+    ) -> cri.UpdatePodSandboxResourcesResponse:
+        require(request.pod_sandbox_id, "pod_sandbox_id")
+        try:
+            for field, value in (("overhead", request.overhead), ("resources", request.resources)):
+                if value is not None:
+                    validate_pod_resources(value, field)
+        except PodResourcesError as err:
+            raise invalid_argument(str(err)) from err
+        sandbox = self.store.by_id.get(request.pod_sandbox_id)
+        try:
+            await self.manager.update_resources(sandbox, request.overhead, request.resources)
+        except PodCgroupError as err:
+            raise failed_precondition(str(err)) from err
+        return cri.UpdatePodSandboxResourcesResponse()
 
     async def stop_pod_sandbox(
         self, request: cri.StopPodSandboxRequest

@@ -45,7 +45,8 @@ class RuntimeFacts:
 
     handlers: tuple[str, ...] = ("", "runc")
     recursive_read_only_mounts: bool = False
-    user_namespaces: bool = False
+    # Handlers whose runc and kernel can run pods in their own user namespace.
+    userns_handlers: frozenset[str] = frozenset()
     supplemental_groups_policy: bool = False
     restrict_oom_score_adj: bool = False  # negative oom_score_adj is clamped on this host
     apparmor: bool = False  # profiles are applied (the kernel has AppArmor)
@@ -268,7 +269,7 @@ class StatusHandlers:
                 name=name,
                 features=cri.RuntimeHandlerFeatures(
                     recursive_read_only_mounts=facts.recursive_read_only_mounts,
-                    user_namespaces=facts.user_namespaces,
+                    user_namespaces=name in facts.userns_handlers,
                 ),
             )
             for name in facts.handlers

@@ -65,6 +65,7 @@ from cri_shim.network.cni_types import (
     cni_args,
 )
 from cri_shim.network.netns import (
+    UsernsPin,
     create_pod_netns,
     netns_exists,
     new_pin_name,
@@ -109,12 +110,12 @@ class PodNetwork:
 
     # namespaces, with the configured pin directory
 
-    async def create_netns(self) -> str:
+    async def create_netns(self, userns: UsernsPin | None = None) -> str:
         name = new_pin_name()
         path = os.path.join(self.settings.netns_dir, name)
         await asyncio.to_thread(write_atomic, self.pins_dir / name, path.encode())
         try:
-            return await create_pod_netns(self.settings.netns_dir, name)
+            return await create_pod_netns(self.settings.netns_dir, name, userns)
         except BaseException:
             await asyncio.to_thread((self.pins_dir / name).unlink, missing_ok=True)
             raise

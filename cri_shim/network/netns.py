@@ -27,10 +27,12 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cri_shim.logs import log_event
@@ -43,6 +45,7 @@ NETNS_PREFIX = "cni-"
 
 # <linux/sched.h>, <linux/nsfs.h>, <sys/mount.h>
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
 NS_GET_NSTYPE = 0xB703
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -171,25 +174,100 @@ def _pin_new_netns(path: str) -> None:
         raise failures[0]
 
 
+# Run by a child process (unshare(CLONE_NEWUSER) refuses a threaded caller): a new
+# user namespace and a network namespace it owns, held until stdin closes.
+_USERNS_HOLDER = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    f"if libc.unshare({CLONE_NEWUSER | CLONE_NEWNET}) != 0:\n"
+    "    sys.stderr.write(os.strerror(ctypes.get_errno())); sys.exit(1)\n"
+    "sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.read()\n"
+)
+
+
+def _write_id_maps(pid: int, uid_map: str, gid_map: str) -> None:
+    for name, line in (("uid_map", uid_map), ("gid_map", gid_map)):
+        with open(f"/proc/{pid}/{name}", "w") as handle:
+            handle.write(line + "\n")
+
+
+def _pin_holder_namespaces(pid: int, netns_path: str, userns_path: str) -> None:
+    _create_pin_file(userns_path)
+    _mount(f"/proc/{pid}/ns/user", userns_path, MS_BIND)
+    _mount(f"/proc/{pid}/ns/net", netns_path, MS_BIND)
+
+
+async def _pin_netns_in_userns(
+    netns_path: str, userns_path: str, uid_map: str, gid_map: str
+) -> None:
+    """containerd's setupNetnsWithinUserns: the pod's network namespace is owned by
+    its user namespace (so runc can mount sysfs and set net.* sysctls there), and
+    both are pinned. Maps are `container host size` lines."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _USERNS_HOLDER,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdin is not None and holder.stdout is not None and holder.stderr is not None
+    try:
+        line = await holder.stdout.readline()
+        if line != b"ready\n":
+            error = (await holder.stderr.read()).decode(errors="replace")
+            raise OSError(errno.EPERM, f"unshare(CLONE_NEWUSER|CLONE_NEWNET): {error}")
+        await asyncio.to_thread(_write_id_maps, holder.pid, uid_map, gid_map)
+        await asyncio.to_thread(_pin_holder_namespaces, holder.pid, netns_path, userns_path)
+    finally:
+        holder.stdin.close()
+        if holder.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                holder.kill()
+        await holder.wait()
+
+
 def new_pin_name() -> str:
     return f"{NETNS_PREFIX}{uuid.uuid4()}"
 
 
+@dataclass(frozen=True)
+class UsernsPin:
+    """Create the network namespace inside a new user namespace with these maps
+    (`container host size`), pinned at `path`."""
+
+    path: str
+    uid_map: str
+    gid_map: str
+
+
 async def create_pod_netns(
-    netns_dir: str | Path = DEFAULT_NETNS_DIR, name: str | None = None
+    netns_dir: str | Path = DEFAULT_NETNS_DIR,
+    name: str | None = None,
+    userns: UsernsPin | None = None,
 ) -> str:
     """Create a new network namespace pinned at `<netns_dir>/<name>` (default
-    `cni-<uuid>`); returns its path."""
+    `cni-<uuid>`), owned by a new pinned user namespace when `userns` says so;
+    returns its path."""
     directory = await _prepare_dir(os.fspath(netns_dir))
     path = os.path.join(directory, name or new_pin_name())
     await asyncio.to_thread(_create_pin_file, path)
-    work = asyncio.ensure_future(asyncio.to_thread(_pin_new_netns, path))
+    if userns is None:
+        work = asyncio.ensure_future(asyncio.to_thread(_pin_new_netns, path))
+    else:
+        work = asyncio.ensure_future(
+            _pin_netns_in_userns(path, userns.path, userns.uid_map, userns.gid_map)
+        )
     try:
         await asyncio.shield(work)
     except BaseException as err:
         with contextlib.suppress(BaseException):
             await work  # a cancelled caller: the mount may still land; undo it after
         await remove_pod_netns(path)
+        if userns is not None:
+            await remove_pod_netns(userns.path)
         if isinstance(err, OSError):
             raise NetnsError(
                 err.errno or errno.EIO, f"cannot create network namespace: {err}"
@@ -337,6 +415,7 @@ async def open_connection_in_netns(
 __all__ = [
     "DEFAULT_NETNS_DIR",
     "NetnsError",
+    "UsernsPin",
     "create_pod_netns",
     "exists",
     "netns_exists",

@@ -38,6 +38,7 @@ from cri_shim.oci import capabilities as caps
 from cri_shim.oci.annotations import passthrough
 from cri_shim.oci.defaults import (
     DEFAULT_CAPABILITIES,
+    apply_userns,
     base_spec,
     cgroups_path,
     drop_namespace,
@@ -45,6 +46,7 @@ from cri_shim.oci.defaults import (
 )
 from cri_shim.oci.errors import SpecError
 from cri_shim.oci.seccomp import profile_from_path, seccomp_for
+from cri_shim.oci.userns import PodUserns, parse_userns, pod_userns_of
 from cri_shim.oci.users import resolve_user
 
 CGROUP_KIND_PREFIX = "cri-containerd"
@@ -307,14 +309,31 @@ def _namespaces(
     else:
         raise SpecError(f"unknown pid namespace mode {int(pid_mode)}")
 
-    userns = options.userns_options if options is not None else None
-    if userns is not None and cri.NamespaceMode(userns.mode) is not cri.NamespaceMode.NODE:
-        raise SpecError("user namespaces (hostUsers: false) are not supported by this runtime")
+    userns = parse_userns(options.userns_options if options is not None else None)
+    pod_userns = parse_userns(pod_options.userns_options if pod_options is not None else None)
+    if userns != pod_userns:
+        raise SpecError(
+            "the container's user namespace options differ from its pod's "
+            f"(pod: {_describe(pod_userns)}, container: {_describe(userns)}); "
+            "a container shares its pod's user namespace"
+        )
+    apply_userns(
+        spec,
+        userns,
+        path_of(sandbox.pid, "user", pod) if userns is not None else "",
+        _mode(pod_options, "network") is cri.NamespaceMode.NODE,
+    )
     set_namespace(spec, "mount", None)
     cgroup_v2 = inputs.cgroup_v2 if inputs.cgroup_v2 is not None else cgroup_v2_unified()
     if cgroup_v2 and not privileged:
         # Hides the host's cgroup tree; v1 and privileged keep it, as in containerd.
         set_namespace(spec, "cgroup", None)
+
+
+def _describe(userns: PodUserns | None) -> str:
+    if userns is None:
+        return "the node's"
+    return f"uids {userns.uids.label()}, gids {userns.gids.label()}"
 
 
 # -------------------------------------------------------------------- mounts
@@ -334,17 +353,30 @@ def _check_path(path: str, what: str) -> None:
         raise SpecError(f"{what} {path!r} must not contain '..'")
 
 
-def _validate_cri_mount(mount: cri.Mount) -> None:
+def _validate_cri_mount(mount: cri.Mount, userns: bool) -> None:
     if mount.image is not None and mount.image.image and not mount.host_path:
         # container/image_volumes.py mounts the image and sets host_path first.
         raise SpecError(f"image volume mount at {mount.container_path!r} was not prepared")
     _check_path(mount.container_path, "mount container_path")
     _check_path(mount.host_path, f"host_path of the mount at {mount.container_path!r}")
-    if mount.uid_mappings or mount.gid_mappings:
+    if (mount.uid_mappings or mount.gid_mappings) and not userns:
         raise SpecError(
-            f"id-mapped mount at {mount.container_path!r} needs user namespaces, "
-            "which this runtime does not support"
+            f"id-mapped mount at {mount.container_path!r} needs a pod user namespace "
+            "(userns_options mode POD)"
         )
+    for kind, mappings in (("uid", mount.uid_mappings), ("gid", mount.gid_mappings)):
+        for line in mappings:
+            if line.length < 1:
+                raise SpecError(
+                    f"{kind}_mappings of the mount at {mount.container_path!r}: "
+                    f"length must be at least 1, got {line.length}"
+                )
+
+
+def _id_mappings(mappings: list[cri.IdMapping]) -> list[dict[str, int]]:
+    return [
+        {"containerID": m.container_id, "hostID": m.host_id, "size": m.length} for m in mappings
+    ]
 
 
 def _bind_options(mount: cri.Mount, rro_supported: bool, linux: dict[str, Any]) -> list[str]:
@@ -394,8 +426,9 @@ def _mounts(
     host_ipc: bool,
 ) -> None:
     config = inputs.config
+    userns = pod_userns_of(config) is not None
     for mount in config.mounts:
-        _validate_cri_mount(mount)
+        _validate_cri_mount(mount, userns)
     wanted = {clean_path(m.container_path) for m in config.mounts}
     sandbox = inputs.sandbox
     readonly = context.readonly_rootfs
@@ -428,14 +461,18 @@ def _mounts(
                 source = inputs.resolve_mount_source(source)
             except OSError as err:
                 raise SpecError(f"mount source {source!r}: {err.strerror or err}") from err
-        spec["mounts"].append(
-            {
-                "destination": mount.container_path,
-                "type": "bind",
-                "source": source,
-                "options": _bind_options(mount, inputs.recursive_readonly_supported, spec["linux"]),
-            }
-        )
+        entry: dict[str, Any] = {
+            "destination": mount.container_path,
+            "type": "bind",
+            "source": source,
+            "options": _bind_options(mount, inputs.recursive_readonly_supported, spec["linux"]),
+        }
+        # Id-mapped bind mounts (kubelet maps volumes of user-namespaced pods), as containerd.
+        if mount.uid_mappings:
+            entry["uidMappings"] = _id_mappings(mount.uid_mappings)
+        if mount.gid_mappings:
+            entry["gidMappings"] = _id_mappings(mount.gid_mappings)
+        spec["mounts"].append(entry)
 
 
 # ------------------------------------------------------------------- devices

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from cri_shim.oci.userns import PodUserns
+
 OCI_VERSION = "1.0.2-dev"
 
 DEFAULT_CAPABILITIES = (
@@ -148,6 +150,31 @@ def replace_mount(spec: dict[str, Any], mount: dict[str, Any]) -> None:
     """Add a mount, replacing any default one at the same destination."""
     spec["mounts"] = [m for m in spec["mounts"] if m["destination"] != mount["destination"]]
     spec["mounts"].append(mount)
+
+
+# /sys for a user-namespaced pod on the host network: sysfs cannot be mounted from a
+# user namespace that does not own the network namespace, so the host's is bound.
+SYS_BIND_MOUNT = {
+    "destination": "/sys",
+    "type": "bind",
+    "source": "/sys",
+    "options": ["rbind", "rro", "nosuid", "nodev", "noexec"],
+}
+
+
+def apply_userns(
+    spec: dict[str, Any], userns: PodUserns | None, path: str, host_network: bool
+) -> None:
+    """The pod's user namespace (joined at `path`, new when empty) and its maps."""
+    if userns is None:
+        drop_namespace(spec, "user")
+        return
+    set_namespace(spec, "user", path or None)
+    spec["linux"].update(userns.oci_mappings())
+    if host_network:
+        spec["mounts"] = [
+            dict(SYS_BIND_MOUNT) if m["destination"] == "/sys" else m for m in spec["mounts"]
+        ]
 
 
 def cgroups_path(driver: str, parent: str, kind_prefix: str, object_id: str) -> str:

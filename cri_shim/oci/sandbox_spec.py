@@ -15,6 +15,7 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.host import clamp_oom_score_adj
 from cri_shim.oci.annotations import passthrough
 from cri_shim.oci.defaults import (
+    apply_userns,
     base_spec,
     cgroups_path,
     drop_namespace,
@@ -22,6 +23,7 @@ from cri_shim.oci.defaults import (
     set_namespace,
 )
 from cri_shim.oci.errors import SpecError
+from cri_shim.oci.userns import PodUserns
 
 # SpecError moved to oci.errors; re-exported for existing importers.
 __all__ = ["SandboxSpecInput", "SpecError", "build_sandbox_spec"]
@@ -44,6 +46,10 @@ class SandboxSpecInput:
     oom_score_adj_floor: int | None
     # Patterns of pod annotation keys copied into the spec (the handler's pod_annotations).
     pod_annotations: tuple[str, ...] = ()
+    # The pod's own user namespace (mode POD), pinned at userns_path ("" with
+    # hostNetwork: runc makes it and the containers join the pause process's).
+    userns: PodUserns | None = None
+    userns_path: str = ""
 
 
 def _namespace_mode(options: cri.NamespaceOption | None, field: str) -> cri.NamespaceMode:
@@ -103,6 +109,7 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
             spec.pop("hostname", None)
     else:
         set_namespace(spec, "network", inputs.netns_path)
+    apply_userns(spec, inputs.userns, inputs.userns_path, host_network)
     if _namespace_mode(options, "pid") is cri.NamespaceMode.NODE:
         drop_namespace(spec, "pid")
     host_ipc = _namespace_mode(options, "ipc") is cri.NamespaceMode.NODE

@@ -50,6 +50,8 @@ class SandboxDirs:
         self.hosts = self.root / "hosts"
         self.resolv_conf = self.root / "resolv.conf"
         self.shm = self.root / "shm"
+        # The pod's user namespace, pinned by bind mount (pods with userns mode POD).
+        self.userns = self.root / "userns"
 
     def _write_files(self, hostname: str, dns: cri.DnsConfig | None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -95,6 +97,8 @@ class SandboxDirs:
 
     def _remove_sync(self) -> None:
         self._release_shm_sync()
+        if self.userns.exists():
+            _libc.umount2(bytes(self.userns), ctypes.c_int(MNT_DETACH))
         shutil.rmtree(self.root, True)
 
     async def remove(self) -> None:

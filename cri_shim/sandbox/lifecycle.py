@@ -14,8 +14,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,9 +27,11 @@ from cri_shim.gen.containerd.types import Mount
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import log_event
 from cri_shim.network.cni import DnsConfig, PodNetwork, PodNetworkRequest, PortMapping
-from cri_shim.network.netns import netns_exists
+from cri_shim.network.netns import UsernsPin, netns_exists, remove_pod_netns
 from cri_shim.oci.sandbox_spec import SandboxSpecInput, build_sandbox_spec
+from cri_shim.oci.userns import IdMapping, pod_userns_of
 from cri_shim.sandbox.files import SandboxDirs
+from cri_shim.sandbox.resources import apply_pod_resources
 from cri_shim.store.index import new_id
 from cri_shim.store.record import RecordVersionError
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore, sandbox_name
@@ -70,6 +72,8 @@ class SandboxEnvironment:
     cgroup_driver: str
     oom_score_adj_floor: int | None
     pod_annotations: tuple[str, ...] = ()  # allow-list of pod annotations for the spec
+    # runc binary of each configured runtime handler; absent: the shim's default runc.
+    runc_binaries: Mapping[str, str] = field(default_factory=dict)
 
 
 def runtime_config(image_config: dict[str, Any]) -> dict[str, Any]:
@@ -304,8 +308,15 @@ class SandboxManager:
             config.hostname or node_hostname, config.dns_config, private_shm=not host_ipc
         )
 
+        userns = pod_userns_of(config)
+        userns_path = ""
         if not sandbox.host_network:
-            sandbox.netns_path = await self.network.create_netns()
+            pin = None
+            if userns is not None:
+                userns_path = str(dirs.userns)
+                pin = UsernsPin(userns_path, _map_line(userns.uids), _map_line(userns.gids))
+                undo.append(lambda: remove_pod_netns(userns_path))
+            sandbox.netns_path = await self.network.create_netns(pin)
             netns = sandbox.netns_path
             undo.append(lambda: self.network.remove_netns(netns))
 
@@ -320,6 +331,8 @@ class SandboxManager:
                 cgroup_driver=self.env.cgroup_driver,
                 oom_score_adj_floor=self.env.oom_score_adj_floor,
                 pod_annotations=self.env.pod_annotations,
+                userns=userns,
+                userns_path=userns_path,
             )
         )
         sandbox.spec = spec
@@ -330,8 +343,12 @@ class SandboxManager:
 
         async def create_pause() -> None:
             async with self.ops.creation_lease() as lease:
+                parent, labels = image.chain_id, None
+                if userns is not None:
+                    rootfs = await self.ops.userns_rootfs(parent, userns, lease)
+                    parent, labels = rootfs.parent, rootfs.labels
                 undo.append(lambda: self.ops.remove_snapshot(sandbox.id))
-                mounts[:] = await self.ops.prepare_snapshot(sandbox.id, image.chain_id, lease=lease)
+                mounts[:] = await self.ops.prepare_snapshot(sandbox.id, parent, labels, lease=lease)
                 await self._create_pause_container(sandbox, spec, lease, undo)
             undo.append(lambda: self._kill_and_delete_task(sandbox.id))
             await self.ops.create_task(sandbox.id, mounts)
@@ -394,6 +411,7 @@ class SandboxManager:
             extensions={METADATA_EXTENSION: pack_json(METADATA_TYPE_URL, sandbox.to_record())},
             snapshot_key=sandbox.id,
             lease=lease,
+            runc_binary=self.env.runc_binaries.get(sandbox.runtime_handler, ""),
         )
 
     async def _kill_and_delete_task(self, sandbox_id: str) -> None:
@@ -412,6 +430,31 @@ class SandboxManager:
                     log, "pause task did not exit in time", level=logging.WARNING, pod=sandbox_id
                 )
         await self.ops.delete_task(sandbox_id)
+
+    # resources
+
+    async def update_resources(
+        self,
+        sandbox: Sandbox,
+        overhead: cri.LinuxContainerResources | None,
+        resources: cri.LinuxContainerResources | None,
+    ) -> list[str]:
+        """Write the pod's new resources into its cgroup parent, then record them
+        (in memory and on the containerd record) as containerd does; the files written."""
+        async with sandbox.lock:
+            linux = sandbox.config.linux
+            parent = linux.cgroup_parent if linux is not None else ""
+            written: list[str] = []
+            if resources is not None and parent:
+                written = await asyncio.to_thread(apply_pod_resources, parent, resources)
+            sandbox.overhead, sandbox.resources = overhead, resources
+            data = sandbox.to_record()
+            data[RUN_COMPLETE] = True
+            await self.ops.update_extension(
+                sandbox.id, METADATA_EXTENSION, pack_json(METADATA_TYPE_URL, data)
+            )
+        log_event(log, "pod resources updated", pod=sandbox.id, files=",".join(written))
+        return written
 
     # stop / remove
 
@@ -452,6 +495,7 @@ class SandboxManager:
         if not sandbox.host_network and sandbox.netns_path:
             await self.network.teardown(network_request(sandbox))
             await self.network.remove_netns(sandbox.netns_path)
+            await remove_pod_netns(self.dirs(sandbox.id).userns)
         sandbox.network_ready = False
 
     async def remove(self, sandbox: Sandbox) -> None:
@@ -481,6 +525,11 @@ class SandboxManager:
             pod=sandbox.id,
             exit_code=event.exit_code,
         )
+
+
+def _map_line(mapping: IdMapping) -> str:
+    """One /proc/<pid>/uid_map line."""
+    return f"{mapping.container_id} {mapping.host_id} {mapping.size}"
 
 
 def _host_hostname() -> str:

@@ -41,6 +41,10 @@ class Sandbox(EncodingCache):
     spec: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     cni_result: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     task_deleted: bool = False  # the pause task is gone (stopped pod, or found so on load)
+    # The latest UpdatePodSandboxResources (kubelet's pod-level resize), as containerd
+    # records it: the pod overhead and the pod's resources.
+    overhead: cri.LinuxContainerResources | None = None
+    resources: cri.LinuxContainerResources | None = None
     # A stop ran to its end: task gone, network torn down (not in any encoding).
     stop_complete: bool = field(default=False, compare=False)
     # One lock per sandbox: lifecycle calls on one pod never interleave.
@@ -64,12 +68,24 @@ class Sandbox(EncodingCache):
             "ip": self.ip,
             "additionalIps": self.additional_ips,
             "cniResult": self.cni_result,
+            **self._updated_resources(),
+        }
+
+    def _updated_resources(self) -> dict[str, Any]:
+        if self.overhead is None and self.resources is None:
+            return {}
+        return {
+            "updatedResources": {
+                "overhead": self.overhead.to_dict() if self.overhead is not None else None,
+                "resources": self.resources.to_dict() if self.resources is not None else None,
+            }
         }
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> Sandbox:
         """The sandbox as run; its state is for the caller to set from the task."""
         check_record_version(data, "pod sandbox")
+        updated = data.get("updatedResources") or {}
         return cls(
             id=data["id"],
             name=data["name"],
@@ -81,6 +97,8 @@ class Sandbox(EncodingCache):
             ip=data.get("ip", ""),
             additional_ips=list(data.get("additionalIps", [])),
             cni_result=data.get("cniResult") or None,
+            overhead=_resources(updated.get("overhead")),
+            resources=_resources(updated.get("resources")),
         )
 
     @property
@@ -150,6 +168,10 @@ class Sandbox(EncodingCache):
     def netns_closed(self) -> bool:
         """containerd's netNamespaceClosed: the pod's own namespace is gone."""
         return not self.host_network and not self.network_ready
+
+
+def _resources(data: Any) -> cri.LinuxContainerResources | None:
+    return cri.LinuxContainerResources.from_dict(data) if isinstance(data, dict) else None
 
 
 def sandbox_name(metadata: cri.PodSandboxMetadata) -> str:

@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.pods import write_shim_config
+from tests.pods import USERNS_HANDLER, write_shim_config
 from tests.support.catalog import ServedCatalog, catalog
 
 # The one critest spec no offline mirror can satisfy: it pins Google's build by digest.
@@ -151,6 +151,7 @@ async def run_suite(
     critest: str,
     *,
     containerd: str = "containerd",
+    runc: str = "",
     focus: str = "",
     skip: str = "",
     parallel: int = 1,
@@ -158,8 +159,16 @@ async def run_suite(
     keep: bool = False,
     verbose: bool = False,
 ) -> CritestResult:
-    """critest against a fresh `cri-shim serve` with a private containerd."""
+    """critest against a fresh `cri-shim serve` with a private containerd, its pods
+    on the runtime handler whose runc is `runc` (default: the peer build)."""
+    if not runc:
+        from tests.support.peers import peer_path
+
+        runc = peer_path("RUNC")
     base = Path(tempfile.mkdtemp(prefix="critest-", dir="/tmp"))
+    # Searchable by all, as containerd's state dir: user-namespaced pods' mapped root
+    # must reach its rootfs under it.
+    base.chmod(0o711)
     octet = random.randrange(10, 250)
     bridge = write_cni_config(base / "cni", octet, base / "ipam")
     served = ServedCatalog(entries=catalog(own=False), storage_dir=base / "registry")
@@ -173,6 +182,7 @@ async def run_suite(
             str(base / "no-host-containerd.sock"),
             embedded=True,
             containerd_extra=f"binary = {json.dumps(containerd)}\n",
+            handlers={USERNS_HANDLER: runc},
         )
         with (base / "cri-shim.log").open("ab") as log:
             shim = await asyncio.create_subprocess_exec(
@@ -191,6 +201,9 @@ async def run_suite(
         cmd = [
             critest,
             f"-runtime-endpoint=unix://{socket}",
+            # The handler with the peer runc: the only one here that can run critest's
+            # user-namespace specs (Debian's runc 1.1.5 has no id-mapped mounts).
+            f"-runtime-handler={USERNS_HANDLER}",
             f"-ginkgo.skip={'|'.join(filter(None, [DEFAULT_SKIP, skip]))}",
             f"-ginkgo.junit-report={report}",
             "-ginkgo.no-color",
