@@ -193,6 +193,14 @@ class EncodedStreamImagesResponse(_Prebuilt, cri.StreamImagesResponse):
     pass
 
 
+class EncodedListImagesResponse(_Prebuilt, cri.ListImagesResponse):
+    pass
+
+
+class EncodedImageStatusResponse(_Prebuilt, cri.ImageStatusResponse):
+    pass
+
+
 _Message = TypeVar("_Message", bound=_Prebuilt)
 
 
