@@ -31,7 +31,6 @@ from cri_shim.container.manager_base import (
     _ns,
 )
 from cri_shim.container.recovery import ContainerRecovery
-from cri_shim.container.rootfs import read_image_file
 from cri_shim.containerd.runtime import pack_json
 from cri_shim.errors import already_exists, failed_precondition, invalid_argument, not_found
 from cri_shim.gen.runtime import v1 as cri
@@ -165,6 +164,12 @@ class ContainerManager(ContainerRecovery):
     async def _create_in_containerd(
         self, container: Container, sandbox: Sandbox, image_config: dict[str, Any], chain_id: str
     ) -> None:
+        users = self.image_users.get(chain_id) if chain_id else None
+        if users is not None:
+            # An image seen before: no file to read, so the record can go first and
+            # hold the snapshot prepared after it; no lease (two round trips fewer).
+            await self._prepare_and_create(container, sandbox, image_config, chain_id, "", users)
+            return
         async with self.ops.creation_lease() as lease:
             await self._prepare_and_create(container, sandbox, image_config, chain_id, lease)
 
@@ -175,12 +180,19 @@ class ContainerManager(ContainerRecovery):
         image_config: dict[str, Any],
         chain_id: str,
         lease: str,
+        users: tuple[str | None, str | None] | None = None,
     ) -> None:
-        mounts = await self.ops.prepare_snapshot(container.id, chain_id, lease=lease)
+        """With `users` known, the snapshot is prepared after the container record
+        that references it; otherwise first, under `lease`, and the users read."""
+        mounts = None
+        if users is None:
+            mounts = await self.ops.prepare_snapshot(container.id, chain_id, lease=lease)
         if self.image_volumes is not None:
             await self.image_volumes.attach(container.id, container.config)
-        passwd = await read_image_file(mounts, "/etc/passwd")
-        group = await read_image_file(mounts, "/etc/group")
+        if users is None:
+            assert mounts is not None
+            users = await self.image_users.read(chain_id, mounts)
+        passwd, group = users
         dirs = SandboxDirs(self.env.sandbox_dirs_root, sandbox.id)
         inputs = ContainerSpecInput(
             container_id=container.id,
@@ -231,6 +243,8 @@ class ContainerManager(ContainerRecovery):
             snapshot_key=container.id,
             lease=lease,
         )
+        if mounts is None:
+            mounts = await self.ops.prepare_snapshot(container.id, chain_id)
         container.runtime.spec = spec
         # StartContainer then needs no second Prepare/Mounts round-trip
         # (after a restart it asks containerd).
