@@ -251,8 +251,10 @@ class ContainerManager(ContainerRecovery):
         container.runtime.mounts = mounts
 
     async def _forget(self, container: Container) -> None:
-        await self.ops.delete_container(container.id)
-        await self.ops.remove_snapshot(container.id)
+        # containerd removes a snapshot whatever record names it: both at once.
+        await run_all(
+            self.ops.delete_container(container.id), self.ops.remove_snapshot(container.id)
+        )
         if self.image_volumes is not None:
             await self.image_volumes.release(container.id)
 
