@@ -53,7 +53,6 @@ from cri_shim.container.manager_base import (
     _ns,
 )
 from cri_shim.container.recovery import ContainerRecovery
-from cri_shim.container.rootfs import read_image_file
 from cri_shim.containerd.checkpoint import (
     MEDIA_CHECKPOINT_CONFIG,
     MEDIA_CRIU_TAR,
@@ -267,6 +266,14 @@ class ContainerManager(ContainerRecovery):
     async def _create_in_containerd(
         self, container: Container, sandbox: Sandbox, image_config: dict[str, Any], chain_id: str
     ) -> None:
+        # A user-namespaced pod's rootfs is its own id-mapped snapshot: the long way.
+        known = chain_id and pod_userns_of(sandbox.config) is None
+        users = self.image_users.get(chain_id) if known else None
+        if users is not None:
+            # An image seen before: no file to read, so the record can go first and
+            # hold the snapshot prepared after it; no lease (two round trips fewer).
+            await self._prepare_and_create(container, sandbox, image_config, chain_id, "", users)
+            return
         async with self.ops.creation_lease() as lease:
             await self._prepare_and_create(container, sandbox, image_config, chain_id, lease)
 
@@ -277,17 +284,24 @@ class ContainerManager(ContainerRecovery):
         image_config: dict[str, Any],
         chain_id: str,
         lease: str,
+        users: tuple[str | None, str | None] | None = None,
     ) -> None:
+        """With `users` known, the snapshot is prepared after the container record
+        that references it; otherwise first, under `lease`, and the users read."""
         userns = pod_userns_of(sandbox.config)
-        parent, labels = chain_id, None
-        if userns is not None:
-            rootfs = await self.ops.userns_rootfs(chain_id, userns, lease)
-            parent, labels = rootfs.parent, rootfs.labels
-        mounts = await self.ops.prepare_snapshot(container.id, parent, labels, lease=lease)
+        mounts = None
+        if users is None:
+            parent, labels = chain_id, None
+            if userns is not None:
+                rootfs = await self.ops.userns_rootfs(chain_id, userns, lease)
+                parent, labels = rootfs.parent, rootfs.labels
+            mounts = await self.ops.prepare_snapshot(container.id, parent, labels, lease=lease)
         if self.image_volumes is not None:
             await self.image_volumes.attach(container.id, container.config)
-        passwd = await read_image_file(mounts, "/etc/passwd")
-        group = await read_image_file(mounts, "/etc/group")
+        if users is None:
+            assert mounts is not None
+            users = await self.image_users.read(chain_id, mounts)
+        passwd, group = users
         dirs = SandboxDirs(self.env.sandbox_dirs_root, sandbox.id)
         inputs = ContainerSpecInput(
             container_id=container.id,
@@ -345,14 +359,18 @@ class ContainerManager(ContainerRecovery):
                 else None
             ),
         )
+        if mounts is None:
+            mounts = await self.ops.prepare_snapshot(container.id, chain_id)
         container.runtime.spec = spec
         # StartContainer then needs no second Prepare/Mounts round-trip
         # (after a restart it asks containerd).
         container.runtime.mounts = mounts
 
     async def _forget(self, container: Container) -> None:
-        await self.ops.delete_container(container.id)
-        await self.ops.remove_snapshot(container.id)
+        # containerd removes a snapshot whatever record names it: both at once.
+        await run_all(
+            self.ops.delete_container(container.id), self.ops.remove_snapshot(container.id)
+        )
         if self.image_volumes is not None:
             await self.image_volumes.release(container.id)
 

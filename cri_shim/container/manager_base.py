@@ -20,6 +20,7 @@ from cri_shim.container.checkpoint import CriuSupport
 from cri_shim.container.events import ContainerEventBus
 from cri_shim.container.image_volumes import ImageVolumes
 from cri_shim.container.io import ContainerIO
+from cri_shim.container.rootfs import ImageUsers
 from cri_shim.containerd.checkpoint import CheckpointOps
 from cri_shim.containerd.runtime import Runtime, pack_json, unpack_json
 from cri_shim.errors import failed_precondition, not_found
@@ -113,6 +114,9 @@ class ContainerManagerBase:
         self.pull_image: Callable[[str], Awaitable[ImageRecord]] | None = None
         # Creates in flight by name: a kubelet retry joins the first call's work.
         self._creating: InFlight[str] = InFlight()
+        # /etc/passwd and /etc/group of each image's layers, by chain id (layers never
+        # change): a create from a known image reads no files and needs no lease.
+        self.image_users = ImageUsers()
 
     def io_dir(self, container_id: str) -> Path:
         return self.env.state_dir / "containers" / container_id

@@ -45,3 +45,26 @@ def _read(dirs: list[Path], relative: str) -> str | None:
 async def read_image_file(mounts: list[Mount], path: str) -> str | None:
     """The text of `path` (e.g. /etc/passwd) in the snapshot, or None if absent."""
     return await asyncio.to_thread(_read, layer_dirs(mounts), path.lstrip("/"))
+
+
+class ImageUsers:
+    """(passwd, group) texts per image chain id, at most `limit` images (oldest dropped)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._by_chain: dict[str, tuple[str | None, str | None]] = {}
+
+    def get(self, chain_id: str) -> tuple[str | None, str | None] | None:
+        return self._by_chain.get(chain_id)
+
+    async def read(self, chain_id: str, mounts: list[Mount]) -> tuple[str | None, str | None]:
+        """Both files from a fresh snapshot of the image, in one thread hop; remembered."""
+        dirs = layer_dirs(mounts)
+        found = await asyncio.to_thread(
+            lambda: (_read(dirs, "etc/passwd"), _read(dirs, "etc/group"))
+        )
+        if chain_id:
+            if len(self._by_chain) >= self.limit:
+                del self._by_chain[next(iter(self._by_chain))]
+            self._by_chain[chain_id] = found
+        return found

@@ -51,6 +51,7 @@ from cri_shim.container.metrics import (
 )
 from cri_shim.containerd.runtime import Runtime
 from cri_shim.gen.containerd.types import Metric
+from cri_shim.gen.google.protobuf import Any as AnyMessage
 from cri_shim.gen.io.containerd.cgroups import v1 as cgroups_v1
 from cri_shim.gen.io.containerd.cgroups import v2 as cgroups_v2
 from cri_shim.gen.runtime import v1 as cri
@@ -66,6 +67,9 @@ DEFAULT_INTERFACE = "eth0"
 # Snapshots.Usage walks the writable layer: bound how many walk at once.
 CONCURRENT_USAGE_CALLS = 8
 POD_KEY_PREFIX = "pod/"
+# How long a writable layer's usage is reused (containerd's CRI refreshes its
+# snapshot usage every 10 s, stats_collect_period).
+LAYER_USAGE_SECONDS = 2.0
 
 
 def _u64(value: int) -> cri.UInt64Value:
@@ -128,8 +132,70 @@ def decode_payload(metric: Metric) -> cgroups_v1.Metrics | cgroups_v2.Metrics | 
     return None
 
 
+# The top-level fields a CgroupSample reads (pids, cpu, memory) in each payload type.
+_SAMPLE_FIELDS = {
+    CGROUPS_V1_METRICS: frozenset({2, 3, 4}),
+    CGROUPS_V2_METRICS: frozenset({1, 2, 4}),
+}
+
+
+def _varint_at(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def only_fields(data: bytes, wanted: frozenset[int]) -> bytes:
+    """The top-level fields of a message numbered in `wanted`, as wire bytes: the
+    others (blkio, hugetlb, rdma: most of a cgroup v1 payload) are skipped unparsed,
+    since betterproto2 decodes in pure Python. Raises ValueError on a malformed one."""
+    out = bytearray()
+    i, end = 0, len(data)
+    try:
+        while i < end:
+            start = i
+            key, i = _varint_at(data, i)
+            wire = key & 7
+            if wire == 0:
+                _, i = _varint_at(data, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 2:
+                length, i = _varint_at(data, i)
+                i += length
+            elif wire == 5:
+                i += 4
+            else:
+                raise ValueError(f"unsupported wire type {wire}")
+            if i > end:
+                raise ValueError("truncated message")
+            if key >> 3 in wanted:
+                out += data[start:i]
+    except IndexError as err:
+        raise ValueError("truncated varint") from err
+    return bytes(out)
+
+
 def sample_from_metric(metric: Metric) -> CgroupSample | None:
     """Decode one Tasks.Metrics entry; None if its payload is of an unknown type."""
+    data = metric.data
+    wanted = _SAMPLE_FIELDS.get(data.type_url.rsplit("/", 1)[-1]) if data is not None else None
+    if data is not None and wanted is not None:
+        try:
+            slim = only_fields(data.value, wanted)
+        except ValueError:
+            pass  # decoded whole below, which reports what is wrong with it
+        else:
+            metric = Metric(
+                id=metric.id,
+                timestamp=metric.timestamp,
+                data=AnyMessage(type_url=data.type_url, value=slim),
+            )
     payload = decode_payload(metric)
     timestamp = _ns(metric.timestamp)
     if isinstance(payload, cgroups_v1.Metrics):
@@ -300,6 +366,10 @@ class StatsCollector:
     def __post_init__(self) -> None:
         self.rates = CpuRates()
         self._usage_calls = asyncio.Semaphore(CONCURRENT_USAGE_CALLS)
+        # Each writable layer's last usage and when it was taken (monotonic):
+        # kubelet asks ListContainerStats and ListPodSandboxStats back to back and
+        # each would walk every layer again.
+        self._layer_usage: dict[str, tuple[float, tuple[int, int] | None]] = {}
 
     async def samples(self, ids: Iterable[str]) -> dict[str, CgroupSample]:
         """The current sample of each running task among `ids` (one containerd call)."""
@@ -311,8 +381,13 @@ class StatsCollector:
         return found
 
     async def writable_layer(self, container_id: str) -> cri.FilesystemUsage:
-        async with self._usage_calls:
-            usage = await self.ops.snapshot_usage(container_id)
+        taken = self._layer_usage.get(container_id)
+        if taken is not None and time.monotonic() - taken[0] < LAYER_USAGE_SECONDS:
+            usage = taken[1]
+        else:
+            async with self._usage_calls:
+                usage = await self.ops.snapshot_usage(container_id)
+            self._layer_usage[container_id] = (time.monotonic(), usage)
         used, inodes = usage if usage is not None else (0, 0)
         return cri.FilesystemUsage(
             timestamp=time.time_ns(),
@@ -465,5 +540,7 @@ class StatsCollector:
     def _forget_gone(self) -> None:
         """Drop the previous samples of containers and pods that no longer exist."""
         keys = {c.id for c in self.containers.by_id}
+        for gone in [k for k in self._layer_usage if k not in keys]:
+            del self._layer_usage[gone]
         keys |= {POD_KEY_PREFIX + s.id for s in self.sandboxes.by_id}
         self.rates.keep_only(keys)

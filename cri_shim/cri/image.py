@@ -22,9 +22,11 @@ from cri_shim.registry.types import Credentials
 from cri_shim.store.encoded import (
     BatchLimits,
     EncodedImageStatusResponse,
+    EncodedListImagesResponse,
     EncodedStreamImagesResponse,
     batches,
     framed,
+    message_field,
     prebuilt,
 )
 from cri_shim.store.verbose import go_json
@@ -158,6 +160,28 @@ class ImageHandlers:
         self.manager = manager
         self.limits = limits or BatchLimits()
         self._status_cache: dict[str, _EncodedStatus] = {}
+        # Each image's `Image` message framed as field 1 (where it sits in both
+        # ListImagesResponse and ImageStatusResponse), and the unfiltered list
+        # body, kept while the store's generation stays: kubelet asks these every
+        # few seconds and betterproto2 encodes in pure Python.
+        self._generation = -1
+        self._framed: dict[str, bytes] = {}
+        self._all_framed: bytes | None = None
+
+    def _current(self) -> None:
+        generation = self.manager.store.generation
+        if generation != self._generation:
+            self._generation = generation
+            self._framed = {}
+            self._all_framed = None
+
+    def _framed_image(self, record: ImageRecord) -> bytes:
+        self._current()
+        data = self._framed.get(record.id)
+        if data is None:
+            data = message_field(1, bytes(to_cri_image(record)))
+            self._framed[record.id] = data
+        return data
 
     def _records(self, filter_: cri.ImageFilter | None) -> list[ImageRecord]:
         wanted = _spec_image(filter_.image) if filter_ is not None else ""
@@ -174,9 +198,14 @@ class ImageHandlers:
         ]
 
     async def list_images(self, request: cri.ListImagesRequest) -> cri.ListImagesResponse:
-        return cri.ListImagesResponse(
-            images=[to_cri_image(r) for r in self._records(request.filter)]
-        )
+        filter_image = _spec_image(request.filter.image) if request.filter is not None else ""
+        self._current()
+        body = None if filter_image else self._all_framed
+        if body is None:
+            body = b"".join([self._framed_image(r) for r in self._records(request.filter)])
+            if not filter_image:
+                self._all_framed = body
+        return prebuilt(EncodedListImagesResponse, body)
 
     async def stream_images(
         self, request: cri.StreamImagesRequest
@@ -192,6 +221,8 @@ class ImageHandlers:
         record = self.manager.store.get(_spec_image(request.image))
         if record is None:
             return cri.ImageStatusResponse()
+        if not request.verbose:
+            return prebuilt(EncodedImageStatusResponse, self._framed_image(record))
         cached = self._status_cache.get(record.id)
         if (
             cached is None

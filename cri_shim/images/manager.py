@@ -20,7 +20,7 @@ from typing import Any
 
 from grpclib.const import Status
 
-from cri_shim.concurrency import InFlight
+from cri_shim.concurrency import InFlight, run_all
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.images import Images
 from cri_shim.errors import ContainerdError, ContainerdUnavailable, invalid_argument
@@ -438,9 +438,15 @@ class ImageManager:
         labels = {MANAGED_LABEL: MANAGED_VALUE}
         if pinned:
             labels[PINNED_LABEL] = PINNED_VALUE
-        for name in self._record_names(resolved, content):
+
+        async def record(name: str) -> None:
             is_pinned = await self._create_record(name, resolved.target, labels, lease=lease)
             self._set(name, content, is_pinned)
+
+        # The id record first; then the tag and the repo digest at once.
+        first, *others = self._record_names(resolved, content)
+        await record(first)
+        await run_all(*(record(name) for name in others))
 
     async def _pin(self, record: ImageRecord) -> ImageRecord:
         for name in record.references:
@@ -473,13 +479,19 @@ class ImageManager:
         if record is None:
             return None
         names = [n for n in record.references if n != record.id] + [record.id]
-        for i, name in enumerate(names):
+
+        async def delete(name: str, sync: bool) -> None:
             try:
-                await self.records.delete(name, sync=i == len(names) - 1)
+                await self.records.delete(name, sync=sync)
             except ContainerdError as err:
                 if err.status is not Status.NOT_FOUND:
                     raise
             self._discard(name)
+
+        # The names other than the id go at once (one round trip's wait, not one
+        # each); the id record last, synchronously.
+        await run_all(*(delete(name, False) for name in names[:-1]))
+        await delete(record.id, True)
         log_event(log, "removed image", id=record.id, names=",".join(names))
         return record
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cri_shim.concurrency import stop_task
+from cri_shim.concurrency import run_all, stop_task
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.images.content import ContentStore
 from cri_shim.images.lease import PullLease
@@ -156,20 +156,29 @@ class Puller:
     ) -> int:
         ref = resolved.reference
         source = {DISTRIBUTION_SOURCE + ref.domain: ref.path}
-        # Small documents first, as containerd's puller walks the image.
+        # Small documents first, as containerd's puller walks the image; the three
+        # are independent (the lease holds each), so they are stored at once.
+        documents: list[Awaitable[None]] = []
         if resolved.index is not None and resolved.index_bytes is not None:
             index_labels = index_child_labels(resolved.index_bytes, resolved.manifest.digest)
-            await self._store_bytes(
-                resolved.index, resolved.index_bytes, {**index_labels, **source}, lease
+            documents.append(
+                self._store_bytes(
+                    resolved.index, resolved.index_bytes, {**index_labels, **source}, lease
+                )
             )
         manifest_labels = {GC_CONTENT_PREFIX + "config": resolved.config.digest, **source}
         for i, layer in enumerate(resolved.layers):
             manifest_labels[f"{GC_CONTENT_PREFIX}l.{i}"] = layer.digest
-        await self._store_bytes(resolved.manifest, resolved.manifest_bytes, manifest_labels, lease)
+        documents.append(
+            self._store_bytes(resolved.manifest, resolved.manifest_bytes, manifest_labels, lease)
+        )
         config_labels = dict(source)
         if image.chain_id:
             config_labels[snapshot_gc_label(self.unpacker.snapshotter)] = image.chain_id
-        await self._store_bytes(resolved.config, resolved.config_bytes, config_labels, lease)
+        documents.append(
+            self._store_bytes(resolved.config, resolved.config_bytes, config_labels, lease)
+        )
+        await run_all(*documents)
         return await self._layers(resolved, image, credentials, lease, source)
 
     async def _first_missing_chain(self, image: ImageContent, lease: PullLease) -> int:

@@ -182,6 +182,11 @@ class ImageRecord:
         return "" if not user or self.uid is not None else user
 
 
+# Memoized lookups per generation (kubelet asks by a handful of names; a caller
+# asking by endless made-up names must not grow the memo without bound).
+_MAX_LOOKUPS_KEPT = 4096
+
+
 @dataclass(frozen=True)
 class _Name:
     id: str
@@ -197,8 +202,16 @@ class ImageStore:
         # Told the ids whose names changed: containers report their image's current
         # repo tag and digest, as containerd's ContainerStatus does.
         self.listeners: list[Callable[[set[str]], None]] = []
+        # Bumped on every change; what is derived from the store (records, lookups,
+        # the handlers' encoded replies) is memoized until it moves.
+        self.generation = 0
+        self._listed: tuple[ImageRecord, ...] | None = None
+        self._looked_up: dict[str, ImageRecord | None] = {}
 
     def _changed(self, ids: set[str]) -> None:
+        self.generation += 1
+        self._listed = None
+        self._looked_up = {}
         for listener in self.listeners:
             listener(ids)
 
@@ -256,6 +269,11 @@ class ImageStore:
         )
 
     def list(self) -> list[ImageRecord]:
+        if self._listed is None:
+            self._listed = self._list()
+        return list(self._listed)
+
+    def _list(self) -> tuple[ImageRecord, ...]:
         grouped: dict[str, list[tuple[str, _Name]]] = {}
         for name, entry in self._names.items():
             grouped.setdefault(entry.id, []).append((name, entry))
@@ -271,7 +289,7 @@ class ImageStore:
                     pinned=any(e.pinned for _, e in names),
                 )
             )
-        return sorted(records, key=lambda r: r.id)
+        return tuple(sorted(records, key=lambda r: r.id))
 
     def resolve_id(self, ref_or_id: str) -> str | None:
         """The image id `ref_or_id` names, the way containerd's CRI LocalResolve finds it."""
@@ -298,8 +316,15 @@ class ImageStore:
         return matches[0] if len(matches) == 1 else None
 
     def get(self, ref_or_id: str) -> ImageRecord | None:
+        try:
+            return self._looked_up[ref_or_id]
+        except KeyError:
+            pass
         image_id = self.resolve_id(ref_or_id)
-        return self._record(image_id) if image_id is not None else None
+        record = self._record(image_id) if image_id is not None else None
+        if len(self._looked_up) < _MAX_LOOKUPS_KEPT:
+            self._looked_up[ref_or_id] = record
+        return record
 
 
 __all__ = [

@@ -210,6 +210,10 @@ class EncodedStreamImagesResponse(_Prebuilt, cri.StreamImagesResponse):
     pass
 
 
+class EncodedListImagesResponse(_Prebuilt, cri.ListImagesResponse):
+    pass
+
+
 class EncodedImageStatusResponse(_Prebuilt, cri.ImageStatusResponse):
     pass
 

@@ -236,6 +236,8 @@ class Runtimes:
     pairs: list[Pair]
     endpoints: dict[str, str] = field(default_factory=dict)
     shims: dict[str, ShimProcess] = field(default_factory=dict)
+    # Each column's containerd (the anchor's own; the one a shim drives).
+    containerds: dict[str, BenchContainerd] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -273,9 +275,11 @@ async def start_runtimes(
             daemons.append(anchor)
             await anchor.start()
             runtimes.endpoints[pair.anchor] = anchor.address
+            runtimes.containerds[pair.anchor] = anchor
             plain = BenchContainerd(shim_dir / "d", pair.build)
             daemons.append(plain)
             await plain.start()
+            runtimes.containerds[pair.shim] = plain
             config = write_shim_config(shim_dir, hosts_dir, plain.address)
             runtimes.shims[pair.shim] = await start_shim_process(
                 ["--config", str(config)], shim_dir / "cri.sock", shim_dir / "shim.log"
