@@ -13,6 +13,7 @@ packages=(
   util-linux procps ca-certificates
   systemd  # systemd-analyze, which verifies deploy/systemd/ in the tests
   libseccomp-dev pkg-config  # the runc peer is built with cgo and seccomp
+  mmdebstrap  # the DaemonSet image's root filesystem (tests/support/dockerfile.py)
 )
 missing=()
 for pkg in "${packages[@]}"; do

@@ -22,10 +22,10 @@ is bind-mounted over each writable path the manifest names; containerd 2,
 both kubelets and everything they start live in it, and the real node's
 /run/containerd, /var/lib/kubelet, /etc/cni/net.d ... are never touched.
 Only Debian's read-only CNI plugin dir (/usr/lib/cni) is the host's own.
-The pod template is used unchanged except for `image:` and its ConfigMap
-volume: a static pod cannot read a ConfigMap (kubelet has no API server), so
-the ConfigMap's config.toml is written to a directory mounted in its place,
-with `runtime.cgroup_driver = "cgroupfs"` (this host has no systemd; the
+The pod template is used unchanged except for `image:`, its ConfigMap
+volume and `serviceAccountName` (kubelet refuses static pods naming either:
+it has no API server to read them from): the ConfigMap's config.toml is
+written to a directory mounted in the ConfigMap's place, with `runtime.cgroup_driver = "cgroupfs"` (this host has no systemd; the
 manifest says to set kubelet's driver there).
 """
 
@@ -72,6 +72,7 @@ from .support.kubelet import (
 )
 from .support.peers import require_peer
 from .support.reaper import reap
+from .support.tools import require_tool
 
 pytestmark = pytest.mark.containerd
 
@@ -117,10 +118,12 @@ def node_config_toml() -> str:
 
 
 def static_pod(image: str, config_dir: Path) -> dict[str, Any]:
-    """The DaemonSet's pod template as a static pod: only the image and the
-    ConfigMap volume (static pods cannot read ConfigMaps) differ."""
+    """The DaemonSet's pod template as a static pod: only the image, the
+    ConfigMap volume and the service account differ (kubelet refuses static
+    pods that name either: it has no API server to read them from)."""
     template = pod_template()
     spec = template["spec"]
+    assert spec.pop("serviceAccountName") == "cri-shim"
     (container,) = spec["containers"]
     container["image"] = image
     volumes = spec["volumes"]
@@ -204,6 +207,7 @@ class LayerView:
 @pytest.fixture(scope="module")
 def daemonset_image() -> BuiltImage:
     """The image, built (or taken from the cache) once for the module."""
+    require_tool("mmdebstrap", "mmdebstrap")
     built = build_daemonset_image()
     how = "from the cache" if built.cached else "cold"
     print(f"daemonset image {built.image.digest} {how} in {built.seconds:.1f}s: {built.steps}")
@@ -297,6 +301,10 @@ class NodeMounts:
         while os.readlink(f"/proc/{holder.pid}/ns/mnt") == ours:
             assert loop.time() < deadline, "unshare never entered its mount namespace"
             await asyncio.sleep(0.05)
+        # Its copies of the host's mounts, private from the host since unshare,
+        # shared among themselves as on a systemd host (containerd requires it
+        # of the Bidirectional and HostToContainer mounts' sources).
+        await mounts.nsenter("mount", "--make-rshared", "/")
         for path in paths:
             await mounts.bind(path)
         return mounts
@@ -313,13 +321,15 @@ class NodeMounts:
         missing = [p for p in (point, *point.parents) if not p.exists()]
         point.mkdir(parents=True, exist_ok=True)
         self.created += sorted(missing, key=lambda p: len(p.parts))
-        for command in (["mount", "--bind", str(private), path], ["mount", "--make-shared", path]):
-            done = await asyncio.create_subprocess_exec(
-                *self.prefix, *command, stderr=asyncio.subprocess.PIPE
-            )
-            _, err = await done.communicate()
-            assert done.returncode == 0, f"{command}: {err.decode()}"
+        await self.nsenter("mount", "--bind", str(private), path)
         self.private[path] = private
+
+    async def nsenter(self, *command: str) -> None:
+        done = await asyncio.create_subprocess_exec(
+            *self.prefix, *command, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await done.communicate()
+        assert done.returncode == 0, f"{command}: {err.decode()}"
 
     def host(self, node_path: str) -> Path:
         """Where a node path's private directory is, seen from the test."""

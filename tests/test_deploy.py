@@ -148,8 +148,10 @@ def test_daemonset_mounts_every_host_path_the_config_names(tmp_path: Path) -> No
         "/var/log/pods",
     }
     assert needed <= set(host_paths.values())
-    # Namespaces the shim pins in the pod must show in the host's mount namespace.
+    # Namespaces the shim pins, and the pods' /dev/shm tmpfs and image volumes it
+    # mounts in its state dir, must show in the host's mount namespace.
     assert mounts[config.cni.netns_dir]["mountPropagation"] == "Bidirectional"
+    assert mounts[config.state_dir]["mountPropagation"] == "Bidirectional"
     assert mounts["/etc/cri-shim"]["name"] == "config"
     assert not config.containerd.embedded
 
