@@ -25,8 +25,9 @@ Only Debian's read-only CNI plugin dir (/usr/lib/cni) is the host's own.
 The pod template is used unchanged except for `image:`, its ConfigMap
 volume and `serviceAccountName` (kubelet refuses static pods naming either:
 it has no API server to read them from): the ConfigMap's config.toml is
-written to a directory mounted in the ConfigMap's place, with `runtime.cgroup_driver = "cgroupfs"` (this host has no systemd; the
-manifest says to set kubelet's driver there).
+written to a directory mounted in the ConfigMap's place, with
+`runtime.cgroup_driver = "cgroupfs"` (this host has no systemd; the manifest
+says to set kubelet's driver there).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ from .support.peers import require_peer
 from .support.reaper import reap
 from .support.tools import require_tool
 
-pytestmark = pytest.mark.containerd
+# A cold image build takes minutes (mmdebstrap, apt, pip): more than the
+# suite's per-test timeout allows the first test's fixtures.
+pytestmark = [pytest.mark.containerd, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
 DAEMONSET = ROOT / "deploy" / "kubernetes" / "daemonset.yaml"
@@ -209,7 +212,7 @@ def daemonset_image() -> BuiltImage:
     """The image, built (or taken from the cache) once for the module."""
     require_tool("mmdebstrap", "mmdebstrap")
     built = build_daemonset_image()
-    how = "from the cache" if built.cached else "cold"
+    how = "from the cache" if built.cached else "built"
     print(f"daemonset image {built.image.digest} {how} in {built.seconds:.1f}s: {built.steps}")
     return built
 
