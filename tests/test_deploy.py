@@ -264,11 +264,12 @@ def dockerfile_copies() -> list[str]:
     """Sources the builder copies from the build context."""
     lines = (DEPLOY / "Dockerfile").read_text().splitlines()
     sources: list[str] = []
-    stages = 0
+    stage = ""
     for line in lines:
         parts = line.split()
-        stages += parts[:1] == ["FROM"]
-        if stages == 1 and parts[:1] == ["COPY"]:
+        if parts[:1] == ["FROM"]:
+            stage = parts[-1]
+        if stage == "builder" and parts[:1] == ["COPY"]:
             sources += parts[1:-1]
     return sources
 
@@ -282,7 +283,7 @@ def run(*cmd: str, cwd: Path) -> str:
 def test_dockerfile_shape() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     stages = [line for line in text.splitlines() if line.startswith("FROM ")]
-    assert stages == ["FROM ${BASE_IMAGE} AS builder", "FROM ${BASE_IMAGE}"]
+    assert stages == ["FROM ${BASE_IMAGE} AS python", "FROM python AS builder", "FROM python"]
     # Debian's own Python: tests/support/dockerfile.py builds this base offline.
     assert "ARG BASE_IMAGE=debian:bookworm-slim" in text
     assert text.splitlines()[-1] == (

@@ -273,6 +273,28 @@ class Builder:
 
     # keys -------------------------------------------------------------------
 
+    def parent_stage(self, index: int) -> int | None:
+        """The earlier stage a stage is built FROM (stage names win, as in Docker)."""
+        base = self.parsed.stages[index].base
+        for earlier in range(index):
+            if self.parsed.stages[earlier].name == base:
+                return earlier
+        return None
+
+    def initial_state(self, index: int) -> StageState:
+        """A stage starts with its parent stage's config (env, workdir, ...)."""
+        parent = self.parent_stage(index)
+        if parent is None:
+            return StageState()
+        _, state = self.stage_keys(parent)
+        return state
+
+    def start_key(self, index: int) -> str:
+        parent = self.parent_stage(index)
+        if parent is not None:
+            return self.stage_key(parent)
+        return self.base_key(self.parsed.stages[index].base)
+
     def base_key(self, base: str) -> str:
         match = DEBIAN_BASE.match(base)
         if match is None:
@@ -292,8 +314,8 @@ class Builder:
     def stage_keys(self, index: int) -> tuple[list[str], StageState]:
         """The key after each instruction of a stage, and its final state."""
         stage = self.parsed.stages[index]
-        key = self.base_key(stage.base)
-        state = StageState()
+        key = self.start_key(index)
+        state = self.initial_state(index)
         keys = []
         for instruction in stage.instructions:
             key = self.instruction_key(key, instruction, state)
@@ -303,7 +325,7 @@ class Builder:
 
     def stage_key(self, index: int) -> str:
         keys, _ = self.stage_keys(index)
-        return keys[-1] if keys else self.base_key(self.parsed.stages[index].base)
+        return keys[-1] if keys else self.start_key(index)
 
     def copy_sources(self, instruction: Instruction) -> tuple[list[str], str, int | None]:
         words = instruction.args.split()
@@ -460,13 +482,18 @@ class Builder:
                 start = position + 1
                 break
         else:
-            base_key = self.base_key(stage.base)
+            parent = self.parent_stage(index)
+            base_key = self.start_key(index)
             if self.snapshot(base_key).exists():
                 self.restore(base_key, rootfs)
+            elif parent is not None:
+                if parent not in stage_roots:
+                    self.build_stage(parent, stage_roots)
+                run(["cp", "-a", f"{stage_roots[parent]}/.", str(rootfs)])
             else:
                 self.debootstrap(stage.base, rootfs)
                 self.save_snapshot(rootfs, base_key)
-        state = StageState()
+        state = self.initial_state(index)
         for position, instruction in enumerate(stage.instructions):
             if position >= start or instruction.keyword == "WORKDIR":
                 self.carry_out(rootfs, instruction, state, stage_roots, keys[position])
