@@ -18,6 +18,7 @@ packages=(
   make gcc libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev
   libnl-3-dev libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
   python3-protobuf iproute2 xz-utils
+  mmdebstrap  # the DaemonSet image's root filesystem (tests/support/dockerfile.py)
 )
 missing=()
 for pkg in "${packages[@]}"; do

@@ -40,6 +40,7 @@ DAEMONSET_OVERRIDES = {
     "containerd.namespace": "cri-shim",
     "runtime.cgroup_driver": "systemd",
     "log.format": "json",
+    "registry.config_path": "/etc/containerd/certs.d",
 }
 
 
@@ -141,12 +142,16 @@ def test_daemonset_mounts_every_host_path_the_config_names(tmp_path: Path) -> No
         config.cni.conf_dir,
         *config.cni.bin_dirs,
         config.cni.netns_dir,
+        config.registry.config_path,
+        "/var/lib/cni",  # host-local IPAM leases, shared with the node's runtime
         "/var/lib/kubelet",
         "/var/log/pods",
     }
     assert needed <= set(host_paths.values())
-    # Namespaces the shim pins in the pod must show in the host's mount namespace.
+    # Namespaces the shim pins, and the pods' /dev/shm tmpfs and image volumes it
+    # mounts in its state dir, must show in the host's mount namespace.
     assert mounts[config.cni.netns_dir]["mountPropagation"] == "Bidirectional"
+    assert mounts[config.state_dir]["mountPropagation"] == "Bidirectional"
     assert mounts["/etc/cri-shim"]["name"] == "config"
     assert not config.containerd.embedded
 
@@ -259,11 +264,12 @@ def dockerfile_copies() -> list[str]:
     """Sources the builder copies from the build context."""
     lines = (DEPLOY / "Dockerfile").read_text().splitlines()
     sources: list[str] = []
-    stages = 0
+    stage = ""
     for line in lines:
         parts = line.split()
-        stages += parts[:1] == ["FROM"]
-        if stages == 1 and parts[:1] == ["COPY"]:
+        if parts[:1] == ["FROM"]:
+            stage = parts[-1]
+        if stage == "builder" and parts[:1] == ["COPY"]:
             sources += parts[1:-1]
     return sources
 
@@ -277,8 +283,9 @@ def run(*cmd: str, cwd: Path) -> str:
 def test_dockerfile_shape() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     stages = [line for line in text.splitlines() if line.startswith("FROM ")]
-    assert stages == ["FROM ${PYTHON_IMAGE} AS builder", "FROM ${PYTHON_IMAGE}"]
-    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in text
+    assert stages == ["FROM ${BASE_IMAGE} AS python", "FROM python AS builder", "FROM python"]
+    # Debian's own Python: tests/support/dockerfile.py builds this base offline.
+    assert "ARG BASE_IMAGE=debian:bookworm-slim" in text
     assert text.splitlines()[-1] == (
         'ENTRYPOINT ["cri-shim", "serve", "--config", "/etc/cri-shim/config.toml"]'
     )
@@ -289,13 +296,14 @@ def test_dockerfile_shape() -> None:
 
 
 def test_wheel_installs_into_a_clean_venv_and_runs(tmp_path: Path) -> None:
-    """What the Dockerfile does, with the same commands, on this machine."""
-    wheel_cmd = "python -m pip wheel --no-deps --wheel-dir /wheels ."
+    """What the Dockerfile does, with the same commands, on this machine (with
+    this venv's Python; tests/test_daemonset.py runs them in the image itself)."""
+    wheel_cmd = "python3.11 -m venv /build && /build/bin/pip wheel --no-deps --wheel-dir /wheels ."
     install_cmd = (
-        "python -m venv /opt/cri-shim && /opt/cri-shim/bin/pip install --no-cache-dir "
+        "python3.11 -m venv /opt/cri-shim && /opt/cri-shim/bin/pip install --no-cache-dir "
         "--only-binary :all: /wheels/*.whl && rm -rf /wheels"
     )
-    assert dockerfile_runs()[0] == wheel_cmd
+    assert dockerfile_runs()[1] == wheel_cmd
     assert dockerfile_runs()[-1] == install_cmd
 
     # The builder's context: exactly what the Dockerfile copies.

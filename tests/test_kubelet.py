@@ -48,6 +48,7 @@ from .support.kubelet import (
     Kubelet,
     cgroup_of,
     containerd2_config,
+    hosts_dir_with_local,
     peer_binaries,
 )
 from .support.reaper import reap
@@ -335,19 +336,6 @@ def write_pods(node: Node) -> None:
 
 
 # ------------------------------------------------------------------ the node
-
-
-def hosts_dir_with_local(served: ServedCatalog, dest: Path) -> Path:
-    """Mirrors for the upstream hosts, plus plain http for the local registry
-    (containerd 2 needs that said; cri-shim assumes it for loopback)."""
-    served.write_hosts_dir(dest)
-    local = served.endpoint("local")
-    (dest / local).mkdir(parents=True, exist_ok=True)
-    (dest / local / "hosts.toml").write_text(
-        f'server = "http://{local}"\n\n[host."http://{local}"]\n'
-        '  capabilities = ["pull", "resolve"]\n'
-    )
-    return dest
 
 
 async def cri_shim_runtime(

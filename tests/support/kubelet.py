@@ -27,6 +27,7 @@ import aiohttp
 
 from cri_shim.containerd.client import ContainerdClient
 
+from .catalog import ServedCatalog
 from .registry import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -106,6 +107,8 @@ class Kubelet:
     port: int = field(default_factory=free_port)
     healthz_port: int = field(default_factory=free_port)
     cgroup_root: str = field(default_factory=lambda: f"/crishim-kubelet-{uuid.uuid4().hex[:8]}")
+    # Run through this first (e.g. nsenter into a node's mount namespace).
+    command_prefix: tuple[str, ...] = ()
     process: asyncio.subprocess.Process | None = None
 
     @property
@@ -175,6 +178,7 @@ class Kubelet:
         self.config_path.write_text(json.dumps(self.config(), indent=1))
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
+                *self.command_prefix,
                 self.binary,
                 f"--config={self.config_path}",
                 f"--root-dir={self.root_dir}",
@@ -271,6 +275,19 @@ class Kubelet:
                         link.unlink()
 
 
+def hosts_dir_with_local(served: ServedCatalog, dest: Path) -> Path:
+    """Mirrors for the upstream hosts, plus plain http for the local registry
+    (containerd 2 needs that said; cri-shim assumes it for loopback)."""
+    served.write_hosts_dir(dest)
+    local = served.endpoint("local")
+    (dest / local).mkdir(parents=True, exist_ok=True)
+    (dest / local / "hosts.toml").write_text(
+        f'server = "http://{local}"\n\n[host."http://{local}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+    return dest
+
+
 def containerd2_config(base: Path, conf_dir: Path, hosts_dir: Path, sandbox_image: str) -> str:
     """containerd 2.x (config version 3) with its built-in CRI, confined to `base`."""
     return f"""version = 3
@@ -312,6 +329,8 @@ class Containerd2:
     binary: str
     base: Path
     config: str
+    # Run through this first (e.g. nsenter into a node's mount namespace).
+    command_prefix: tuple[str, ...] = ()
     process: asyncio.subprocess.Process | None = None
 
     @property
@@ -332,6 +351,7 @@ class Containerd2:
         env["PATH"] = f"{Path(self.binary).parent}:{env.get('PATH', '/usr/sbin:/usr/bin')}"
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
+                *self.command_prefix,
                 self.binary,
                 "--config",
                 str(config_path),
