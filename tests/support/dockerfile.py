@@ -3,11 +3,12 @@ these machines, and no base image can be pulled offline).
 
 The Dockerfile is parsed and carried out instruction by instruction: `FROM`
 of a Debian image becomes an mmdebstrap root filesystem of that suite (the
-`-slim` variant's dpkg excludes included), `RUN` runs in a chroot of it
-(private mount namespace with /proc and /dev, the host's CA bundle handed to
-pip for the build only), `COPY` copies from the context or an earlier stage,
-`ENV`/`WORKDIR`/`USER`/`ENTRYPOINT`/`CMD` go to the image config as Docker
-sets them. The result is one OCI layer (the final stage's root filesystem)
+`-slim` variant's dpkg excludes and the official images' apt settings
+included), `FROM` an earlier stage a copy of its root filesystem, `RUN` runs
+in a chroot of it (private mount namespace with /proc and /dev, the host's CA
+bundle handed to pip for the build only), `COPY` copies from the context or an
+earlier stage, `ENV`/`WORKDIR`/`USER`/`ENTRYPOINT`/`CMD` go to the image
+config as Docker sets them. The result is one OCI layer (the final stage's root filesystem)
 and its config, pushed with the project's registry client.
 
 Every step is cached outside the checkout (`$CRI_SHIM_IMAGE_CACHE`, default
