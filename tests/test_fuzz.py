@@ -463,6 +463,26 @@ def calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
                 ),
             ),
         ),
+        rt(
+            "update_pod_sandbox_resources",
+            st.builds(
+                cri.UpdatePodSandboxResourcesRequest,
+                pod_sandbox_id=some_id,
+                overhead=st.one_of(
+                    st.none(), st.builds(cri.LinuxContainerResources, cpu_shares=number)
+                ),
+                resources=st.one_of(
+                    st.none(),
+                    st.builds(
+                        cri.LinuxContainerResources,
+                        cpu_period=number,
+                        cpu_quota=number,
+                        cpu_shares=number,
+                        memory_limit_in_bytes=number,
+                    ),
+                ),
+            ),
+        ),
         rt("container_stats", st.builds(cri.ContainerStatsRequest, container_id=some_id)),
         rt(
             "list_container_stats",
