@@ -26,14 +26,17 @@ from cri_shim.container.cgroups import (
     relative_path,
 )
 from cri_shim.container.stats import (
+    CGROUPS_V1_METRICS,
     CGROUPS_V2_METRICS,
     CpuRates,
     memory_usage,
+    only_fields,
     sample_from_metric,
     sum_samples,
 )
 from cri_shim.gen.containerd.types import Metric
 from cri_shim.gen.google.protobuf import Any as AnyMessage
+from cri_shim.gen.io.containerd.cgroups import v1 as cgroups_v1
 from cri_shim.gen.io.containerd.cgroups import v2 as cgroups_v2
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.host import CGROUP_ROOT, cgroup_v2_unified
@@ -646,6 +649,43 @@ def test_v2_metrics_decode_by_type_url() -> None:
     assert sample.memory_limit is None  # "max" as the kernel reports it
     unknown = Metric(id="x", data=AnyMessage(type_url="example.com/Other", value=b""))
     assert sample_from_metric(unknown) is None
+
+
+def test_samples_decode_only_the_fields_they_read() -> None:
+    """A v1 payload's blkio and hugetlb are skipped unparsed; the sample is the one a
+    whole decode gives, and a malformed payload still fails as a whole decode does."""
+    payload = cgroups_v1.Metrics(
+        hugetlb=[cgroups_v1.HugetlbStat(usage=5, max=6, pagesize="2MB")],
+        pids=cgroups_v1.PidsStat(current=3, limit=9),
+        cpu=cgroups_v1.CpuStat(usage=cgroups_v1.CpuUsage(total=123, per_cpu=[1, 2])),
+        memory=cgroups_v1.MemoryStat(
+            total_rss=77,
+            total_inactive_file=5,
+            total_pg_fault=8,
+            usage=cgroups_v1.MemoryEntry(usage=1000, limit=4096),
+        ),
+        blkio=cgroups_v1.BlkIoStat(
+            io_service_bytes_recursive=[
+                cgroups_v1.BlkIoEntry(op="Read", device="sda", major=8, value=i) for i in range(40)
+            ]
+        ),
+    )
+    data = bytes(payload)
+    slim = only_fields(data, frozenset({2, 3, 4}))
+    assert len(slim) < len(data) // 4
+    assert cgroups_v1.Metrics.parse(slim) == cgroups_v1.Metrics(
+        pids=payload.pids, cpu=payload.cpu, memory=payload.memory
+    )
+    metric = Metric(id="x", data=AnyMessage(type_url=CGROUPS_V1_METRICS, value=data))
+    sample = sample_from_metric(metric)
+    assert sample is not None
+    assert (sample.cpu_ns, sample.memory_usage, sample.rss, sample.pids) == (123, 1000, 77, 3)
+    assert (sample.page_faults, sample.memory_limit) == (8, 4096)
+    with pytest.raises(ValueError):
+        only_fields(data[:-3], frozenset({2}))
+    truncated = Metric(id="x", data=AnyMessage(type_url=CGROUPS_V1_METRICS, value=data[:-3]))
+    with pytest.raises(Exception):  # noqa: B017 - whatever betterproto2 raises on it
+        sample_from_metric(truncated)
 
 
 # A cgroup2 hierarchy: the host's own when /sys/fs/cgroup is unified, else the
