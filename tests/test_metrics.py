@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
 from collections.abc import AsyncIterator
 
@@ -18,8 +19,9 @@ from cri_shim.settings import SettingsError
 
 from .conftest import CriClient, make_settings, short_tempdir, wait_for
 from .pods import pod_config
-from .support.catalog import ServedCatalog
+from .support.catalog import LOCAL, ServedCatalog
 from .support.containerd_matrix import ContainerdPeer
+from .support.images import build_image, file, layer
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -205,19 +207,26 @@ def test_pull_observations_by_registry() -> None:
 async def test_real_pull_and_pod_gauges_show_in_metrics(
     pod_shim: Shim, pods: CriClient, pod_images: ServedCatalog
 ) -> None:
-    """A pull through the ImageService and a running pod both reach /metrics."""
-    ref = pod_images.local("library/busybox:latest")
-    registry = ref.split("/", 1)[0]
-    before = value(
-        await scrape(pod_shim), "cri_shim_image_pull_duration_seconds_count", registry=registry
-    )
-    await pods.image.remove_image(cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)))
+    """A pull through the ImageService and a running pod both reach /metrics.
+
+    The pulled image is pushed here with a layer of random bytes, so its pull
+    fetches a layer whatever earlier tests left in the content store (the pause
+    and busybox images share layers)."""
+    registry = pod_images.endpoint(LOCAL)
+    tag = secrets.token_hex(6)
+    fresh = build_image([layer([file("/random", secrets.token_bytes(4096))])])
+    await pod_images.registries[LOCAL].push("test/metrics-pull", tag, fresh)
+    ref = f"{registry}/test/metrics-pull:{tag}"
+    scraped = await scrape(pod_shim)
+    before = value(scraped, "cri_shim_image_pull_duration_seconds_count", registry=registry)
+    bytes_before = value(scraped, "cri_shim_image_pull_bytes_total", registry=registry)
     await pods.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
     reply = await pods.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=pod_config("gauge")))
     text = await scrape(pod_shim)
     assert (
         value(text, "cri_shim_image_pull_duration_seconds_count", registry=registry) == before + 1
     )
-    assert value(text, "cri_shim_image_pull_bytes_total", registry=registry) > 0
+    assert value(text, "cri_shim_image_pull_bytes_total", registry=registry) > bytes_before
     assert value(text, "cri_shim_pod_sandboxes", state="ready") >= 1
     await pods.runtime.remove_pod_sandbox(cri.RemovePodSandboxRequest(reply.pod_sandbox_id))
+    await pods.image.remove_image(cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)))
