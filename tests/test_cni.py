@@ -501,6 +501,8 @@ async def test_netns_lifecycle(cni_host: CniHost) -> None:
     ] == ["lo"]
     # A fresh namespace is its own: no host interface is visible.
     assert b"eth0" not in links.stdout
+    # `lo` is up before any plugin runs, as containerd's loopback network makes it.
+    assert "UP" in links.stdout.decode().split("<", 1)[1].split(">", 1)[0].split(",")
 
     await remove_pod_netns(path)
     assert not await netns_exists(path)

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -273,8 +274,32 @@ async def create_pod_netns(
                 err.errno or errno.EIO, f"cannot create network namespace: {err}"
             ) from err
         raise
+    try:
+        await asyncio.to_thread(_loopback_up, path)
+    except BaseException:
+        await remove_pod_netns(path)
+        if userns is not None:
+            await remove_pod_netns(userns.path)
+        raise
     log_event(log, "netns created", level=logging.DEBUG, netns=path)
     return path
+
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+_IFREQ_FLAGS = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags in the union
+
+
+def _loopback_up(path: str) -> None:
+    """Bring `lo` up in the pod's namespace, as containerd's own loopback network
+    does before the configured one: a conflist without the loopback plugin
+    (flannel's, calico's) would otherwise leave pods without 127.0.0.1."""
+    with _socket_in_netns(path, socket.AF_INET) as sock:  # its ioctls act in that netns
+        request = _IFREQ_FLAGS.pack(b"lo", 0)
+        _, flags = _IFREQ_FLAGS.unpack(fcntl.ioctl(sock, SIOCGIFFLAGS, request))
+        if not flags & IFF_UP:
+            fcntl.ioctl(sock, SIOCSIFFLAGS, _IFREQ_FLAGS.pack(b"lo", flags | IFF_UP))
 
 
 def _unmount_pin(path: str) -> bool:
