@@ -130,11 +130,3 @@ async def test_unknown_method_is_a_real_unimplemented(shim: Shim) -> None:
         assert caught.value.status is Status.UNIMPLEMENTED
     finally:
         channel.close()
-
-
-async def test_rpc_of_a_later_issue_answers_unimplemented(client: CriClient) -> None:
-    with pytest.raises(GRPCError) as caught:
-        await client.runtime.update_pod_sandbox_resources(
-            cri.UpdatePodSandboxResourcesRequest(pod_sandbox_id="x")
-        )
-    assert caught.value.status is Status.UNIMPLEMENTED
