@@ -274,8 +274,12 @@ async def pods(pod_shim: Shim) -> AsyncIterator[CriClient]:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def busybox(pod_shim: Shim, pod_images: ServedCatalog) -> str:
     """The busybox test image, pulled into the pod shim."""
-    ref = pod_images.local("library/busybox:latest")
-    client = CriClient.connect(pod_shim.socket_path)
+    return await pull_into(pod_shim, pod_images.local("library/busybox:latest"))
+
+
+async def pull_into(shim: Shim, ref: str) -> str:
+    """Pull `ref` through `shim`'s ImageService; returns `ref`."""
+    client = CriClient.connect(shim.socket_path)
     try:
         await client.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
     finally:

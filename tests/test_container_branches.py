@@ -17,7 +17,7 @@ from grpclib.const import Status
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 
-from .conftest import CriClient, wait_for
+from .conftest import CriClient, pull_into, wait_for
 from .pods import make_container, pod_config, wait_exited
 from .support.catalog import ServedCatalog
 
@@ -54,13 +54,7 @@ async def test_stop_signal_from_the_request(
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def stopsignal_image(pod_shim: Shim, pod_images: ServedCatalog) -> str:
     """busybox with STOPSIGNAL SIGUSR2, its command logging the signal it gets."""
-    ref = pod_images.local("test/stopsignal:1")
-    client = CriClient.connect(pod_shim.socket_path)
-    try:
-        await client.image.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
-    finally:
-        client.close()
-    return ref
+    return await pull_into(pod_shim, pod_images.local("test/stopsignal:1"))
 
 
 @pytest.mark.parametrize(

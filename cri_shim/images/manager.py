@@ -164,17 +164,8 @@ class ImageManager:
         if image is None or target is None:
             self._discard(name)
             return
-        try:
-            content = await self._read_content(target)
-        except (ContainerdError, ValueError, UnsupportedManifestError) as err:
-            log_event(
-                log,
-                "skipping image whose content is unreadable",
-                level=logging.WARNING,
-                image=name,
-                target=target.digest,
-                error=str(err),
-            )
+        content = await self._readable_content(target, name)
+        if content is None:
             return
         pinned = image.labels.get(PINNED_LABEL) == PINNED_VALUE
         self._set(name, content, pinned)
@@ -184,6 +175,22 @@ class ImageManager:
                 name, target, content, pinned, names
             ):
                 self._set(added, added_content, added_pinned)
+
+    async def _readable_content(self, target: Descriptor, name: str) -> ImageContent | None:
+        """The image's content, or None (logged) when containerd's copy is unreadable:
+        one broken image must not hide the others."""
+        try:
+            return await self._read_content(target)
+        except (ContainerdError, ValueError, UnsupportedManifestError) as err:
+            log_event(
+                log,
+                "skipping image whose content is unreadable",
+                level=logging.WARNING,
+                image=name,
+                target=target.digest,
+                error=str(err),
+            )
+            return None
 
     # ------------------------------------------------------------ store upkeep
 
@@ -225,18 +232,7 @@ class ImageManager:
 
         async def content_for(target: Descriptor, name: str) -> ImageContent | None:
             async with semaphore:
-                try:
-                    return await self._read_content(target)
-                except (ContainerdError, ValueError, UnsupportedManifestError) as err:
-                    log_event(
-                        log,
-                        "skipping image whose content is unreadable",
-                        level=logging.WARNING,
-                        image=name,
-                        target=target.digest,
-                        error=str(err),
-                    )
-                    return None
+                return await self._readable_content(target, name)
 
         for image in listed:
             target = _descriptor(image.target)
