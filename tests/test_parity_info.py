@@ -103,8 +103,6 @@ def _shm_options(spec: Spec) -> Any:
 # Differences cri-shim's specs still have from containerd 2.4.2's (not deliberate:
 # each is a fix to make in cri_shim/oci); the test asserts each still differs.
 CONTAINER_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
-    # containerd 2.x writes its specs-go version; cri-shim writes 1.0.2-dev.
-    "ociVersion": _pop("ociVersion"),
     # No cgroup parent given: containerd uses /<namespace>/<id>, cri-shim /cri-containerd/<id>.
     "cgroupsPath prefix without a cgroup parent": _cgroup_prefix,
 }

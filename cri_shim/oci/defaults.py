@@ -11,7 +11,8 @@ from typing import Any
 
 from cri_shim.oci.userns import PodUserns
 
-OCI_VERSION = "1.0.2-dev"
+# The runtime-spec version containerd 2.x writes (specs-go it vendors); runc reads any.
+OCI_VERSION = "1.3.0"
 
 DEFAULT_CAPABILITIES = (
     "CAP_CHOWN",
