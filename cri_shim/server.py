@@ -343,6 +343,7 @@ class Shim:
                 oom_score_adj_floor=floor,
                 pod_annotations=settings.runtime.pod_annotations,
                 runc_binaries=runc_binaries,
+                namespace=self.client.namespace,
             ),
         )
         self.container_manager = ContainerManager(
@@ -364,6 +365,7 @@ class Shim:
                 enable_criu=settings.runtime.enable_criu,
                 restore_via_create=settings.runtime.restore_via_create,
                 runc_binaries=runc_binaries,
+                namespace=self.client.namespace,
             ),
             image_volumes=ImageVolumes(self.client, images.store, settings.state_path),
             checkpoints=CheckpointOps(self.client),

@@ -85,12 +85,6 @@ def _pop(*path: str) -> Callable[[Spec], Any]:
     return take
 
 
-def _cgroup_prefix(spec: Spec) -> Any:
-    prefix, _, name = spec["linux"]["cgroupsPath"].rpartition("/")
-    spec["linux"]["cgroupsPath"] = name
-    return prefix
-
-
 def _masked_paths(spec: Spec) -> Any:
     paths = spec["linux"].pop("maskedPaths", [])
     return sorted(paths)
@@ -103,8 +97,6 @@ def _shm_options(spec: Spec) -> Any:
 # Differences cri-shim's specs still have from containerd 2.4.2's (not deliberate:
 # each is a fix to make in cri_shim/oci); the test asserts each still differs.
 CONTAINER_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
-    # No cgroup parent given: containerd uses /<namespace>/<id>, cri-shim /cri-containerd/<id>.
-    "cgroupsPath prefix without a cgroup parent": _cgroup_prefix,
 }
 POD_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
     **CONTAINER_SPEC_DIFFERENCES,

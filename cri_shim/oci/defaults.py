@@ -178,9 +178,17 @@ def apply_userns(
         ]
 
 
-def cgroups_path(driver: str, parent: str, kind_prefix: str, object_id: str) -> str:
-    """Where runc puts the cgroup: a path for cgroupfs, slice:prefix:name for systemd."""
+# runc's systemd cgroup path is slice:prefix:name; containerd's CRI uses this prefix.
+SYSTEMD_SCOPE_PREFIX = "cri-containerd"
+
+
+def cgroups_path(driver: str, parent: str, namespace: str, object_id: str) -> str:
+    """Where runc puts the cgroup: a path for cgroupfs, slice:prefix:name for systemd.
+
+    Without a parent, cgroupfs gets containerd's default /<containerd namespace>/<id>;
+    systemd gets system.slice (containerd's default path is no valid systemd one).
+    """
     if driver == "systemd":
         slice_name = parent.rsplit("/", 1)[-1] if parent else "system.slice"
-        return f"{slice_name}:{kind_prefix}:{object_id}"
-    return f"{parent.rstrip('/')}/{object_id}" if parent else f"/{kind_prefix}/{object_id}"
+        return f"{slice_name}:{SYSTEMD_SCOPE_PREFIX}:{object_id}"
+    return f"{parent.rstrip('/')}/{object_id}" if parent else f"/{namespace}/{object_id}"

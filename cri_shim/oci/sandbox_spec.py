@@ -50,6 +50,8 @@ class SandboxSpecInput:
     # hostNetwork: runc makes it and the containers join the pause process's).
     userns: PodUserns | None = None
     userns_path: str = ""
+    # containerd namespace: the cgroup parent when the pod names none, as containerd's.
+    namespace: str = "k8s.io"
 
 
 def _namespace_mode(options: cri.NamespaceOption | None, field: str) -> cri.NamespaceMode:
@@ -151,7 +153,7 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
             if mount["destination"] == "/sys":
                 mount["options"] = ["rw" if o == "ro" else o for o in mount["options"]]
     spec["linux"]["cgroupsPath"] = cgroups_path(
-        inputs.cgroup_driver, linux.cgroup_parent, "cri-containerd", inputs.sandbox_id
+        inputs.cgroup_driver, linux.cgroup_parent, inputs.namespace, inputs.sandbox_id
     )
     spec["linux"]["resources"]["cpu"] = {"shares": SANDBOX_CPU_SHARES}
     metadata = config.metadata or cri.PodSandboxMetadata()

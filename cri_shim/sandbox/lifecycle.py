@@ -74,6 +74,7 @@ class SandboxEnvironment:
     pod_annotations: tuple[str, ...] = ()  # allow-list of pod annotations for the spec
     # runc binary of each configured runtime handler; absent: the shim's default runc.
     runc_binaries: Mapping[str, str] = field(default_factory=dict)
+    namespace: str = "k8s.io"  # containerd namespace (cgroup parent without a pod's own)
 
 
 def runtime_config(image_config: dict[str, Any]) -> dict[str, Any]:
@@ -333,6 +334,7 @@ class SandboxManager:
                 pod_annotations=self.env.pod_annotations,
                 userns=userns,
                 userns_path=userns_path,
+                namespace=self.env.namespace,
             )
         )
         sandbox.spec = spec
