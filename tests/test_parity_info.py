@@ -100,10 +100,6 @@ CONTAINER_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
 }
 POD_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
     **CONTAINER_SPEC_DIFFERENCES,
-    # containerd names the sandbox image in the pause container's annotations.
-    "podsandbox.image-name annotation": _pop(
-        "annotations", "io.kubernetes.cri.podsandbox.image-name"
-    ),
     # containerd 2.x sets enable_unprivileged_ports/icmp's sysctls on every pod.
     "unprivileged port / ICMP sysctls": _pop("linux", "sysctl"),
     # runc 1.2+ era list: containerd 2.x also masks /proc/interrupts.

@@ -21,6 +21,7 @@ def spec_for(config: cri.PodSandboxConfig, floor: int | None = None) -> dict:  #
             hostname="web-0",
             cgroup_driver="cgroupfs",
             oom_score_adj_floor=floor,
+            image_name="registry.k8s.io/pause:3.10",
         )
     )
 
@@ -51,6 +52,9 @@ def test_pod_network_namespace_is_joined_and_rootfs_readonly() -> None:
     assert shm["source"] == "/state/sandboxes/abc/shm"
     assert spec["hostname"] == "web-0"
     assert spec["annotations"]["io.kubernetes.cri.container-type"] == "sandbox"
+    assert spec["annotations"]["io.kubernetes.cri.podsandbox.image-name"] == (
+        "registry.k8s.io/pause:3.10"
+    )
 
 
 def test_host_namespaces() -> None:

@@ -52,6 +52,8 @@ class SandboxSpecInput:
     userns_path: str = ""
     # containerd namespace: the cgroup parent when the pod names none, as containerd's.
     namespace: str = "k8s.io"
+    # The configured sandbox (pause) image's name, for containerd's image-name annotation.
+    image_name: str = ""
 
 
 def _namespace_mode(options: cri.NamespaceOption | None, field: str) -> cri.NamespaceMode:
@@ -166,5 +168,6 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
         "io.kubernetes.cri.sandbox-namespace": metadata.namespace,
         "io.kubernetes.cri.sandbox-uid": metadata.uid,
         "io.kubernetes.cri.sandbox-log-directory": config.log_directory,
+        "io.kubernetes.cri.podsandbox.image-name": inputs.image_name,
     }
     return spec

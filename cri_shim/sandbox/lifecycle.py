@@ -335,6 +335,7 @@ class SandboxManager:
                 userns=userns,
                 userns_path=userns_path,
                 namespace=self.env.namespace,
+                image_name=self.env.sandbox_image,
             )
         )
         sandbox.spec = spec
