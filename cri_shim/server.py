@@ -51,6 +51,7 @@ from cri_shim.host import (
     detect_cgroup_driver,
     own_oom_score_adj,
     recursive_readonly_supported,
+    running_in_user_namespace,
 )
 from cri_shim.images.manager import ImageManager
 from cri_shim.images.store import ImageRecord
@@ -344,6 +345,7 @@ class Shim:
                 pod_annotations=settings.runtime.pod_annotations,
                 runc_binaries=runc_binaries,
                 namespace=self.client.namespace,
+                host_in_userns=running_in_user_namespace(),
             ),
         )
         self.container_manager = ContainerManager(

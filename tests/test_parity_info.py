@@ -100,8 +100,6 @@ CONTAINER_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
 }
 POD_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
     **CONTAINER_SPEC_DIFFERENCES,
-    # containerd 2.x sets enable_unprivileged_ports/icmp's sysctls on every pod.
-    "unprivileged port / ICMP sysctls": _pop("linux", "sysctl"),
     # runc 1.2+ era list: containerd 2.x also masks /proc/interrupts.
     "maskedPaths": _masked_paths,
     # The pause container: containerd mounts no /sys/fs/cgroup, its /dev/shm read-only
@@ -116,12 +114,7 @@ POD_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
 }
 
 
-# A host-network pod gets no network sysctls from either runtime.
-HOST_POD_SPEC_DIFFERENCES = {
-    name: take
-    for name, take in POD_SPEC_DIFFERENCES.items()
-    if name != "unprivileged port / ICMP sysctls"
-}
+HOST_POD_SPEC_DIFFERENCES = POD_SPEC_DIFFERENCES
 
 
 def normalise(value: Any, replacements: dict[str, str]) -> Any:

@@ -1,10 +1,12 @@
 """The pause container's OCI spec, built from CRI configs (no containerd needed)."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.host import running_in_user_namespace
 from cri_shim.oci.sandbox_spec import SandboxSpecInput, SpecError, build_sandbox_spec
 
 PAUSE_CONFIG = {"Entrypoint": ["/pause"], "User": "65535:65535", "Env": ["PATH=/bin"]}
@@ -46,7 +48,11 @@ def test_pod_network_namespace_is_joined_and_rootfs_readonly() -> None:
     assert spec["root"]["readonly"] is True
     assert spec["process"]["noNewPrivileges"] is True
     assert namespaces(spec)["network"] == "/var/run/netns/cni-1"
-    assert spec["linux"]["sysctl"] == {"net.ipv4.ip_forward": "1"}
+    assert spec["linux"]["sysctl"] == {
+        "net.ipv4.ip_forward": "1",
+        "net.ipv4.ip_unprivileged_port_start": "0",
+        "net.ipv4.ping_group_range": "0 2147483647",
+    }
     assert spec["linux"]["cgroupsPath"] == "/kubepods/besteffort/podu1/abc"
     shm = next(m for m in spec["mounts"] if m["destination"] == "/dev/shm")
     assert shm["source"] == "/state/sandboxes/abc/shm"
@@ -98,6 +104,41 @@ def test_privileged_pod_mounts_sysfs_read_write() -> None:
     assert "ro" in sysfs(spec_for(pod()))
     privileged = spec_for(pod(security_context=cri.LinuxSandboxSecurityContext(privileged=True)))
     assert "rw" in sysfs(privileged) and "ro" not in sysfs(privileged)
+
+
+def test_unprivileged_port_and_icmp_sysctls_as_containerd_2() -> None:
+    """containerd 2.x's defaults: set on pod networks unless the pod sets them; no
+    ping range in a user namespace (its gids), none of either on the host network."""
+    own = spec_for(pod(sysctls={"net.ipv4.ip_unprivileged_port_start": "1024"}))
+    assert own["linux"]["sysctl"] == {
+        "net.ipv4.ip_unprivileged_port_start": "1024",
+        "net.ipv4.ping_group_range": "0 2147483647",
+    }
+    in_userns = build_sandbox_spec(
+        SandboxSpecInput(
+            sandbox_id="abc",
+            config=pod(),
+            image_config=PAUSE_CONFIG,
+            netns_path="/var/run/netns/x",
+            shm_path="/dev/shm",
+            hostname="h",
+            cgroup_driver="cgroupfs",
+            oom_score_adj_floor=None,
+            host_in_userns=True,
+        )
+    )
+    assert in_userns["linux"]["sysctl"] == {"net.ipv4.ip_unprivileged_port_start": "0"}
+    options = cri.NamespaceOption(network=cri.NamespaceMode.NODE)
+    host = spec_for(pod(security_context=cri.LinuxSandboxSecurityContext(namespace_options=options)))
+    assert "sysctl" not in host["linux"]
+
+
+def test_running_in_user_namespace(tmp_path: Path) -> None:
+    uid_map = tmp_path / "uid_map"
+    uid_map.write_text("         0          0 4294967295\n")
+    assert not running_in_user_namespace(uid_map)
+    uid_map.write_text("         0     100000      65536\n")
+    assert running_in_user_namespace(uid_map)
 
 
 def test_network_sysctls_refused_on_host_network() -> None:

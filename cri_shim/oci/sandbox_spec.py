@@ -32,6 +32,10 @@ SANDBOX_OOM_SCORE_ADJ = -998
 SANDBOX_CPU_SHARES = 2
 # Sysctls that act on the network namespace; meaningless (and dangerous) with hostNetwork.
 NETWORK_SYSCTL_PREFIX = "net."
+# containerd 2.x's enable_unprivileged_ports / enable_unprivileged_icmp (on by default):
+# any user in a pod may bind low ports and open ICMP echo sockets, unless the pod says.
+UNPRIVILEGED_PORTS_SYSCTL = ("net.ipv4.ip_unprivileged_port_start", "0")
+UNPRIVILEGED_ICMP_SYSCTL = ("net.ipv4.ping_group_range", "0 2147483647")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class SandboxSpecInput:
     namespace: str = "k8s.io"
     # The configured sandbox (pause) image's name, for containerd's image-name annotation.
     image_name: str = ""
+    # cri-shim itself runs in a user namespace: no ping_group_range (as containerd).
+    host_in_userns: bool = False
 
 
 def _namespace_mode(options: cri.NamespaceOption | None, field: str) -> cri.NamespaceMode:
@@ -134,6 +140,11 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
         bad = sorted(k for k in sysctls if k.startswith(NETWORK_SYSCTL_PREFIX))
         if bad:
             raise SpecError(f"sysctls {', '.join(bad)} cannot be set on a hostNetwork pod")
+    else:
+        sysctls.setdefault(*UNPRIVILEGED_PORTS_SYSCTL)
+        # The range names gids of this namespace: meaningless across a user namespace.
+        if inputs.userns is None and not inputs.host_in_userns:
+            sysctls.setdefault(*UNPRIVILEGED_ICMP_SYSCTL)
     if host_ipc:
         bad = sorted(
             k

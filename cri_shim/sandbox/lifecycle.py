@@ -75,6 +75,7 @@ class SandboxEnvironment:
     # runc binary of each configured runtime handler; absent: the shim's default runc.
     runc_binaries: Mapping[str, str] = field(default_factory=dict)
     namespace: str = "k8s.io"  # containerd namespace (cgroup parent without a pod's own)
+    host_in_userns: bool = False  # host.running_in_user_namespace()
 
 
 def runtime_config(image_config: dict[str, Any]) -> dict[str, Any]:
@@ -336,6 +337,7 @@ class SandboxManager:
                 userns_path=userns_path,
                 namespace=self.env.namespace,
                 image_name=self.env.sandbox_image,
+                host_in_userns=self.env.host_in_userns,
             )
         )
         sandbox.spec = spec
