@@ -85,11 +85,6 @@ def _pop(*path: str) -> Callable[[Spec], Any]:
     return take
 
 
-def _masked_paths(spec: Spec) -> Any:
-    paths = spec["linux"].pop("maskedPaths", [])
-    return sorted(paths)
-
-
 def _shm_options(spec: Spec) -> Any:
     return [m.pop("options") for m in spec["mounts"] if m["destination"] == "/dev/shm"]
 
@@ -100,8 +95,6 @@ CONTAINER_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
 }
 POD_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
     **CONTAINER_SPEC_DIFFERENCES,
-    # runc 1.2+ era list: containerd 2.x also masks /proc/interrupts.
-    "maskedPaths": _masked_paths,
     # The pause container: containerd mounts no /sys/fs/cgroup, its /dev/shm read-only
     # and /etc/resolv.conf; cri-shim mounts cgroupfs and /dev/shm read-write.
     "/sys/fs/cgroup mount": _drop_mount("/sys/fs/cgroup"),

@@ -7,6 +7,7 @@ import pytest
 
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.host import running_in_user_namespace
+from cri_shim.oci.defaults import MASKED_PATHS, masked_paths
 from cri_shim.oci.sandbox_spec import SandboxSpecInput, SpecError, build_sandbox_spec
 
 PAUSE_CONFIG = {"Entrypoint": ["/pause"], "User": "65535:65535", "Env": ["PATH=/bin"]}
@@ -139,6 +140,21 @@ def test_running_in_user_namespace(tmp_path: Path) -> None:
     assert not running_in_user_namespace(uid_map)
     uid_map.write_text("         0     100000      65536\n")
     assert running_in_user_namespace(uid_map)
+
+
+def test_masked_paths_are_containerd_2s_with_cpu_thermal_throttle(tmp_path: Path) -> None:
+    assert spec_for(pod())["linux"]["maskedPaths"][:3] == [
+        "/proc/acpi",
+        "/proc/asound",
+        "/proc/interrupts",
+    ]
+    (tmp_path / "possible").write_text("0-2,5\n")
+    for cpu in (1, 5, 7):  # cpu7 is not a possible one
+        (tmp_path / f"cpu{cpu}" / "thermal_throttle").mkdir(parents=True)
+    assert masked_paths(tmp_path) == MASKED_PATHS + (
+        f"{tmp_path}/cpu1/thermal_throttle",
+        f"{tmp_path}/cpu5/thermal_throttle",
+    )
 
 
 def test_network_sysctls_refused_on_host_network() -> None:

@@ -7,6 +7,9 @@ is applied, so workloads see the same /dev, /proc masking and capabilities.
 from __future__ import annotations
 
 import copy
+import functools
+import os
+from pathlib import Path
 from typing import Any
 
 from cri_shim.oci.userns import PodUserns
@@ -31,19 +34,43 @@ DEFAULT_CAPABILITIES = (
     "CAP_AUDIT_WRITE",
 )
 
+# containerd 2.x's default list (pkg/oci), in its order; the pause container keeps it.
 MASKED_PATHS = (
     "/proc/acpi",
     "/proc/asound",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
     "/proc/timer_list",
     "/proc/timer_stats",
     "/proc/sched_debug",
-    "/proc/scsi",
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
+    "/proc/scsi",
 )
+CPU_SYSFS = Path("/sys/devices/system/cpu")
+
+
+def _possible_cpus(cpu_sysfs: Path) -> list[int]:
+    """The kernel's possible CPUs ("0-3,6"), or 0..cpu_count-1 where unreadable."""
+    try:
+        ranges = (cpu_sysfs / "possible").read_text().strip().split(",")
+        cpus: list[int] = []
+        for part in ranges:
+            first, _, last = part.partition("-")
+            cpus += range(int(first), int(last or first) + 1)
+        return cpus
+    except (OSError, ValueError):
+        return list(range(os.cpu_count() or 1))
+
+
+@functools.cache
+def masked_paths(cpu_sysfs: Path = CPU_SYSFS) -> tuple[str, ...]:
+    """MASKED_PATHS and each CPU's thermal_throttle directory that exists, as
+    containerd 2.x computes them once per process."""
+    throttles = (cpu_sysfs / f"cpu{cpu}" / "thermal_throttle" for cpu in _possible_cpus(cpu_sysfs))
+    return MASKED_PATHS + tuple(str(path) for path in throttles if path.exists())
 
 READONLY_PATHS = (
     "/proc/bus",
@@ -124,7 +151,7 @@ def base_spec() -> dict[str, Any]:
                 {"type": "mount"},
                 {"type": "network"},
             ],
-            "maskedPaths": list(MASKED_PATHS),
+            "maskedPaths": list(masked_paths()),
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
