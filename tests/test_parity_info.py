@@ -100,8 +100,6 @@ POD_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
     "/sys/fs/cgroup mount": _drop_mount("/sys/fs/cgroup"),
     "/etc/resolv.conf mount": _drop_mount("/etc/resolv.conf"),
     "/dev/shm options": _shm_options,
-    # cri-shim caps the pause process's open files; containerd sets no rlimit.
-    "rlimits": _pop("process", "rlimits"),
     # containerd adds the image user's group as a supplemental group (65535).
     "additionalGids": _pop("process", "user", "additionalGids"),
 }

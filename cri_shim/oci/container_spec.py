@@ -736,8 +736,6 @@ def build_container_spec(inputs: ContainerSpecInput) -> dict[str, Any]:
 
     spec = base_spec()
     process = spec["process"]
-    # containerd strips the OCI default rlimits: containers inherit the runtime's.
-    del process["rlimits"]
     process["args"] = _process_args(config, inputs.image_config)
     process["env"] = _environment(inputs, process["env"][0])
     cwd = config.working_dir or str(inputs.image_config.get("WorkingDir") or "") or "/"

@@ -123,7 +123,8 @@ _BASE_MOUNTS: list[dict[str, Any]] = [
 
 
 def base_spec() -> dict[str, Any]:
-    """A fresh, mutable default spec (callers edit it in place)."""
+    """A fresh, mutable default spec (callers edit it in place). No rlimits: containerd's
+    CRI strips the OCI default RLIMIT_NOFILE, so pause and containers inherit the shim's."""
     caps = list(DEFAULT_CAPABILITIES)
     return {
         "ociVersion": OCI_VERSION,
@@ -137,7 +138,6 @@ def base_spec() -> dict[str, Any]:
                 "effective": list(caps),
                 "permitted": list(caps),
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": False,
         },
         "root": {"path": "rootfs", "readonly": False},
