@@ -97,7 +97,6 @@ POD_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
     **CONTAINER_SPEC_DIFFERENCES,
     # The pause container: containerd mounts no /sys/fs/cgroup, its /dev/shm read-only
     # and /etc/resolv.conf; cri-shim mounts cgroupfs and /dev/shm read-write.
-    "/sys/fs/cgroup mount": _drop_mount("/sys/fs/cgroup"),
     "/etc/resolv.conf mount": _drop_mount("/etc/resolv.conf"),
     "/dev/shm options": _shm_options,
     # containerd adds the image user's group as a supplemental group (65535).

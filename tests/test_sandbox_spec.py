@@ -48,6 +48,9 @@ def test_pod_network_namespace_is_joined_and_rootfs_readonly() -> None:
     assert spec["process"]["user"] == {"uid": 65535, "gid": 65535}
     assert spec["root"]["readonly"] is True
     assert "rlimits" not in spec["process"]  # containerd strips the OCI default
+    assert [m["destination"] for m in spec["mounts"]] == [
+        "/proc", "/dev", "/dev/pts", "/dev/mqueue", "/sys", "/dev/shm"
+    ]  # fmt: skip
     assert spec["process"]["noNewPrivileges"] is True
     assert namespaces(spec)["network"] == "/var/run/netns/cni-1"
     assert spec["linux"]["sysctl"] == {

@@ -99,6 +99,8 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
     context = linux.security_context
     options = context.namespace_options if context is not None else None
     spec = base_spec()
+    # containerd's default mounts have no cgroupfs: only containers get one.
+    spec["mounts"] = [m for m in spec["mounts"] if m["destination"] != "/sys/fs/cgroup"]
     process = spec["process"]
     process["args"] = _process_args(inputs.image_config)
     process["env"] = list(inputs.image_config.get("Env") or [process["env"][0]])
