@@ -21,6 +21,7 @@ def spec_for(config: cri.PodSandboxConfig, floor: int | None = None) -> dict:  #
             image_config=PAUSE_CONFIG,
             netns_path="/var/run/netns/cni-1",
             shm_path="/state/sandboxes/abc/shm",
+            resolv_conf_path="/state/sandboxes/abc/resolv.conf",
             hostname="web-0",
             cgroup_driver="cgroupfs",
             oom_score_adj_floor=floor,
@@ -49,8 +50,11 @@ def test_pod_network_namespace_is_joined_and_rootfs_readonly() -> None:
     assert spec["root"]["readonly"] is True
     assert "rlimits" not in spec["process"]  # containerd strips the OCI default
     assert [m["destination"] for m in spec["mounts"]] == [
-        "/proc", "/dev", "/dev/pts", "/dev/mqueue", "/sys", "/dev/shm"
+        "/proc", "/dev", "/dev/pts", "/dev/mqueue", "/sys", "/dev/shm", "/etc/resolv.conf"
     ]  # fmt: skip
+    for mount in spec["mounts"][-2:]:
+        assert mount["options"] == ["rbind", "ro", "nosuid", "nodev", "noexec"]
+    assert spec["mounts"][-1]["source"] == "/state/sandboxes/abc/resolv.conf"
     assert spec["process"]["noNewPrivileges"] is True
     assert namespaces(spec)["network"] == "/var/run/netns/cni-1"
     assert spec["linux"]["sysctl"] == {

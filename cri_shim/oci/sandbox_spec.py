@@ -15,6 +15,7 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.host import clamp_oom_score_adj
 from cri_shim.oci.annotations import passthrough
 from cri_shim.oci.defaults import (
+    SYS_BIND_MOUNT,
     apply_userns,
     base_spec,
     cgroups_path,
@@ -58,6 +59,8 @@ class SandboxSpecInput:
     namespace: str = "k8s.io"
     # The configured sandbox (pause) image's name, for containerd's image-name annotation.
     image_name: str = ""
+    # The pod's resolv.conf, bound read-only ("" in unit tests: no mount).
+    resolv_conf_path: str = ""
     # cri-shim itself runs in a user namespace: no ping_group_range (as containerd).
     host_in_userns: bool = False
 
@@ -127,15 +130,29 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
     host_ipc = _namespace_mode(options, "ipc") is cri.NamespaceMode.NODE
     if host_ipc:
         drop_namespace(spec, "ipc")
+    # Read-only as in containerd: the pause process writes neither (containers bind
+    # the same files themselves); resolv.conf is there for VM runtimes (kata).
     replace_mount(
         spec,
         {
             "destination": "/dev/shm",
             "type": "bind",
             "source": "/dev/shm" if host_ipc else inputs.shm_path,
-            "options": ["rbind", "ro" if host_ipc else "rw", "nosuid", "nodev", "noexec"],
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
         },
     )
+    if inputs.resolv_conf_path:
+        replace_mount(
+            spec,
+            {
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": inputs.resolv_conf_path,
+                "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+            },
+        )
+    if host_network and inputs.userns is not None:
+        replace_mount(spec, dict(SYS_BIND_MOUNT))  # the host's /sys last, as containerd's
 
     sysctls = dict(linux.sysctls)
     if host_network:

@@ -329,6 +329,7 @@ class SandboxManager:
                 image_config=runtime_config(image.config),
                 netns_path=sandbox.netns_path,
                 shm_path=str(dirs.shm),
+                resolv_conf_path=str(dirs.resolv_conf),
                 hostname=hostname,
                 cgroup_driver=self.env.cgroup_driver,
                 oom_score_adj_floor=self.env.oom_score_adj_floor,
