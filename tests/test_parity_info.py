@@ -93,8 +93,6 @@ POD_SPEC_DIFFERENCES: dict[str, Callable[[Spec], Any]] = {
     **CONTAINER_SPEC_DIFFERENCES,
     # The pause container: containerd mounts no /sys/fs/cgroup, its /dev/shm read-only
     # and /etc/resolv.conf; cri-shim mounts cgroupfs and /dev/shm read-write.
-    # containerd adds the image user's group as a supplemental group (65535).
-    "additionalGids": _pop("process", "user", "additionalGids"),
 }
 
 

@@ -46,7 +46,7 @@ def test_pod_network_namespace_is_joined_and_rootfs_readonly() -> None:
         pod(cgroup_parent="/kubepods/besteffort/podu1", sysctls={"net.ipv4.ip_forward": "1"})
     )
     assert spec["process"]["args"] == ["/pause"]
-    assert spec["process"]["user"] == {"uid": 65535, "gid": 65535}
+    assert spec["process"]["user"] == {"uid": 65535, "gid": 65535, "additionalGids": [65535]}
     assert spec["root"]["readonly"] is True
     assert "rlimits" not in spec["process"]  # containerd strips the OCI default
     assert [m["destination"] for m in spec["mounts"]] == [
@@ -185,7 +185,7 @@ def test_security_context_user_overrides_image_user() -> None:
         run_as_user=cri.Int64Value(1000), run_as_group=cri.Int64Value(3000), supplemental_groups=[4]
     )
     spec = spec_for(pod(security_context=context))
-    assert spec["process"]["user"] == {"uid": 1000, "gid": 3000, "additionalGids": [4]}
+    assert spec["process"]["user"] == {"uid": 1000, "gid": 3000, "additionalGids": [3000, 4]}
 
 
 def test_pod_annotations_cannot_impersonate_the_runtime() -> None:

@@ -92,8 +92,13 @@ def _user(
             user["gid"] = int(gid)
     if context is not None and context.run_as_group is not None:
         user["gid"] = context.run_as_group.value
-    if context is not None and context.supplemental_groups:
-        user["additionalGids"] = list(context.supplemental_groups)
+    groups = list(context.supplemental_groups) if context is not None else []
+    # containerd 2.x's WithUser lists the primary gid first whenever a user is set
+    # (it also drops the pod's supplemental groups there; cri-shim keeps them).
+    if image_user or (context is not None and context.run_as_user is not None):
+        groups = [user["gid"]] + [g for g in groups if g != user["gid"]]
+    if groups:
+        user["additionalGids"] = groups
 
 
 def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
