@@ -138,7 +138,9 @@ def test_unprivileged_port_and_icmp_sysctls_as_containerd_2() -> None:
     )
     assert in_userns["linux"]["sysctl"] == {"net.ipv4.ip_unprivileged_port_start": "0"}
     options = cri.NamespaceOption(network=cri.NamespaceMode.NODE)
-    host = spec_for(pod(security_context=cri.LinuxSandboxSecurityContext(namespace_options=options)))
+    host = spec_for(
+        pod(security_context=cri.LinuxSandboxSecurityContext(namespace_options=options))
+    )
     assert "sysctl" not in host["linux"]
 
 

@@ -72,6 +72,7 @@ def masked_paths(cpu_sysfs: Path = CPU_SYSFS) -> tuple[str, ...]:
     throttles = (cpu_sysfs / f"cpu{cpu}" / "thermal_throttle" for cpu in _possible_cpus(cpu_sysfs))
     return MASKED_PATHS + tuple(str(path) for path in throttles if path.exists())
 
+
 READONLY_PATHS = (
     "/proc/bus",
     "/proc/fs",
