@@ -161,10 +161,8 @@ def test_masked_paths_are_containerd_2s_with_cpu_thermal_throttle(tmp_path: Path
     (tmp_path / "possible").write_text("0-2,5\n")
     for cpu in (1, 5, 7):  # cpu7 is not a possible one
         (tmp_path / f"cpu{cpu}" / "thermal_throttle").mkdir(parents=True)
-    assert masked_paths(tmp_path) == MASKED_PATHS + (
-        f"{tmp_path}/cpu1/thermal_throttle",
-        f"{tmp_path}/cpu5/thermal_throttle",
-    )
+    throttled = (f"{tmp_path}/cpu1/thermal_throttle", f"{tmp_path}/cpu5/thermal_throttle")
+    assert masked_paths(tmp_path) == (*MASKED_PATHS, *throttled)
 
 
 def test_network_sysctls_refused_on_host_network() -> None:
