@@ -68,3 +68,13 @@ def recursive_readonly_supported() -> bool:
     except (IndexError, ValueError):
         return False
     return (major, minor) >= (5, 12)
+
+
+def running_in_user_namespace(uid_map: Path = Path("/proc/self/uid_map")) -> bool:
+    """True unless this process sees the initial user namespace's full identity map
+    (moby/sys/userns' test, which containerd uses to skip the ping_group_range sysctl)."""
+    try:
+        fields = uid_map.read_text().split()
+    except OSError:
+        return False
+    return fields != ["0", "0", "4294967295"]

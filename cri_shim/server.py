@@ -51,6 +51,7 @@ from cri_shim.host import (
     detect_cgroup_driver,
     own_oom_score_adj,
     recursive_readonly_supported,
+    running_in_user_namespace,
 )
 from cri_shim.images.manager import ImageManager
 from cri_shim.images.store import ImageRecord
@@ -343,6 +344,8 @@ class Shim:
                 oom_score_adj_floor=floor,
                 pod_annotations=settings.runtime.pod_annotations,
                 runc_binaries=runc_binaries,
+                namespace=self.client.namespace,
+                host_in_userns=running_in_user_namespace(),
             ),
         )
         self.container_manager = ContainerManager(
@@ -364,6 +367,7 @@ class Shim:
                 enable_criu=settings.runtime.enable_criu,
                 restore_via_create=settings.runtime.restore_via_create,
                 runc_binaries=runc_binaries,
+                namespace=self.client.namespace,
             ),
             image_volumes=ImageVolumes(self.client, images.store, settings.state_path),
             checkpoints=CheckpointOps(self.client),

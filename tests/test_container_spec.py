@@ -1030,7 +1030,7 @@ def test_negative_cpu_shares_are_refused() -> None:
     ("driver", "parent", "expected"),
     [
         ("cgroupfs", "/kubepods/burstable/podpod-uid", "/kubepods/burstable/podpod-uid/ctr1"),
-        ("cgroupfs", "", "/cri-containerd/ctr1"),
+        ("cgroupfs", "", "/k8s.io/ctr1"),
         ("systemd", "kubepods-pod1.slice", "kubepods-pod1.slice:cri-containerd:ctr1"),
     ],
 )  # fmt: skip

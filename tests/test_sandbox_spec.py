@@ -1,10 +1,13 @@
 """The pause container's OCI spec, built from CRI configs (no containerd needed)."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from cri_shim.gen.runtime import v1 as cri
+from cri_shim.host import running_in_user_namespace
+from cri_shim.oci.defaults import MASKED_PATHS, masked_paths
 from cri_shim.oci.sandbox_spec import SandboxSpecInput, SpecError, build_sandbox_spec
 
 PAUSE_CONFIG = {"Entrypoint": ["/pause"], "User": "65535:65535", "Env": ["PATH=/bin"]}
@@ -18,9 +21,11 @@ def spec_for(config: cri.PodSandboxConfig, floor: int | None = None) -> dict:  #
             image_config=PAUSE_CONFIG,
             netns_path="/var/run/netns/cni-1",
             shm_path="/state/sandboxes/abc/shm",
+            resolv_conf_path="/state/sandboxes/abc/resolv.conf",
             hostname="web-0",
             cgroup_driver="cgroupfs",
             oom_score_adj_floor=floor,
+            image_name="registry.k8s.io/pause:3.10",
         )
     )
 
@@ -41,16 +46,30 @@ def test_pod_network_namespace_is_joined_and_rootfs_readonly() -> None:
         pod(cgroup_parent="/kubepods/besteffort/podu1", sysctls={"net.ipv4.ip_forward": "1"})
     )
     assert spec["process"]["args"] == ["/pause"]
-    assert spec["process"]["user"] == {"uid": 65535, "gid": 65535}
+    assert spec["process"]["user"] == {"uid": 65535, "gid": 65535, "additionalGids": [65535]}
     assert spec["root"]["readonly"] is True
+    assert "rlimits" not in spec["process"]  # containerd strips the OCI default
+    assert [m["destination"] for m in spec["mounts"]] == [
+        "/proc", "/dev", "/dev/pts", "/dev/mqueue", "/sys", "/dev/shm", "/etc/resolv.conf"
+    ]  # fmt: skip
+    for mount in spec["mounts"][-2:]:
+        assert mount["options"] == ["rbind", "ro", "nosuid", "nodev", "noexec"]
+    assert spec["mounts"][-1]["source"] == "/state/sandboxes/abc/resolv.conf"
     assert spec["process"]["noNewPrivileges"] is True
     assert namespaces(spec)["network"] == "/var/run/netns/cni-1"
-    assert spec["linux"]["sysctl"] == {"net.ipv4.ip_forward": "1"}
+    assert spec["linux"]["sysctl"] == {
+        "net.ipv4.ip_forward": "1",
+        "net.ipv4.ip_unprivileged_port_start": "0",
+        "net.ipv4.ping_group_range": "0 2147483647",
+    }
     assert spec["linux"]["cgroupsPath"] == "/kubepods/besteffort/podu1/abc"
     shm = next(m for m in spec["mounts"] if m["destination"] == "/dev/shm")
     assert shm["source"] == "/state/sandboxes/abc/shm"
     assert spec["hostname"] == "web-0"
     assert spec["annotations"]["io.kubernetes.cri.container-type"] == "sandbox"
+    assert spec["annotations"]["io.kubernetes.cri.podsandbox.image-name"] == (
+        "registry.k8s.io/pause:3.10"
+    )
 
 
 def test_host_namespaces() -> None:
@@ -96,6 +115,56 @@ def test_privileged_pod_mounts_sysfs_read_write() -> None:
     assert "rw" in sysfs(privileged) and "ro" not in sysfs(privileged)
 
 
+def test_unprivileged_port_and_icmp_sysctls_as_containerd_2() -> None:
+    """containerd 2.x's defaults: set on pod networks unless the pod sets them; no
+    ping range in a user namespace (its gids), none of either on the host network."""
+    own = spec_for(pod(sysctls={"net.ipv4.ip_unprivileged_port_start": "1024"}))
+    assert own["linux"]["sysctl"] == {
+        "net.ipv4.ip_unprivileged_port_start": "1024",
+        "net.ipv4.ping_group_range": "0 2147483647",
+    }
+    in_userns = build_sandbox_spec(
+        SandboxSpecInput(
+            sandbox_id="abc",
+            config=pod(),
+            image_config=PAUSE_CONFIG,
+            netns_path="/var/run/netns/x",
+            shm_path="/dev/shm",
+            hostname="h",
+            cgroup_driver="cgroupfs",
+            oom_score_adj_floor=None,
+            host_in_userns=True,
+        )
+    )
+    assert in_userns["linux"]["sysctl"] == {"net.ipv4.ip_unprivileged_port_start": "0"}
+    options = cri.NamespaceOption(network=cri.NamespaceMode.NODE)
+    host = spec_for(
+        pod(security_context=cri.LinuxSandboxSecurityContext(namespace_options=options))
+    )
+    assert "sysctl" not in host["linux"]
+
+
+def test_running_in_user_namespace(tmp_path: Path) -> None:
+    uid_map = tmp_path / "uid_map"
+    uid_map.write_text("         0          0 4294967295\n")
+    assert not running_in_user_namespace(uid_map)
+    uid_map.write_text("         0     100000      65536\n")
+    assert running_in_user_namespace(uid_map)
+
+
+def test_masked_paths_are_containerd_2s_with_cpu_thermal_throttle(tmp_path: Path) -> None:
+    assert spec_for(pod())["linux"]["maskedPaths"][:3] == [
+        "/proc/acpi",
+        "/proc/asound",
+        "/proc/interrupts",
+    ]
+    (tmp_path / "possible").write_text("0-2,5\n")
+    for cpu in (1, 5, 7):  # cpu7 is not a possible one
+        (tmp_path / f"cpu{cpu}" / "thermal_throttle").mkdir(parents=True)
+    throttled = (f"{tmp_path}/cpu1/thermal_throttle", f"{tmp_path}/cpu5/thermal_throttle")
+    assert masked_paths(tmp_path) == (*MASKED_PATHS, *throttled)
+
+
 def test_network_sysctls_refused_on_host_network() -> None:
     options = cri.NamespaceOption(network=cri.NamespaceMode.NODE)
     config = pod(
@@ -116,7 +185,7 @@ def test_security_context_user_overrides_image_user() -> None:
         run_as_user=cri.Int64Value(1000), run_as_group=cri.Int64Value(3000), supplemental_groups=[4]
     )
     spec = spec_for(pod(security_context=context))
-    assert spec["process"]["user"] == {"uid": 1000, "gid": 3000, "additionalGids": [4]}
+    assert spec["process"]["user"] == {"uid": 1000, "gid": 3000, "additionalGids": [3000, 4]}
 
 
 def test_pod_annotations_cannot_impersonate_the_runtime() -> None:

@@ -328,6 +328,7 @@ class ContainerManager(ContainerRecovery):
             resolve_mount_source=ensure_mount_source,
             pod_annotations=self.env.pod_annotations,
             container_annotations=self.env.container_annotations,
+            namespace=self.env.namespace,
         )
         # Building stats devices and may create mount sources: off the event loop.
         spec = await asyncio.to_thread(build_container_spec, inputs)

@@ -68,6 +68,7 @@ class ContainerEnvironment:
     restore_via_create: bool = True  # runtime.restore_via_create
     # runc binary of each configured runtime handler; absent: the shim's default runc.
     runc_binaries: Mapping[str, str] = field(default_factory=dict)
+    namespace: str = "k8s.io"  # containerd namespace (cgroup parent without a pod's own)
 
 
 def _criu_disabled() -> str:

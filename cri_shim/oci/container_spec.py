@@ -49,7 +49,6 @@ from cri_shim.oci.seccomp import profile_from_path, seccomp_for
 from cri_shim.oci.userns import PodUserns, parse_userns, pod_userns_of
 from cri_shim.oci.users import resolve_user
 
-CGROUP_KIND_PREFIX = "cri-containerd"
 APPARMOR_DEFAULT_PROFILE = apparmor.DEFAULT_PROFILE  # containerd's name, loaded by oci.apparmor
 LOCALHOST_PREFIX = "localhost/"
 ETC_HOSTNAME = "/etc/hostname"
@@ -198,6 +197,8 @@ class ContainerSpecInput:
     resolve_mount_source: Callable[[str], str] | None = None
     # HOSTNAME for pods without a hostname (hostNetwork); None: this node's name.
     node_hostname: str | None = None
+    # containerd namespace: the cgroup parent when the pod names none, as containerd's.
+    namespace: str = "k8s.io"
     # Patterns of pod / container annotation keys copied into the spec (the runtime
     # handler's pod_annotations / container_annotations, as in containerd).
     pod_annotations: tuple[str, ...] = ()
@@ -735,8 +736,6 @@ def build_container_spec(inputs: ContainerSpecInput) -> dict[str, Any]:
 
     spec = base_spec()
     process = spec["process"]
-    # containerd strips the OCI default rlimits: containers inherit the runtime's.
-    del process["rlimits"]
     process["args"] = _process_args(config, inputs.image_config)
     process["env"] = _environment(inputs, process["env"][0])
     cwd = config.working_dir or str(inputs.image_config.get("WorkingDir") or "") or "/"
@@ -784,7 +783,7 @@ def build_container_spec(inputs: ContainerSpecInput) -> dict[str, Any]:
 
     _resources(spec, inputs)
     linux["cgroupsPath"] = cgroups_path(
-        inputs.cgroup_driver, pod_linux.cgroup_parent, CGROUP_KIND_PREFIX, inputs.container_id
+        inputs.cgroup_driver, pod_linux.cgroup_parent, inputs.namespace, inputs.container_id
     )
 
     apparmor = _apparmor(context, privileged, inputs.apparmor_available)

@@ -7,11 +7,15 @@ is applied, so workloads see the same /dev, /proc masking and capabilities.
 from __future__ import annotations
 
 import copy
+import functools
+import os
+from pathlib import Path
 from typing import Any
 
 from cri_shim.oci.userns import PodUserns
 
-OCI_VERSION = "1.0.2-dev"
+# The runtime-spec version containerd 2.x writes (specs-go it vendors); runc reads any.
+OCI_VERSION = "1.3.0"
 
 DEFAULT_CAPABILITIES = (
     "CAP_CHOWN",
@@ -30,19 +34,44 @@ DEFAULT_CAPABILITIES = (
     "CAP_AUDIT_WRITE",
 )
 
+# containerd 2.x's default list (pkg/oci), in its order; the pause container keeps it.
 MASKED_PATHS = (
     "/proc/acpi",
     "/proc/asound",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
     "/proc/timer_list",
     "/proc/timer_stats",
     "/proc/sched_debug",
-    "/proc/scsi",
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
+    "/proc/scsi",
 )
+CPU_SYSFS = Path("/sys/devices/system/cpu")
+
+
+def _possible_cpus(cpu_sysfs: Path) -> list[int]:
+    """The kernel's possible CPUs ("0-3,6"), or 0..cpu_count-1 where unreadable."""
+    try:
+        ranges = (cpu_sysfs / "possible").read_text().strip().split(",")
+        cpus: list[int] = []
+        for part in ranges:
+            first, _, last = part.partition("-")
+            cpus += range(int(first), int(last or first) + 1)
+        return cpus
+    except (OSError, ValueError):
+        return list(range(os.cpu_count() or 1))
+
+
+@functools.cache
+def masked_paths(cpu_sysfs: Path = CPU_SYSFS) -> tuple[str, ...]:
+    """MASKED_PATHS and each CPU's thermal_throttle directory that exists, as
+    containerd 2.x computes them once per process."""
+    throttles = (cpu_sysfs / f"cpu{cpu}" / "thermal_throttle" for cpu in _possible_cpus(cpu_sysfs))
+    return MASKED_PATHS + tuple(str(path) for path in throttles if path.exists())
+
 
 READONLY_PATHS = (
     "/proc/bus",
@@ -95,7 +124,8 @@ _BASE_MOUNTS: list[dict[str, Any]] = [
 
 
 def base_spec() -> dict[str, Any]:
-    """A fresh, mutable default spec (callers edit it in place)."""
+    """A fresh, mutable default spec (callers edit it in place). No rlimits: containerd's
+    CRI strips the OCI default RLIMIT_NOFILE, so pause and containers inherit the shim's."""
     caps = list(DEFAULT_CAPABILITIES)
     return {
         "ociVersion": OCI_VERSION,
@@ -109,7 +139,6 @@ def base_spec() -> dict[str, Any]:
                 "effective": list(caps),
                 "permitted": list(caps),
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": False,
         },
         "root": {"path": "rootfs", "readonly": False},
@@ -123,7 +152,7 @@ def base_spec() -> dict[str, Any]:
                 {"type": "mount"},
                 {"type": "network"},
             ],
-            "maskedPaths": list(MASKED_PATHS),
+            "maskedPaths": list(masked_paths()),
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
@@ -177,9 +206,17 @@ def apply_userns(
         ]
 
 
-def cgroups_path(driver: str, parent: str, kind_prefix: str, object_id: str) -> str:
-    """Where runc puts the cgroup: a path for cgroupfs, slice:prefix:name for systemd."""
+# runc's systemd cgroup path is slice:prefix:name; containerd's CRI uses this prefix.
+SYSTEMD_SCOPE_PREFIX = "cri-containerd"
+
+
+def cgroups_path(driver: str, parent: str, namespace: str, object_id: str) -> str:
+    """Where runc puts the cgroup: a path for cgroupfs, slice:prefix:name for systemd.
+
+    Without a parent, cgroupfs gets containerd's default /<containerd namespace>/<id>;
+    systemd gets system.slice (containerd's default path is no valid systemd one).
+    """
     if driver == "systemd":
         slice_name = parent.rsplit("/", 1)[-1] if parent else "system.slice"
-        return f"{slice_name}:{kind_prefix}:{object_id}"
-    return f"{parent.rstrip('/')}/{object_id}" if parent else f"/{kind_prefix}/{object_id}"
+        return f"{slice_name}:{SYSTEMD_SCOPE_PREFIX}:{object_id}"
+    return f"{parent.rstrip('/')}/{object_id}" if parent else f"/{namespace}/{object_id}"

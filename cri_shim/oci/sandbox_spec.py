@@ -15,6 +15,7 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.host import clamp_oom_score_adj
 from cri_shim.oci.annotations import passthrough
 from cri_shim.oci.defaults import (
+    SYS_BIND_MOUNT,
     apply_userns,
     base_spec,
     cgroups_path,
@@ -32,6 +33,10 @@ SANDBOX_OOM_SCORE_ADJ = -998
 SANDBOX_CPU_SHARES = 2
 # Sysctls that act on the network namespace; meaningless (and dangerous) with hostNetwork.
 NETWORK_SYSCTL_PREFIX = "net."
+# containerd 2.x's enable_unprivileged_ports / enable_unprivileged_icmp (on by default):
+# any user in a pod may bind low ports and open ICMP echo sockets, unless the pod says.
+UNPRIVILEGED_PORTS_SYSCTL = ("net.ipv4.ip_unprivileged_port_start", "0")
+UNPRIVILEGED_ICMP_SYSCTL = ("net.ipv4.ping_group_range", "0 2147483647")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,14 @@ class SandboxSpecInput:
     # hostNetwork: runc makes it and the containers join the pause process's).
     userns: PodUserns | None = None
     userns_path: str = ""
+    # containerd namespace: the cgroup parent when the pod names none, as containerd's.
+    namespace: str = "k8s.io"
+    # The configured sandbox (pause) image's name, for containerd's image-name annotation.
+    image_name: str = ""
+    # The pod's resolv.conf, bound read-only ("" in unit tests: no mount).
+    resolv_conf_path: str = ""
+    # cri-shim itself runs in a user namespace: no ping_group_range (as containerd).
+    host_in_userns: bool = False
 
 
 def _namespace_mode(options: cri.NamespaceOption | None, field: str) -> cri.NamespaceMode:
@@ -79,8 +92,13 @@ def _user(
             user["gid"] = int(gid)
     if context is not None and context.run_as_group is not None:
         user["gid"] = context.run_as_group.value
-    if context is not None and context.supplemental_groups:
-        user["additionalGids"] = list(context.supplemental_groups)
+    groups = list(context.supplemental_groups) if context is not None else []
+    # containerd 2.x's WithUser lists the primary gid first whenever a user is set
+    # (it also drops the pod's supplemental groups there; cri-shim keeps them).
+    if image_user or (context is not None and context.run_as_user is not None):
+        groups = [user["gid"]] + [g for g in groups if g != user["gid"]]
+    if groups:
+        user["additionalGids"] = groups
 
 
 def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
@@ -89,6 +107,8 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
     context = linux.security_context
     options = context.namespace_options if context is not None else None
     spec = base_spec()
+    # containerd's default mounts have no cgroupfs: only containers get one.
+    spec["mounts"] = [m for m in spec["mounts"] if m["destination"] != "/sys/fs/cgroup"]
     process = spec["process"]
     process["args"] = _process_args(inputs.image_config)
     process["env"] = list(inputs.image_config.get("Env") or [process["env"][0]])
@@ -115,21 +135,40 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
     host_ipc = _namespace_mode(options, "ipc") is cri.NamespaceMode.NODE
     if host_ipc:
         drop_namespace(spec, "ipc")
+    # Read-only as in containerd: the pause process writes neither (containers bind
+    # the same files themselves); resolv.conf is there for VM runtimes (kata).
     replace_mount(
         spec,
         {
             "destination": "/dev/shm",
             "type": "bind",
             "source": "/dev/shm" if host_ipc else inputs.shm_path,
-            "options": ["rbind", "ro" if host_ipc else "rw", "nosuid", "nodev", "noexec"],
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
         },
     )
+    if inputs.resolv_conf_path:
+        replace_mount(
+            spec,
+            {
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": inputs.resolv_conf_path,
+                "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+            },
+        )
+    if host_network and inputs.userns is not None:
+        replace_mount(spec, dict(SYS_BIND_MOUNT))  # the host's /sys last, as containerd's
 
     sysctls = dict(linux.sysctls)
     if host_network:
         bad = sorted(k for k in sysctls if k.startswith(NETWORK_SYSCTL_PREFIX))
         if bad:
             raise SpecError(f"sysctls {', '.join(bad)} cannot be set on a hostNetwork pod")
+    else:
+        sysctls.setdefault(*UNPRIVILEGED_PORTS_SYSCTL)
+        # The range names gids of this namespace: meaningless across a user namespace.
+        if inputs.userns is None and not inputs.host_in_userns:
+            sysctls.setdefault(*UNPRIVILEGED_ICMP_SYSCTL)
     if host_ipc:
         bad = sorted(
             k
@@ -151,7 +190,7 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
             if mount["destination"] == "/sys":
                 mount["options"] = ["rw" if o == "ro" else o for o in mount["options"]]
     spec["linux"]["cgroupsPath"] = cgroups_path(
-        inputs.cgroup_driver, linux.cgroup_parent, "cri-containerd", inputs.sandbox_id
+        inputs.cgroup_driver, linux.cgroup_parent, inputs.namespace, inputs.sandbox_id
     )
     spec["linux"]["resources"]["cpu"] = {"shares": SANDBOX_CPU_SHARES}
     metadata = config.metadata or cri.PodSandboxMetadata()
@@ -164,5 +203,6 @@ def build_sandbox_spec(inputs: SandboxSpecInput) -> dict[str, Any]:
         "io.kubernetes.cri.sandbox-namespace": metadata.namespace,
         "io.kubernetes.cri.sandbox-uid": metadata.uid,
         "io.kubernetes.cri.sandbox-log-directory": config.log_directory,
+        "io.kubernetes.cri.podsandbox.image-name": inputs.image_name,
     }
     return spec

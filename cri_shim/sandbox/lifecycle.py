@@ -74,6 +74,8 @@ class SandboxEnvironment:
     pod_annotations: tuple[str, ...] = ()  # allow-list of pod annotations for the spec
     # runc binary of each configured runtime handler; absent: the shim's default runc.
     runc_binaries: Mapping[str, str] = field(default_factory=dict)
+    namespace: str = "k8s.io"  # containerd namespace (cgroup parent without a pod's own)
+    host_in_userns: bool = False  # host.running_in_user_namespace()
 
 
 def runtime_config(image_config: dict[str, Any]) -> dict[str, Any]:
@@ -327,12 +329,16 @@ class SandboxManager:
                 image_config=runtime_config(image.config),
                 netns_path=sandbox.netns_path,
                 shm_path=str(dirs.shm),
+                resolv_conf_path=str(dirs.resolv_conf),
                 hostname=hostname,
                 cgroup_driver=self.env.cgroup_driver,
                 oom_score_adj_floor=self.env.oom_score_adj_floor,
                 pod_annotations=self.env.pod_annotations,
                 userns=userns,
                 userns_path=userns_path,
+                namespace=self.env.namespace,
+                image_name=self.env.sandbox_image,
+                host_in_userns=self.env.host_in_userns,
             )
         )
         sandbox.spec = spec
