@@ -20,10 +20,10 @@ from pathlib import Path
 from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient, metadata_for
-from cri_shim.containerd.leases import Leases, expires_in
+from cri_shim.containerd.leases import Leases
 from cri_shim.containerd.runtime import RUNC_OPTIONS_TYPE_URL
 from cri_shim.containerd.snapshots import SNAPSHOTTER
-from cri_shim.errors import ContainerdError, ContainerdUnavailable
+from cri_shim.errors import ContainerdError
 from cri_shim.gen.containerd.runc import v1 as runc_v1
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
 from cri_shim.gen.containerd.services.content import v1 as content_v1
@@ -57,13 +57,8 @@ class CheckpointOps:
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[str]:
         """Holds the blobs a checkpoint or restore writes until it is done with them."""
-        lease_id = f"{CHECKPOINT_LEASE_PREFIX}{secrets.token_hex(8)}"
-        await self.leases.create(lease_id, expires_in(CHECKPOINT_LEASE_EXPIRY))
-        try:
+        async with self.leases.held(CHECKPOINT_LEASE_PREFIX, CHECKPOINT_LEASE_EXPIRY) as lease_id:
             yield lease_id
-        finally:
-            with contextlib.suppress(ContainerdError, ContainerdUnavailable):
-                await self.leases.delete(lease_id)
 
     async def pause(self, container_id: str) -> None:
         await self.client.call(

@@ -8,9 +8,13 @@ and image pulls (`images/lease.py`) both take theirs here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import secrets
+from collections.abc import AsyncIterator
 
 from cri_shim.containerd.client import ContainerdClient
+from cri_shim.errors import ContainerdError, ContainerdUnavailable
 from cri_shim.gen.containerd.services.leases import v1 as leases_v1
 
 EXPIRE_LABEL = "containerd.io/gc.expire"
@@ -31,6 +35,18 @@ class Leases:
             "Leases.Create",
             self.client.leases.create(leases_v1.CreateRequest(id=lease_id, labels=labels)),
         )
+
+    @contextlib.asynccontextmanager
+    async def held(self, prefix: str, expiry: datetime.timedelta) -> AsyncIterator[str]:
+        """A new lease `<prefix><random>` for the block's duration; it expires by
+        itself after `expiry` if the shim dies holding it."""
+        lease_id = f"{prefix}{secrets.token_hex(8)}"
+        await self.create(lease_id, expires_in(expiry))
+        try:
+            yield lease_id
+        finally:
+            with contextlib.suppress(ContainerdError, ContainerdUnavailable):
+                await self.delete(lease_id)
 
     async def delete(self, lease_id: str, *, sync: bool = False) -> None:
         """`sync`: return only once what the lease alone held is collected."""

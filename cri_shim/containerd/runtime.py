@@ -14,7 +14,6 @@ import datetime
 import json
 import logging
 import os
-import secrets
 import signal as signals
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager
@@ -24,10 +23,10 @@ from typing import Any, Protocol
 from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient
-from cri_shim.containerd.leases import Leases, expires_in
+from cri_shim.containerd.leases import Leases
 from cri_shim.containerd.remap import RemappedRootfs, RootfsRemapper
 from cri_shim.containerd.snapshots import SNAPSHOTTER, Snapshots
-from cri_shim.errors import ContainerdError, ContainerdUnavailable
+from cri_shim.errors import ContainerdError
 from cri_shim.gen.containerd.runc import v1 as runc_v1
 from cri_shim.gen.containerd.services.containers import v1 as containers_v1
 from cri_shim.gen.containerd.services.introspection import v1 as introspection_v1
@@ -210,13 +209,8 @@ class RuntimeOps:
         """Hold a new snapshot until a container record references it: without
         this, containerd's GC (run after any removal) may collect the snapshot
         between Prepare and Containers.Create."""
-        lease_id = f"{CREATION_LEASE_PREFIX}{secrets.token_hex(8)}"
-        await self.leases.create(lease_id, expires_in(CREATION_LEASE_EXPIRY))
-        try:
+        async with self.leases.held(CREATION_LEASE_PREFIX, CREATION_LEASE_EXPIRY) as lease_id:
             yield lease_id
-        finally:
-            with contextlib.suppress(ContainerdError, ContainerdUnavailable):
-                await self.leases.delete(lease_id)
 
     async def release_stale_creation_leases(self) -> int:
         """Leases a shim killed mid-create left behind. Only safe before serving (no
