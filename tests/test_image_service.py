@@ -33,6 +33,7 @@ from cri_shim.gen.containerd.services.content import v1 as content_v1
 from cri_shim.gen.containerd.services.images import v1 as images_v1
 from cri_shim.gen.containerd.services.leases import v1 as leases_v1
 from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
+from cri_shim.gen.google.protobuf import FieldMask
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.store import ImageContent, ImageStore, chain_ids, split_names
 from cri_shim.registry.types import Descriptor
@@ -715,6 +716,59 @@ async def test_images_created_outside_the_cri_are_adopted(
     assert (await records(ctd))[name].labels.get("io.cri-containerd.image") == "managed"
     await client.image.remove_image(cri.RemoveImageRequest(image=spec(name)))
     assert name not in await records(ctd)
+
+
+async def test_own_record_writes_are_not_read_back_but_other_clients_writes_are(
+    served: tuple[Shim, CriClient],
+    ctd: ContainerdClient,
+    catalog: ServedCatalog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """containerd echoes every record the shim writes as an event; reading those
+    back cost a dozen round trips just as a pull returns (critest's ImageStatus
+    right after PullImage took 3x longer). The shim's own writes are not read back;
+    another client's change to the same name, right after, still is."""
+    shim, client = served
+    manager = shim.images
+    assert manager is not None
+    read_back: list[str] = []
+    original_get = manager.records.get
+
+    async def counting_get(name: str) -> images_v1.Image | None:
+        read_back.append(name)
+        return await original_get(name)
+
+    monkeypatch.setattr(manager.records, "get", counting_get)
+    tag = "docker.io/library/busybox:latest"
+    await client.image.remove_image(cri.RemoveImageRequest(image=spec("busybox")))
+    image_id = await pull(client.image, "busybox")
+    # Each of the pull's record writes is announced until its event arrives.
+    assert await wait_for(lambda: _async(len(manager.echoes) == 0), timeout=10)
+    assert read_back == []
+    pulled = (await status(client.image, "busybox")).image
+    assert pulled is not None and pulled.id == image_id
+
+    other = await pull(client.image, f"{catalog.endpoint(LOCAL)}/test/multilayer:1")
+    other_target = (await records(ctd))[f"{catalog.endpoint(LOCAL)}/test/multilayer:1"].target
+    await ctd.images.update(
+        images_v1.UpdateImageRequest(
+            image=images_v1.Image(name=tag, target=other_target),
+            update_mask=FieldMask(paths=["target"]),
+        )
+    )
+
+    async def retagged() -> bool:
+        got = (await status(client.image, "busybox")).image
+        return got is not None and got.id == other
+
+    assert await wait_for(retagged, timeout=10), "another client's retag was not followed"
+    assert tag in read_back
+    await client.image.remove_image(cri.RemoveImageRequest(image=spec("busybox")))
+    assert await pull(client.image, "busybox") == image_id
+
+
+async def _async(value: bool) -> bool:
+    return value
 
 
 async def content_digests(ctd: ContainerdClient) -> set[str]:

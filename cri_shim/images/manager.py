@@ -27,6 +27,7 @@ from cri_shim.errors import ContainerdError, ContainerdUnavailable, invalid_argu
 from cri_shim.gen.containerd import types as ctypes
 from cri_shim.gen.containerd.services.images import v1 as images_v1
 from cri_shim.images.content import ContentStore
+from cri_shim.images.echoes import WriteEchoes
 from cri_shim.images.errors import pull_error
 from cri_shim.images.pull import Puller
 from cri_shim.images.store import (
@@ -110,6 +111,8 @@ class ImageManager:
         self.puller = Puller(client, self.registry, self.content, self.unpacker)
         self.usage = SnapshotUsage(client, SNAPSHOTTER)
         self._flights: InFlight[ImageRecord] = InFlight()
+        # The events of the shim's own record writes, which need no reading back.
+        self.echoes = WriteEchoes()
         self._load_lock = asyncio.Lock()
         # Store changes made while a load reads containerd, replayed on its result.
         self._journal: list[Callable[[], None]] | None = None
@@ -150,9 +153,13 @@ class ImageManager:
         """An image record changed in containerd, maybe by another client: the store
         follows at once, as containerd's CRI does (its UpdateImage). The record is
         read back rather than trusted from the event, so a stale event finds the
-        current state; a record that is not the CRI's yet is adopted."""
+        current state; a record that is not the CRI's yet is adopted. The echo of
+        a write the shim made itself is not read back: the store holds it already."""
         if deleted:
+            self.echoes.forget(name)
             self._discard(name)
+            return
+        if self.echoes.claim(name):
             return
         try:
             image = await self.records.get(name)
@@ -208,6 +215,7 @@ class ImageManager:
         """Rebuild the store from containerd's image records (Images.List, Content.Read)."""
         async with self._load_lock:
             started = time.monotonic()
+            self.echoes.clear()
             journal: list[Callable[[], None]] = []
             self._journal = journal
             try:
@@ -316,7 +324,8 @@ class ImageManager:
         (createImageReference); returns whether the record ends up pinned."""
         image = images_v1.Image(name=name, labels=dict(labels), target=_ctypes_descriptor(target))
         try:
-            await self.records.create(image, lease=lease)
+            with self.echoes.expecting(name):
+                await self.records.create(image, lease=lease)
             return labels.get(PINNED_LABEL) == PINNED_VALUE
         except ContainerdError as err:
             if err.status is not Status.ALREADY_EXISTS:
@@ -330,11 +339,12 @@ class ImageManager:
             and (PINNED_LABEL not in labels or old.labels.get(PINNED_LABEL) == labels[PINNED_LABEL])
         ):
             return old.labels.get(PINNED_LABEL) == PINNED_VALUE
-        await self.records.update(
-            image,
-            ["target", f"labels.{MANAGED_LABEL}", f"labels.{PINNED_LABEL}"],
-            lease=lease,
-        )
+        with self.echoes.expecting(name):
+            await self.records.update(
+                image,
+                ["target", f"labels.{MANAGED_LABEL}", f"labels.{PINNED_LABEL}"],
+                lease=lease,
+            )
         return labels.get(PINNED_LABEL) == PINNED_VALUE
 
     def _record_names(self, resolved: ResolvedImage, content: ImageContent) -> list[str]:
@@ -450,10 +460,11 @@ class ImageManager:
             # containerd 2.x dereferences it regardless (a nil target crashes the daemon).
             current = await self.records.get(name)
             target = current.target if current is not None else None
-            await self.records.update(
-                images_v1.Image(name=name, labels={PINNED_LABEL: PINNED_VALUE}, target=target),
-                [f"labels.{PINNED_LABEL}"],
-            )
+            with self.echoes.expecting(name):
+                await self.records.update(
+                    images_v1.Image(name=name, labels={PINNED_LABEL: PINNED_VALUE}, target=target),
+                    [f"labels.{PINNED_LABEL}"],
+                )
             self._set(name, record.content, True)
         return self.store.get(record.id) or record
 

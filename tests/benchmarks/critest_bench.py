@@ -131,7 +131,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await prepull(runtimes.endpoints[name])
                 samples[name] = {}
             for round_ in range(args.rounds):
-                for spec in SPECS:
+                for spec in [s for s in SPECS if any(w in s for w in args.only)]:
                     first = round_ % len(names)
                     for name in names[first:] + names[:first]:
                         slug = name.replace(" ", "-")
@@ -209,6 +209,12 @@ def cli() -> None:
     parser.add_argument("--no-containerd2", action="store_true", help="containerd 1.6 only")
     parser.add_argument("--json", type=Path, default=Path("critest_bench.json"))
     parser.add_argument("--keep", action="store_true", help="keep logs and critest output")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[""],
+        help="run only the specs whose name contains one of these words (e.g. Image Container)",
+    )
     args = parser.parse_args()
     report = asyncio.run(main(args))
     print()
