@@ -275,6 +275,3 @@ class FakeRuntime:
 
     async def task_metrics(self, container_ids: Iterable[str]) -> list[Metric]:
         return []
-
-    async def snapshot_usage(self, key: str) -> tuple[int, int] | None:
-        return (0, 0) if key in self.snapshots else None

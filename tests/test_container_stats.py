@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import sys
@@ -16,6 +17,8 @@ import pytest
 import pytest_asyncio
 from grpclib import GRPCError
 from grpclib.const import Status
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cri_shim.container.cgroups import (
     CgroupSample,
@@ -30,8 +33,10 @@ from cri_shim.container.stats import (
     CGROUPS_V2_METRICS,
     CpuRates,
     memory_usage,
-    only_fields,
+    read_fields,
     sample_from_metric,
+    sample_from_v1,
+    sample_from_v2,
     sum_samples,
 )
 from cri_shim.gen.containerd.types import Metric
@@ -651,7 +656,7 @@ def test_v2_metrics_decode_by_type_url() -> None:
     assert sample_from_metric(unknown) is None
 
 
-def test_samples_decode_only_the_fields_they_read() -> None:
+def test_samples_read_only_the_fields_they_need() -> None:
     """A v1 payload's blkio and hugetlb are skipped unparsed; the sample is the one a
     whole decode gives, and a malformed payload still fails as a whole decode does."""
     payload = cgroups_v1.Metrics(
@@ -671,21 +676,77 @@ def test_samples_decode_only_the_fields_they_read() -> None:
         ),
     )
     data = bytes(payload)
-    slim = only_fields(data, frozenset({2, 3, 4}))
-    assert len(slim) < len(data) // 4
-    assert cgroups_v1.Metrics.parse(slim) == cgroups_v1.Metrics(
-        pids=payload.pids, cpu=payload.cpu, memory=payload.memory
-    )
+    top = read_fields(data, frozenset({2, 3, 4}))
+    assert set(top) == {2, 3, 4}
+    assert cgroups_v1.PidsStat.parse(top[2]) == payload.pids  # type: ignore[arg-type]
     metric = Metric(id="x", data=AnyMessage(type_url=CGROUPS_V1_METRICS, value=data))
     sample = sample_from_metric(metric)
     assert sample is not None
     assert (sample.cpu_ns, sample.memory_usage, sample.rss, sample.pids) == (123, 1000, 77, 3)
     assert (sample.page_faults, sample.memory_limit) == (8, 4096)
     with pytest.raises(ValueError):
-        only_fields(data[:-3], frozenset({2}))
+        read_fields(data[:-3], frozenset({2}))
     truncated = Metric(id="x", data=AnyMessage(type_url=CGROUPS_V1_METRICS, value=data[:-3]))
     with pytest.raises(Exception):  # noqa: B017 - whatever betterproto2 raises on it
         sample_from_metric(truncated)
+
+
+_u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+_v1_payloads = st.builds(
+    cgroups_v1.Metrics,
+    pids=st.none() | st.builds(cgroups_v1.PidsStat, current=_u64, limit=_u64),
+    cpu=st.none()
+    | st.builds(
+        cgroups_v1.CpuStat,
+        usage=st.none()
+        | st.builds(cgroups_v1.CpuUsage, total=_u64, per_cpu=st.lists(_u64, max_size=3)),
+    ),
+    memory=st.none()
+    | st.builds(
+        cgroups_v1.MemoryStat,
+        cache=_u64,
+        total_rss=_u64,
+        total_pg_fault=_u64,
+        total_pg_maj_fault=_u64,
+        total_inactive_file=_u64,
+        usage=st.none() | st.builds(cgroups_v1.MemoryEntry, limit=_u64, usage=_u64, max=_u64),
+        swap=st.none() | st.builds(cgroups_v1.MemoryEntry, limit=_u64, usage=_u64),
+    ),
+    hugetlb=st.lists(st.builds(cgroups_v1.HugetlbStat, usage=_u64, pagesize=st.text()), max_size=2),
+)
+_v2_payloads = st.builds(
+    cgroups_v2.Metrics,
+    pids=st.none() | st.builds(cgroups_v2.PidsStat, current=_u64, limit=_u64),
+    cpu=st.none() | st.builds(cgroups_v2.CpuStat, usage_usec=_u64, user_usec=_u64),
+    memory=st.none()
+    | st.builds(
+        cgroups_v2.MemoryStat,
+        anon=_u64,
+        file=_u64,
+        inactive_file=_u64,
+        pgfault=_u64,
+        pgmajfault=_u64,
+        usage=_u64,
+        usage_limit=_u64,
+        swap_usage=_u64,
+        swap_limit=_u64,
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_v1_payloads, _v2_payloads)
+def test_wire_samples_equal_whole_decodes(v1: cgroups_v1.Metrics, v2: cgroups_v2.Metrics) -> None:
+    """Reading the wire form gives the sample betterproto2's whole decode gives."""
+    for payload, type_url, whole in (
+        (v1, CGROUPS_V1_METRICS, sample_from_v1),
+        (v2, CGROUPS_V2_METRICS, sample_from_v2),
+    ):
+        metric = Metric(id="x", data=AnyMessage(type_url=type_url, value=bytes(payload)))
+        expected = whole(type(payload).parse(bytes(payload)), 5)  # type: ignore[arg-type]
+        got = sample_from_metric(metric)
+        assert got is not None
+        assert dataclasses.replace(got, timestamp_ns=5) == expected
 
 
 # A cgroup2 hierarchy: the host's own when /sys/fs/cgroup is unified, else the

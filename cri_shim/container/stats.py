@@ -51,7 +51,6 @@ from cri_shim.container.metrics import (
 )
 from cri_shim.containerd.runtime import Runtime
 from cri_shim.gen.containerd.types import Metric
-from cri_shim.gen.google.protobuf import Any as AnyMessage
 from cri_shim.gen.io.containerd.cgroups import v1 as cgroups_v1
 from cri_shim.gen.io.containerd.cgroups import v2 as cgroups_v2
 from cri_shim.gen.runtime import v1 as cri
@@ -64,12 +63,7 @@ log = logging.getLogger(__name__)
 CGROUPS_V1_METRICS = "io.containerd.cgroups.v1.Metrics"
 CGROUPS_V2_METRICS = "io.containerd.cgroups.v2.Metrics"
 DEFAULT_INTERFACE = "eth0"
-# Snapshots.Usage walks the writable layer: bound how many walk at once.
-CONCURRENT_USAGE_CALLS = 8
 POD_KEY_PREFIX = "pod/"
-# How long a writable layer's usage is reused (containerd's CRI refreshes its
-# snapshot usage every 10 s, stats_collect_period).
-LAYER_USAGE_SECONDS = 2.0
 
 
 def _u64(value: int) -> cri.UInt64Value:
@@ -132,13 +126,6 @@ def decode_payload(metric: Metric) -> cgroups_v1.Metrics | cgroups_v2.Metrics | 
     return None
 
 
-# The top-level fields a CgroupSample reads (pids, cpu, memory) in each payload type.
-_SAMPLE_FIELDS = {
-    CGROUPS_V1_METRICS: frozenset({2, 3, 4}),
-    CGROUPS_V2_METRICS: frozenset({1, 2, 4}),
-}
-
-
 def _varint_at(data: bytes, i: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -150,23 +137,29 @@ def _varint_at(data: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def only_fields(data: bytes, wanted: frozenset[int]) -> bytes:
-    """The top-level fields of a message numbered in `wanted`, as wire bytes: the
-    others (blkio, hugetlb, rdma: most of a cgroup v1 payload) are skipped unparsed,
-    since betterproto2 decodes in pure Python. Raises ValueError on a malformed one."""
-    out = bytearray()
+def read_fields(data: bytes, wanted: frozenset[int]) -> dict[int, int | bytes]:
+    """The fields numbered in `wanted` of one message level, unparsed below it: a
+    varint field's value, a length-delimited field's bytes (the last occurrence
+    wins, as protobuf's does). Everything else is skipped. betterproto2 decodes in
+    pure Python, and a cgroup v1 payload carries dozens of fields a sample never
+    reads. Raises ValueError on a malformed message."""
+    found: dict[int, int | bytes] = {}
     i, end = 0, len(data)
     try:
         while i < end:
-            start = i
             key, i = _varint_at(data, i)
             wire = key & 7
             if wire == 0:
-                _, i = _varint_at(data, i)
-            elif wire == 1:
+                value, i = _varint_at(data, i)
+                if key >> 3 in wanted:
+                    found[key >> 3] = value
+                continue
+            if wire == 1:
                 i += 8
             elif wire == 2:
                 length, i = _varint_at(data, i)
+                if key >> 3 in wanted:
+                    found[key >> 3] = data[i : i + length]
                 i += length
             elif wire == 5:
                 i += 4
@@ -174,30 +167,92 @@ def only_fields(data: bytes, wanted: frozenset[int]) -> bytes:
                 raise ValueError(f"unsupported wire type {wire}")
             if i > end:
                 raise ValueError("truncated message")
-            if key >> 3 in wanted:
-                out += data[start:i]
     except IndexError as err:
         raise ValueError("truncated varint") from err
-    return bytes(out)
+    return found
+
+
+def _message(fields: dict[int, int | bytes], number: int) -> bytes | None:
+    value = fields.get(number)
+    if value is None:
+        return None
+    if not isinstance(value, bytes):
+        raise ValueError(f"field {number} is not a message")
+    return value
+
+
+def _number(fields: dict[int, int | bytes], number: int) -> int:
+    value = fields.get(number, 0)
+    if not isinstance(value, int):
+        raise ValueError(f"field {number} is not a number")
+    return value
+
+
+_V1_TOP = frozenset({2, 3, 4})  # pids, cpu, memory
+_V1_MEMORY = frozenset({19, 26, 27, 30, 33})  # total_rss, faults, inactive file, usage
+_V2_TOP = frozenset({1, 2, 4})  # pids, cpu, memory
+_V2_MEMORY = frozenset({1, 13, 18, 19, 32, 33, 34, 35})
+_FIRST = frozenset({1})
+_FIRST_TWO = frozenset({1, 2})
+
+
+def _v1_sample(data: bytes, timestamp_ns: int) -> CgroupSample:
+    """sample_from_v1 of the payload, read straight from its wire form."""
+    top = read_fields(data, _V1_TOP)
+    pids, cpu_stat, memory = _message(top, 2), _message(top, 3), _message(top, 4)
+    cpu_usage = _message(read_fields(cpu_stat, _FIRST), 1) if cpu_stat is not None else None
+    mem = read_fields(memory, _V1_MEMORY) if memory is not None else {}
+    entry = _message(mem, 33)
+    usage = read_fields(entry, _FIRST_TWO) if entry is not None else None
+    return CgroupSample(
+        timestamp_ns=timestamp_ns,
+        cpu_ns=_number(read_fields(cpu_usage, _FIRST), 1) if cpu_usage is not None else None,
+        memory_usage=_number(usage, 2) if usage is not None else None,
+        inactive_file=_number(mem, 30),
+        rss=_number(mem, 19),
+        page_faults=_number(mem, 26),
+        major_page_faults=_number(mem, 27),
+        memory_limit=memory_limit(_number(usage, 1)) if usage is not None else None,
+        pids=_number(read_fields(pids, _FIRST), 1) if pids is not None else None,
+    )
+
+
+def _v2_sample(data: bytes, timestamp_ns: int) -> CgroupSample:
+    """sample_from_v2 of the payload, read straight from its wire form."""
+    top = read_fields(data, _V2_TOP)
+    pids, cpu_stat, memory = _message(top, 1), _message(top, 2), _message(top, 4)
+    mem = read_fields(memory, _V2_MEMORY) if memory is not None else None
+    return CgroupSample(
+        timestamp_ns=timestamp_ns,
+        cpu_ns=_number(read_fields(cpu_stat, _FIRST), 1) * 1000 if cpu_stat is not None else None,
+        memory_usage=_number(mem, 32) if mem is not None else None,
+        inactive_file=_number(mem, 13) if mem is not None else 0,
+        rss=_number(mem, 1) if mem is not None else 0,
+        page_faults=_number(mem, 18) if mem is not None else 0,
+        major_page_faults=_number(mem, 19) if mem is not None else 0,
+        memory_limit=memory_limit(_number(mem, 33)) if mem is not None else None,
+        swap_usage=_number(mem, 34) if mem is not None else None,
+        swap_limit=memory_limit(_number(mem, 35)) if mem is not None else None,
+        pids=_number(read_fields(pids, _FIRST), 1) if pids is not None else None,
+    )
+
+
+_WIRE_SAMPLERS = {CGROUPS_V1_METRICS: _v1_sample, CGROUPS_V2_METRICS: _v2_sample}
 
 
 def sample_from_metric(metric: Metric) -> CgroupSample | None:
-    """Decode one Tasks.Metrics entry; None if its payload is of an unknown type."""
+    """Decode one Tasks.Metrics entry; None if its payload is of an unknown type.
+    The figures are read from the wire form (read_fields); a payload that is not
+    well formed is decoded whole by betterproto2, which says what is wrong."""
     data = metric.data
-    wanted = _SAMPLE_FIELDS.get(data.type_url.rsplit("/", 1)[-1]) if data is not None else None
-    if data is not None and wanted is not None:
-        try:
-            slim = only_fields(data.value, wanted)
-        except ValueError:
-            pass  # decoded whole below, which reports what is wrong with it
-        else:
-            metric = Metric(
-                id=metric.id,
-                timestamp=metric.timestamp,
-                data=AnyMessage(type_url=data.type_url, value=slim),
-            )
-    payload = decode_payload(metric)
     timestamp = _ns(metric.timestamp)
+    sampler = _WIRE_SAMPLERS.get(data.type_url.rsplit("/", 1)[-1]) if data is not None else None
+    if data is not None and sampler is not None:
+        try:
+            return sampler(data.value, timestamp)
+        except ValueError:
+            pass
+    payload = decode_payload(metric)
     if isinstance(payload, cgroups_v1.Metrics):
         return sample_from_v1(payload, timestamp)
     if isinstance(payload, cgroups_v2.Metrics):
@@ -353,6 +408,31 @@ def sandbox_attributes(sandbox: Sandbox) -> cri.PodSandboxAttributes:
 # ----------------------------------------------------------------- collector
 
 
+@dataclass(frozen=True)
+class PodFiles:
+    """What a pod's stats read from files: its cgroup (kubelet's cgroup parent;
+    None without one) and its network namespace's counters."""
+
+    cgroup: CgroupSample | None
+    interfaces: list[InterfaceCounters]
+
+
+def read_pod_files(sandboxes: list[Sandbox], now: int) -> list[PodFiles]:
+    """Blocking: for a worker thread, all pods of one stats call at once."""
+    found = []
+    for sandbox in sandboxes:
+        linux = sandbox.config.linux
+        parent = linux.cgroup_parent if linux is not None else ""
+        with_network = not sandbox.host_network and sandbox.pid > 0
+        found.append(
+            PodFiles(
+                cgroup=read_sample(parent, now) if parent else None,
+                interfaces=read_net_dev(sandbox.pid) if with_network else [],
+            )
+        )
+    return found
+
+
 @dataclass
 class StatsCollector:
     """Gathers samples from containerd and the pod cgroups and keeps the
@@ -362,14 +442,12 @@ class StatsCollector:
     containers: ContainerStore
     sandboxes: SandboxStore
     snapshot_root: Callable[[], Awaitable[str]]
+    # A writable layer's (bytes, inodes), keyed by container id (images/usage.py:
+    # shared with ImageFsInfo, refreshed once per stats period).
+    layer_usage: Callable[[str], Awaitable[tuple[int, int] | None]]
 
     def __post_init__(self) -> None:
         self.rates = CpuRates()
-        self._usage_calls = asyncio.Semaphore(CONCURRENT_USAGE_CALLS)
-        # Each writable layer's last usage and when it was taken (monotonic):
-        # kubelet asks ListContainerStats and ListPodSandboxStats back to back and
-        # each would walk every layer again.
-        self._layer_usage: dict[str, tuple[float, tuple[int, int] | None]] = {}
 
     async def samples(self, ids: Iterable[str]) -> dict[str, CgroupSample]:
         """The current sample of each running task among `ids` (one containerd call)."""
@@ -381,13 +459,7 @@ class StatsCollector:
         return found
 
     async def writable_layer(self, container_id: str) -> cri.FilesystemUsage:
-        taken = self._layer_usage.get(container_id)
-        if taken is not None and time.monotonic() - taken[0] < LAYER_USAGE_SECONDS:
-            usage = taken[1]
-        else:
-            async with self._usage_calls:
-                usage = await self.ops.snapshot_usage(container_id)
-            self._layer_usage[container_id] = (time.monotonic(), usage)
+        usage = await self.layer_usage(container_id)
         used, inodes = usage if usage is not None else (0, 0)
         return cri.FilesystemUsage(
             timestamp=time.time_ns(),
@@ -420,15 +492,15 @@ class StatsCollector:
         return list(result)
 
     async def pod_stats(
-        self, sandbox: Sandbox, samples: dict[str, CgroupSample]
+        self, sandbox: Sandbox, samples: dict[str, CgroupSample], files: PodFiles, now: int
     ) -> cri.PodSandboxStats:
-        """One pod's stats from samples of its pause and running containers."""
-        now = time.time_ns()
+        """One pod's stats from samples of its pause and running containers and the
+        files read for it (its cgroup, its network counters)."""
         running = [
             c for c in self.containers.in_sandbox(sandbox.id) if c.state is ContainerState.RUNNING
         ]
         parts = [samples[c.id] for c in running if c.id in samples]
-        pod_sample = await self._pod_cgroup_sample(sandbox, now)
+        pod_sample = files.cgroup
         if pod_sample is None:
             pause = samples.get(sandbox.id)
             pod_sample = sum_samples([*parts, *([pause] if pause else [])], now)
@@ -444,10 +516,8 @@ class StatsCollector:
         pids = [p.pids for p in parts if p.pids is not None]
         if pids:
             linux.process = cri.ProcessUsage(timestamp=now, process_count=_u64(sum(pids)))
-        if not sandbox.host_network and sandbox.pid > 0:
-            interfaces = await asyncio.to_thread(read_net_dev, sandbox.pid)
-            if interfaces:
-                linux.network = network_usage(interfaces, now)
+        if files.interfaces:
+            linux.network = network_usage(files.interfaces, now)
         return cri.PodSandboxStats(attributes=sandbox_attributes(sandbox), linux=linux)
 
     async def list_pod_stats(self, sandboxes: list[Sandbox]) -> list[cri.PodSandboxStats]:
@@ -459,16 +529,14 @@ class StatsCollector:
                 if c.state is ContainerState.RUNNING
             ]
         samples = await self.samples(ids)
-        result = await asyncio.gather(*(self.pod_stats(s, samples) for s in sandboxes))
+        now = time.time_ns()
+        # Every pod's files in one trip to a worker thread, not two per pod.
+        files = await asyncio.to_thread(read_pod_files, sandboxes, now)
+        result = await asyncio.gather(
+            *(self.pod_stats(s, samples, f, now) for s, f in zip(sandboxes, files, strict=True))
+        )
         self._forget_gone()
         return list(result)
-
-    async def _pod_cgroup_sample(self, sandbox: Sandbox, now: int) -> CgroupSample | None:
-        linux = sandbox.config.linux
-        parent = linux.cgroup_parent if linux is not None else ""
-        if not parent:
-            return None
-        return await asyncio.to_thread(read_sample, parent, now)
 
     # ------------------------------------------------ ListPodSandboxMetrics
 
@@ -531,8 +599,7 @@ class StatsCollector:
         if files is not None:
             add_files(out, files)
         if filesystem is not None:
-            async with self._usage_calls:
-                usage = await self.ops.snapshot_usage(container.id)
+            usage = await self.layer_usage(container.id)
             add_filesystem(out, filesystem, usage[0] if usage is not None else None)
         add_times(out, container.started_at)
         return container_metrics_bytes(container.id, out)
@@ -540,7 +607,5 @@ class StatsCollector:
     def _forget_gone(self) -> None:
         """Drop the previous samples of containers and pods that no longer exist."""
         keys = {c.id for c in self.containers.by_id}
-        for gone in [k for k in self._layer_usage if k not in keys]:
-            del self._layer_usage[gone]
         keys |= {POD_KEY_PREFIX + s.id for s in self.sandboxes.by_id}
         self.rates.keep_only(keys)

@@ -191,8 +191,6 @@ class Runtime(Protocol):
 
     async def task_metrics(self, container_ids: Iterable[str]) -> list[Metric]: ...
 
-    async def snapshot_usage(self, key: str) -> tuple[int, int] | None: ...
-
 
 class RuntimeOps:
     def __init__(self, client: ContainerdClient, *, systemd_cgroup: bool) -> None:
@@ -607,12 +605,3 @@ class RuntimeOps:
             "Tasks.Metrics", self.client.tasks.metrics(tasks_v1.MetricsRequest(filters=filters))
         )
         return list(reply.metrics)
-
-    async def snapshot_usage(self, key: str) -> tuple[int, int] | None:
-        """(bytes, inodes) used by a snapshot; None when it does not exist."""
-        try:
-            return await self.snapshots.usage(key)
-        except ContainerdError as err:
-            if _missing(err):
-                return None
-            raise

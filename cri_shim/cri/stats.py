@@ -14,8 +14,9 @@ ready pods, their running containers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
+from cri_shim.container import stats_wire
 from cri_shim.container.metrics import descriptors
 from cri_shim.container.stats import StatsCollector
 from cri_shim.errors import Unavailable, Unknown, require
@@ -23,16 +24,30 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.store.containers import Container, ContainerStore
 from cri_shim.store.encoded import (
     BatchLimits,
+    EncodedContainerStatsResponse,
+    EncodedListContainerStatsResponse,
     EncodedListPodSandboxMetricsResponse,
+    EncodedListPodSandboxStatsResponse,
+    EncodedPodSandboxStatsResponse,
     EncodedStreamContainerStatsResponse,
     EncodedStreamPodSandboxMetricsResponse,
     EncodedStreamPodSandboxStatsResponse,
     batches,
-    framed,
     message_field,
     prebuilt,
 )
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore
+
+
+def _framed_containers(stats: list[cri.ContainerStats]) -> Iterator[bytes]:
+    """Each item as repeated field 1, encoded by hand (stats_wire)."""
+    for item in stats:
+        yield message_field(1, stats_wire.container_stats(item))
+
+
+def _framed_pods(stats: list[cri.PodSandboxStats]) -> Iterator[bytes]:
+    for item in stats:
+        yield message_field(1, stats_wire.pod_stats(item))
 
 
 class StatsHandlers:
@@ -59,7 +74,9 @@ class StatsHandlers:
             # containerd's words for the same case (its Tasks.Metrics answers no entry).
             raise Unknown("unexpected metrics response: []")
         stats = await self.collector.container_stats(container, sample)
-        return cri.ContainerStatsResponse(stats=stats)
+        return prebuilt(
+            EncodedContainerStatsResponse, message_field(1, stats_wire.container_stats(stats))
+        )
 
     def _stats_containers(self, wanted: cri.ContainerStatsFilter | None) -> list[Container]:
         wanted = wanted or cri.ContainerStatsFilter()
@@ -84,17 +101,15 @@ class StatsHandlers:
     async def list_container_stats(
         self, request: cri.ListContainerStatsRequest
     ) -> cri.ListContainerStatsResponse:
-        containers = self._stats_containers(request.filter)
-        return cri.ListContainerStatsResponse(
-            stats=await self.collector.list_container_stats(containers)
-        )
+        stats = await self.collector.list_container_stats(self._stats_containers(request.filter))
+        return prebuilt(EncodedListContainerStatsResponse, b"".join(_framed_containers(stats)))
 
     async def stream_container_stats(
         self, request: cri.StreamContainerStatsRequest
     ) -> AsyncIterator[cri.StreamContainerStatsResponse]:
         """Collected once like ListContainerStats, each item encoded once, then batched."""
         stats = await self.collector.list_container_stats(self._stats_containers(request.filter))
-        for body in batches(framed(stats), self.limits):
+        for body in batches(_framed_containers(stats), self.limits):
             yield prebuilt(EncodedStreamContainerStatsResponse, body)
 
     async def pod_sandbox_stats(
@@ -106,19 +121,21 @@ class StatsHandlers:
             # containerd's answer too: kubelet treats it as transient.
             raise Unavailable(f"pod sandbox {sandbox.id} is not ready")
         stats = await self.collector.list_pod_stats([sandbox])
-        return cri.PodSandboxStatsResponse(stats=stats[0])
+        return prebuilt(
+            EncodedPodSandboxStatsResponse, message_field(1, stats_wire.pod_stats(stats[0]))
+        )
 
     async def list_pod_sandbox_stats(
         self, request: cri.ListPodSandboxStatsRequest
     ) -> cri.ListPodSandboxStatsResponse:
-        sandboxes = self._stats_sandboxes(request.filter)
-        return cri.ListPodSandboxStatsResponse(stats=await self.collector.list_pod_stats(sandboxes))
+        stats = await self.collector.list_pod_stats(self._stats_sandboxes(request.filter))
+        return prebuilt(EncodedListPodSandboxStatsResponse, b"".join(_framed_pods(stats)))
 
     async def stream_pod_sandbox_stats(
         self, request: cri.StreamPodSandboxStatsRequest
     ) -> AsyncIterator[cri.StreamPodSandboxStatsResponse]:
         stats = await self.collector.list_pod_stats(self._stats_sandboxes(request.filter))
-        for body in batches(framed(stats), self.limits):
+        for body in batches(_framed_pods(stats), self.limits):
             yield prebuilt(EncodedStreamPodSandboxStatsResponse, body)
 
     async def list_metric_descriptors(

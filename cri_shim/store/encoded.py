@@ -202,6 +202,22 @@ class EncodedStreamPodSandboxMetricsResponse(_Prebuilt, cri.StreamPodSandboxMetr
     pass
 
 
+class EncodedListContainerStatsResponse(_Prebuilt, cri.ListContainerStatsResponse):
+    pass
+
+
+class EncodedListPodSandboxStatsResponse(_Prebuilt, cri.ListPodSandboxStatsResponse):
+    pass
+
+
+class EncodedContainerStatsResponse(_Prebuilt, cri.ContainerStatsResponse):
+    pass
+
+
+class EncodedPodSandboxStatsResponse(_Prebuilt, cri.PodSandboxStatsResponse):
+    pass
+
+
 class EncodedListPodSandboxMetricsResponse(_Prebuilt, cri.ListPodSandboxMetricsResponse):
     pass
 
