@@ -483,7 +483,7 @@ class Shim:
             self.containers,
             self.sandboxes,
             self.images.usage.mountpoint,
-            self.images.usage.of,
+            self.images.usage,
         )
         return StatsHandlers(self.containers, self.sandboxes, collector, self.batch_limits)
 

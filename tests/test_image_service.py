@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -27,6 +30,8 @@ from grpclib.const import Status
 
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.embedded import EmbeddedContainerd
+from cri_shim.containerd.leases import Leases
+from cri_shim.containerd.snapshots import Snapshots
 from cri_shim.cri.image import oci_image_spec
 from cri_shim.errors import ContainerdError
 from cri_shim.gen.containerd.services.content import v1 as content_v1
@@ -36,6 +41,7 @@ from cri_shim.gen.containerd.services.snapshots import v1 as snapshots_v1
 from cri_shim.gen.google.protobuf import FieldMask
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.images.store import ImageContent, ImageStore, chain_ids, split_names
+from cri_shim.images.usage import disk_usage, upper_directory
 from cri_shim.registry.types import Descriptor
 from cri_shim.server import Shim
 from tests.conftest import CriClient, make_settings, short_tempdir, wait_for
@@ -769,6 +775,46 @@ async def test_own_record_writes_are_not_read_back_but_other_clients_writes_are(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_writable_layer_usage_measured_here_is_containerds(
+    served: tuple[Shim, CriClient], ctd: ContainerdClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shim measures an active snapshot's upper directory itself instead of a
+    Snapshots.Usage round trip per container per stats round; the figures must be
+    containerd's own: hard links once, sparse files by allocated blocks, symlinks
+    not followed, directories counted, with a parent (overlay) and without (bind)."""
+    shim, client = served
+    assert shim.images is not None
+    image_id = await pull(client.image, "busybox")
+    record = shim.images.store.get(image_id)
+    assert record is not None
+    usage = shim.images.usage
+    snapshots = Snapshots(ctd, "overlayfs")
+
+    async def no_round_trip(key: str) -> tuple[int, int] | None:
+        raise AssertionError(f"Snapshots.Usage asked for {key}")
+
+    for parent in (record.chain_id, ""):
+        key = f"du-{random.getrandbits(32):08x}"
+        # Held by a lease: containerd's GC collects a snapshot nothing references.
+        async with Leases(ctd).held("du-test-", datetime.timedelta(minutes=5)) as lease:
+            upper = upper_directory(await snapshots.prepare(key, parent, lease=lease))
+            assert upper is not None
+            root = Path(upper)
+            (root / "dir" / "deeper").mkdir(parents=True)
+            (root / "dir" / "data").write_bytes(os.urandom(100_000))
+            os.link(root / "dir" / "data", root / "hardlink")
+            with (root / "sparse").open("wb") as sparse:
+                sparse.truncate(50 * 1024 * 1024)
+                sparse.write(b"x")
+            (root / "dir" / "deeper" / "empty").touch()
+            os.symlink("/etc/passwd", root / "link")
+            expected = await snapshots.usage(key)
+            assert disk_usage(upper) == expected
+            monkeypatch.setattr(usage, "_usage", no_round_trip)
+            assert await usage.of(key) == expected
+            monkeypatch.undo()
 
 
 async def content_digests(ctd: ContainerdClient) -> set[str]:

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cri_shim.container.cgroups import (
     CgroupSample,
@@ -408,6 +409,12 @@ def sandbox_attributes(sandbox: Sandbox) -> cri.PodSandboxAttributes:
 # ----------------------------------------------------------------- collector
 
 
+class LayerUsage(Protocol):
+    async def of(self, key: str) -> tuple[int, int] | None: ...
+
+    async def of_many(self, keys: Iterable[str]) -> dict[str, tuple[int, int] | None]: ...
+
+
 @dataclass(frozen=True)
 class PodFiles:
     """What a pod's stats read from files: its cgroup (kubelet's cgroup parent;
@@ -442,9 +449,9 @@ class StatsCollector:
     containers: ContainerStore
     sandboxes: SandboxStore
     snapshot_root: Callable[[], Awaitable[str]]
-    # A writable layer's (bytes, inodes), keyed by container id (images/usage.py:
+    # Writable layers' (bytes, inodes), keyed by container id (images/usage.py:
     # shared with ImageFsInfo, refreshed once per stats period).
-    layer_usage: Callable[[str], Awaitable[tuple[int, int] | None]]
+    layers: LayerUsage
 
     def __post_init__(self) -> None:
         self.rates = CpuRates()
@@ -459,7 +466,7 @@ class StatsCollector:
         return found
 
     async def writable_layer(self, container_id: str) -> cri.FilesystemUsage:
-        usage = await self.layer_usage(container_id)
+        usage = await self.layers.of(container_id)
         used, inodes = usage if usage is not None else (0, 0)
         return cri.FilesystemUsage(
             timestamp=time.time_ns(),
@@ -487,6 +494,7 @@ class StatsCollector:
         running = [c for c in containers if c.state is ContainerState.RUNNING]
         samples = await self.samples(c.id for c in running)
         answered = [c for c in running if c.id in samples]
+        await self.layers.of_many(c.id for c in answered)  # all at once, then from cache
         result = await asyncio.gather(*(self.container_stats(c, samples[c.id]) for c in answered))
         self._forget_gone()
         return list(result)
@@ -521,14 +529,14 @@ class StatsCollector:
         return cri.PodSandboxStats(attributes=sandbox_attributes(sandbox), linux=linux)
 
     async def list_pod_stats(self, sandboxes: list[Sandbox]) -> list[cri.PodSandboxStats]:
-        ids = [s.id for s in sandboxes]
-        for sandbox in sandboxes:
-            ids += [
-                c.id
-                for c in self.containers.in_sandbox(sandbox.id)
-                if c.state is ContainerState.RUNNING
-            ]
-        samples = await self.samples(ids)
+        containers = [
+            c.id
+            for sandbox in sandboxes
+            for c in self.containers.in_sandbox(sandbox.id)
+            if c.state is ContainerState.RUNNING
+        ]
+        samples = await self.samples([*(s.id for s in sandboxes), *containers])
+        await self.layers.of_many(i for i in containers if i in samples)
         now = time.time_ns()
         # Every pod's files in one trip to a worker thread, not two per pod.
         files = await asyncio.to_thread(read_pod_files, sandboxes, now)
@@ -599,7 +607,7 @@ class StatsCollector:
         if files is not None:
             add_files(out, files)
         if filesystem is not None:
-            usage = await self.layer_usage(container.id)
+            usage = await self.layers.of(container.id)
             add_filesystem(out, filesystem, usage[0] if usage is not None else None)
         add_times(out, container.started_at)
         return container_metrics_bytes(container.id, out)
