@@ -223,6 +223,9 @@ def _process_args(config: cri.ContainerConfig, image: dict[str, Any]) -> list[st
         raise SpecError(
             "no command specified: set command or args, or use an image with ENTRYPOINT/CMD"
         )
+    if any("\x00" in arg for arg in argv):
+        # execve takes C strings: runc would fail the start, not the create.
+        raise SpecError("command and args must not contain a NUL byte")
     return argv
 
 
@@ -249,8 +252,11 @@ def _environment(inputs: ContainerSpecInput, default_path: str) -> list[str]:
     env = merge_env([default_path], [f"HOSTNAME={hostname}"])
     config_env: list[str] = []
     for kv in inputs.config.envs:
-        if not kv.key or "=" in kv.key:
+        if not kv.key or "=" in kv.key or "\x00" in kv.key:
             raise SpecError(f"invalid environment variable name {kv.key!r}")
+        if b"\x00" in kv.value:
+            # A C string in the process's environment: runc refuses it at start.
+            raise SpecError(f"environment variable {kv.key!r}: its value contains a NUL byte")
         # Wire type is bytes (any octets); JSON needs text, like Go's marshaller.
         config_env.append(f"{kv.key}={kv.value.decode('utf-8', errors='replace')}")
     image_env = [str(e) for e in inputs.image_config.get("Env") or []]
@@ -352,6 +358,8 @@ def _check_path(path: str, what: str) -> None:
         raise SpecError(f"{what} {path!r} must be an absolute path")
     if ".." in path.split("/"):
         raise SpecError(f"{what} {path!r} must not contain '..'")
+    if "\x00" in path:
+        raise SpecError(f"{what} {path!r} must not contain a NUL byte")
 
 
 def _validate_cri_mount(mount: cri.Mount, userns: bool) -> None:
@@ -739,8 +747,8 @@ def build_container_spec(inputs: ContainerSpecInput) -> dict[str, Any]:
     process["args"] = _process_args(config, inputs.image_config)
     process["env"] = _environment(inputs, process["env"][0])
     cwd = config.working_dir or str(inputs.image_config.get("WorkingDir") or "") or "/"
-    if not cwd.startswith("/"):
-        raise SpecError(f"working directory {cwd!r} must be an absolute path")
+    if not cwd.startswith("/") or "\x00" in cwd:
+        raise SpecError(f"working directory {cwd!r} must be an absolute path without NUL bytes")
     process["cwd"] = cwd
     if config.tty:
         process["terminal"] = True
