@@ -71,6 +71,9 @@ from .support.kubelet import (
     hosts_dir_with_local,
     remove_cgroup_tree,
 )
+from .support.kubelet import (
+    wait_until as wait_for_node,
+)
 from .support.peers import require_peer
 from .support.reaper import reap
 from .support.tools import require_tool
@@ -420,12 +423,7 @@ class DaemonSetNode:
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while not await predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"never {what}")
-        await asyncio.sleep(0.5)
+    await wait_for_node(predicate, what, timeout=WAIT)
 
 
 def require_free_port(port: int) -> None:

@@ -51,6 +51,9 @@ from .support.kubelet import (
     hosts_dir_with_local,
     peer_binaries,
 )
+from .support.kubelet import (
+    wait_until as wait_for_node,
+)
 from .support.reaper import reap
 from .support.registry import free_port
 
@@ -148,12 +151,7 @@ def container_ids(pod: dict[str, Any]) -> dict[str, str]:
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while not await predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"never {what}")
-        await asyncio.sleep(0.3)
+    await wait_for_node(predicate, what, timeout=WAIT)
 
 
 def busybox_pod(image: str, name: str, script: str, **extra: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,3 +393,16 @@ class Containerd2:
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], what: str, timeout: float, interval: float = 0.3
+) -> None:
+    """Poll a kubelet-side condition (pods come up on kubelet's own sync period);
+    fails naming what never happened."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"never {what}")
+        await asyncio.sleep(interval)
