@@ -1100,3 +1100,28 @@ def test_pod_annotations_reach_containers_through_their_own_allow_list() -> None
 )
 def test_annotation_patterns_are_go_path_match(pattern: str, key: str, matches: bool) -> None:
     assert glob_match(pattern, key) is matches
+
+
+@pytest.mark.parametrize(
+    ("cpus", "mems", "match"),
+    [
+        ("G\U00040fa7", "", "not a number or a range"),  # what the fuzz test sent
+        ("0-", "", "not a number or a range"),
+        ("3-1", "", "not a range"),
+        ("0,99999", "", "not a range"),
+        ("", "0 1", "not a number or a range"),
+        ("4095", "", "cpu 4095 is not online"),
+        ("", "63", "node 63 is not online"),
+    ],
+)
+def test_bad_cpusets_are_refused_before_runc(cpus: str, mems: str, match: str) -> None:
+    res = cri.LinuxContainerResources(cpuset_cpus=cpus, cpuset_mems=mems)
+    with pytest.raises(SpecError, match=match):
+        build(container(resources=res))
+
+
+def test_online_cpusets_are_taken() -> None:
+    online = Path("/sys/devices/system/cpu/online").read_text().strip()
+    res = cri.LinuxContainerResources(cpuset_cpus=online, cpuset_mems="0")
+    spec = build(container(resources=res))
+    assert spec["linux"]["resources"]["cpu"] == {"cpus": online, "mems": "0"}

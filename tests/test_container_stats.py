@@ -432,18 +432,28 @@ async def test_refused_update_keeps_the_old_spec(
 ) -> None:
     container = await make_container(pods, pod, busybox, ["sleep", "3600"], name="refused")
     with pytest.raises(GRPCError):
-        # A cpuset naming a CPU this machine lacks: runc (the kernel) refuses it.
+        # A CFS quota under the kernel's 1 ms minimum: runc (the kernel) refuses it.
+        await pods.runtime.update_container_resources(
+            cri.UpdateContainerResourcesRequest(
+                container, linux=cri.LinuxContainerResources(cpu_quota=500, cpu_period=100_000)
+            )
+        )
+    with pytest.raises(GRPCError) as refused:
+        # A cpuset naming a CPU this machine lacks: refused before runc is asked.
         await pods.runtime.update_container_resources(
             cri.UpdateContainerResourcesRequest(
                 container, linux=cri.LinuxContainerResources(cpuset_cpus="4095")
             )
         )
+    assert refused.value.status is Status.INVALID_ARGUMENT
+    assert "cpu 4095 is not online" in (refused.value.message or "")
     status = await status_of(pods, container)
     linux = status.resources.linux if status.resources is not None else None
-    assert linux is None or linux.cpuset_cpus == ""
+    assert linux is None or (linux.cpuset_cpus == "" and linux.cpu_quota == 0)
     assert pod_shim.container_manager is not None
     spec = await pod_shim.container_manager.load_spec(container)
-    assert "cpus" not in spec["linux"]["resources"].get("cpu", {})
+    cpu = spec["linux"]["resources"].get("cpu", {})
+    assert "cpus" not in cpu and "quota" not in cpu
 
 
 # ------------------------------------------------------------------------- OOM

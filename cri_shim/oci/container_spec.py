@@ -140,6 +140,45 @@ def ensure_mount_source(path: str) -> str:
     return os.path.realpath(path)
 
 
+def parse_cpu_list(value: str) -> set[int]:
+    """The kernel's list format of cpuset.cpus/mems ("0-3,8"); ValueError if malformed."""
+    ids: set[int] = set()
+    for part in value.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or not first.isascii():
+            raise ValueError(f"{part!r} is not a number or a range")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low or high > 65535:
+            raise ValueError(f"{part!r} is not a range")
+        ids.update(range(low, high + 1))
+    return ids
+
+
+@lru_cache(maxsize=2)
+def host_online(kind: str) -> frozenset[int]:
+    """The host's online CPUs ("cpu") or memory nodes ("node"); node 0 alone when
+    the kernel has no NUMA nodes directory."""
+    try:
+        text = Path(f"/sys/devices/system/{kind}/online").read_text().strip()
+        return frozenset(parse_cpu_list(text))
+    except (OSError, ValueError):
+        return frozenset({0})
+
+
+def _check_cpuset(value: str, what: str, kind: str) -> None:
+    """runc writes cpuset.cpus/mems as given and fails the task with an opaque
+    EINVAL; say what is wrong before that."""
+    try:
+        ids = parse_cpu_list(value)
+    except ValueError as err:
+        raise SpecError(f"resources.{what} {value!r}: {err} (expected a list like 0-3,8)") from err
+    missing = sorted(ids - host_online(kind))
+    if missing:
+        raise SpecError(
+            f"resources.{what} {value!r}: {kind} {missing[0]} is not online on this host"
+        )
+
+
 @lru_cache(maxsize=1)
 def swap_controller_available(root: Path = CGROUP_ROOT) -> bool:
     """Whether memory+swap limits can be set (memsw on v1, memory.swap.max on v2)."""
@@ -649,8 +688,10 @@ def apply_linux_resources(
     if res.cpu_shares:
         cpu["shares"] = res.cpu_shares
     if res.cpuset_cpus:
+        _check_cpuset(res.cpuset_cpus, "cpuset_cpus", "cpu")
         cpu["cpus"] = res.cpuset_cpus
     if res.cpuset_mems:
+        _check_cpuset(res.cpuset_mems, "cpuset_mems", "node")
         cpu["mems"] = res.cpuset_mems
     swap_ok = swap_available if swap_available is not None else swap_controller_available()
     memory: dict[str, Any] = {}
