@@ -11,6 +11,7 @@ Model: containerd's errdefs and its instrumented CRI service.
 from __future__ import annotations
 
 import asyncio
+import re
 
 from grpclib import GRPCError
 from grpclib.const import Status
@@ -164,6 +165,33 @@ _PASS_THROUGH = {
 }
 
 
+# runc failing to apply a resource setting: the kernel refused the value written
+# to a cgroup file (a CFS quota under 1 ms, a cpuset naming an absent CPU, a
+# memory limit below what the cgroup already uses).
+_CGROUP_REFUSAL = re.compile(
+    r"(/sys/fs/cgroup/\S*?([\w.]+)): "
+    r"(invalid argument|numerical result out of range|device or resource busy)"
+)
+
+
+def _cgroup_refusal(err: ContainerdError) -> GRPCError | None:
+    found = _CGROUP_REFUSAL.search(err.detail)
+    if found is None:
+        return None
+    setting, reason = found.group(2), found.group(3)
+    if reason == "device or resource busy":
+        return GRPCError(
+            Status.FAILED_PRECONDITION,
+            f"the kernel refused the container's {setting} now (it already uses more than"
+            f" the new value allows): {err}",
+        )
+    return GRPCError(
+        Status.INVALID_ARGUMENT,
+        f"the kernel refused the container's {setting} value ({reason}); check its"
+        f" resources: {err}",
+    )
+
+
 def to_grpc_error(err: BaseException, rpc: str) -> GRPCError:
     """Translate an exception escaping a handler into a status a person can act on."""
     if isinstance(err, GRPCError):
@@ -172,6 +200,9 @@ def to_grpc_error(err: BaseException, rpc: str) -> GRPCError:
         kind = next(k for k in type(err).__mro__ if k in _STATUS)
         return GRPCError(_STATUS[kind], err.message)
     if isinstance(err, ContainerdError):
+        refusal = _cgroup_refusal(err) if err.status is Status.UNKNOWN else None
+        if refusal is not None:
+            return refusal
         status = err.status if err.status in _PASS_THROUGH else Status.UNKNOWN
         if err.status is Status.UNAVAILABLE:
             status = Status.UNAVAILABLE

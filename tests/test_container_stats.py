@@ -431,13 +431,15 @@ async def test_refused_update_keeps_the_old_spec(
     pods: CriClient, pod_shim: Shim, pod: Pod, busybox: str
 ) -> None:
     container = await make_container(pods, pod, busybox, ["sleep", "3600"], name="refused")
-    with pytest.raises(GRPCError):
+    with pytest.raises(GRPCError) as kernel:
         # A CFS quota under the kernel's 1 ms minimum: runc (the kernel) refuses it.
         await pods.runtime.update_container_resources(
             cri.UpdateContainerResourcesRequest(
                 container, linux=cri.LinuxContainerResources(cpu_quota=500, cpu_period=100_000)
             )
         )
+    assert kernel.value.status is Status.INVALID_ARGUMENT, kernel.value.message
+    assert "cpu.cfs_quota_us" in (kernel.value.message or "")
     with pytest.raises(GRPCError) as refused:
         # A cpuset naming a CPU this machine lacks: refused before runc is asked.
         await pods.runtime.update_container_resources(

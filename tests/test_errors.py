@@ -53,6 +53,41 @@ def test_containerd_errors_name_the_call_and_cause() -> None:
     assert "not reachable at /run/c.sock" in (unreachable.message or "")
 
 
+@pytest.mark.parametrize(
+    ("detail", "status", "setting"),
+    [
+        # runc 1.1's words, as the fuzz test met them (Tasks.Update).
+        (
+            'runc did not terminate successfully: exit status 1: failed to write "G": write'
+            " /sys/fs/cgroup/cpuset/k8s.io/abc/cpuset.cpus: invalid argument",
+            Status.INVALID_ARGUMENT,
+            "cpuset.cpus",
+        ),
+        (
+            "OCI runtime create failed: runc create failed: error setting cgroup config for"
+            ' procHooks process: failed to write "500": write'
+            " /sys/fs/cgroup/cpu,cpuacct/k8s.io/abc/cpu.cfs_quota_us: invalid argument: unknown",
+            Status.INVALID_ARGUMENT,
+            "cpu.cfs_quota_us",
+        ),
+        (
+            'failed to write "4096": write /sys/fs/cgroup/memory/k8s.io/abc/memory.limit_in_bytes:'
+            " device or resource busy",
+            Status.FAILED_PRECONDITION,
+            "memory.limit_in_bytes",
+        ),
+    ],
+)
+def test_a_cgroup_value_the_kernel_refused_is_the_callers_to_fix(
+    detail: str, status: Status, setting: str
+) -> None:
+    mapped = to_grpc_error(ContainerdError("Tasks.Update", Status.UNKNOWN, detail), "X")
+    assert mapped.status is status
+    assert setting in (mapped.message or "") and detail in (mapped.message or "")
+    other = to_grpc_error(ContainerdError("Tasks.Update", Status.UNKNOWN, "exit status 1"), "X")
+    assert other.status is Status.UNKNOWN
+
+
 async def test_wrapper_turns_a_crash_into_internal_without_traceback_text() -> None:
     instrument = Instrumentation()
 
