@@ -33,7 +33,6 @@ from cri_shim.container.stats import (
     CGROUPS_V2_METRICS,
     CpuRates,
     memory_usage,
-    read_fields,
     sample_from_metric,
     sample_from_v1,
     sample_from_v2,
@@ -46,6 +45,7 @@ from cri_shim.gen.io.containerd.cgroups import v2 as cgroups_v2
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.host import CGROUP_ROOT, cgroup_v2_unified
 from cri_shim.server import Shim
+from cri_shim.wire import read_fields
 
 from .conftest import CriClient, wait_for
 from .pods import make_container, pod_config, wait_exited

@@ -58,6 +58,7 @@ from cri_shim.gen.runtime import v1 as cri
 from cri_shim.logs import log_event
 from cri_shim.store.containers import Container, ContainerState, ContainerStore
 from cri_shim.store.sandboxes import Sandbox, SandboxStore
+from cri_shim.wire import read_fields
 
 log = logging.getLogger(__name__)
 
@@ -125,52 +126,6 @@ def decode_payload(metric: Metric) -> cgroups_v1.Metrics | cgroups_v2.Metrics | 
         return cgroups_v2.Metrics.parse(data.value)
     log_event(log, "unknown task metrics type", level=logging.DEBUG, container=metric.id, type=kind)
     return None
-
-
-def _varint_at(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-
-
-def read_fields(data: bytes, wanted: frozenset[int]) -> dict[int, int | bytes]:
-    """The fields numbered in `wanted` of one message level, unparsed below it: a
-    varint field's value, a length-delimited field's bytes (the last occurrence
-    wins, as protobuf's does). Everything else is skipped. betterproto2 decodes in
-    pure Python, and a cgroup v1 payload carries dozens of fields a sample never
-    reads. Raises ValueError on a malformed message."""
-    found: dict[int, int | bytes] = {}
-    i, end = 0, len(data)
-    try:
-        while i < end:
-            key, i = _varint_at(data, i)
-            wire = key & 7
-            if wire == 0:
-                value, i = _varint_at(data, i)
-                if key >> 3 in wanted:
-                    found[key >> 3] = value
-                continue
-            if wire == 1:
-                i += 8
-            elif wire == 2:
-                length, i = _varint_at(data, i)
-                if key >> 3 in wanted:
-                    found[key >> 3] = data[i : i + length]
-                i += length
-            elif wire == 5:
-                i += 4
-            else:
-                raise ValueError(f"unsupported wire type {wire}")
-            if i > end:
-                raise ValueError("truncated message")
-    except IndexError as err:
-        raise ValueError("truncated varint") from err
-    return found
 
 
 def _message(fields: dict[int, int | bytes], number: int) -> bytes | None:
