@@ -346,10 +346,22 @@ class RuntimeOps:
             snapshot_key=snapshot_key,
             extensions=extensions,
         )
+        await self._write_container(
+            "Create", containers_v1.CreateContainerRequest(container=container)
+        )
+
+    async def _write_container(
+        self,
+        method: str,
+        request: containers_v1.CreateContainerRequest | containers_v1.UpdateContainerRequest,
+    ) -> None:
+        """Containers.Create/Update, whose reply repeats the whole record (its spec
+        included): kept as bytes, never decoded, on every pod and container step."""
+        raw: Any = WireReply
         await self.client.call(
-            "Containers.Create",
-            self.client.containers.create(
-                containers_v1.CreateContainerRequest(container=container)
+            f"Containers.{method}",
+            self.client.containers._unary_unary(
+                f"/containerd.services.containers.v1.Containers/{method}", request, raw
             ),
         )
 
@@ -376,12 +388,10 @@ class RuntimeOps:
         from cri_shim.gen.google.protobuf import FieldMask
 
         container = containers_v1.Container(id=container_id, extensions={key: value})
-        await self.client.call(
-            "Containers.Update",
-            self.client.containers.update(
-                containers_v1.UpdateContainerRequest(
-                    container=container, update_mask=FieldMask(paths=[f"extensions.{key}"])
-                )
+        await self._write_container(
+            "Update",
+            containers_v1.UpdateContainerRequest(
+                container=container, update_mask=FieldMask(paths=[f"extensions.{key}"])
             ),
         )
 
@@ -621,12 +631,10 @@ class RuntimeOps:
         from cri_shim.gen.google.protobuf import FieldMask
 
         container = containers_v1.Container(id=container_id, spec=pack_json(SPEC_TYPE_URL, spec))
-        await self.client.call(
-            "Containers.Update",
-            self.client.containers.update(
-                containers_v1.UpdateContainerRequest(
-                    container=container, update_mask=FieldMask(paths=["spec"])
-                )
+        await self._write_container(
+            "Update",
+            containers_v1.UpdateContainerRequest(
+                container=container, update_mask=FieldMask(paths=["spec"])
             ),
         )
 
