@@ -48,10 +48,11 @@ FORBIDDEN = {Status.INTERNAL, Status.UNKNOWN, Status.DATA_LOSS}
 HANGS = {Status.DEADLINE_EXCEEDED, Status.UNAVAILABLE}
 REQUEST_DEADLINES = {"exec_sync"}
 # Answers that are the request's doing although UNKNOWN, as containerd's CRI gives
-# them (tests/test_parity_behaviour.py): runc refusing a command that does not exist
-# or a hostname on a hostNetwork pod, stats of a container that has no task.
+# them (tests/test_parity_behaviour.py): runc refusing to start a command (missing,
+# not executable, ...) or a hostname on a hostNetwork pod, stats of a container
+# that has no task.
 CONTAINERD_UNKNOWNS = {
-    "exec_sync": "executable file not found in $PATH",
+    "exec_sync": "unable to start container process: exec: ",
     "run_pod_sandbox": "unable to set hostname without a private UTS namespace",
     "container_stats": "unexpected metrics response: []",
 }

@@ -470,6 +470,7 @@ async def test_container_behaviour_side_by_side(pair: Pair) -> None:
     class Seen:
         signals: list[cri.Signal]
         stats_error: tuple[Status, str]
+        exec_errors: list[tuple[Status, str]]
         image_before: tuple[str, str]
         image_after: tuple[str, str]
         image_id: str
@@ -498,6 +499,11 @@ async def test_container_behaviour_side_by_side(pair: Pair) -> None:
         first = ids[0]
         await side.rt.stop_container(cri.StopContainerRequest(first, 0))
         stats_error = await grpc_error(side.rt.container_stats(cri.ContainerStatsRequest(first)))
+        # Commands runc cannot start: a file that is not executable, one that is missing.
+        exec_errors = [
+            await grpc_error(side.rt.exec_sync(cri.ExecSyncRequest(ids[1], command, timeout=30)))
+            for command in (["../../etc/passwd"], ["/no/such/command"], ["no-such-command"])
+        ]
 
         async def image_fields() -> tuple[str, str]:
             status = (await side.rt.container_status(cri.ContainerStatusRequest(first))).status
@@ -513,13 +519,20 @@ async def test_container_behaviour_side_by_side(pair: Pair) -> None:
         after = await image_fields()
         await remove_pod(side, pod_id)
         await side.im.remove_image(cri.RemoveImageRequest(cri.ImageSpec(image=stop_name)))
-        return Seen(signals, stats_error, before, after, image.image.id)
+        return Seen(signals, stats_error, exec_errors, before, after, image.image.id)
 
     reference, shim = await pair.both(scenario)
     assert reference.signals == [cri.Signal.SIGTERM, cri.Signal.SIGINT, cri.Signal.SIGQUIT]
     assert shim.signals == reference.signals
     assert reference.stats_error[0] is Status.UNKNOWN
     assert shim.stats_error == reference.stats_error
+    # runc's refusal, passed on as UNKNOWN by both (test_fuzz allows exactly this).
+    for (theirs, their_text), (ours, our_text) in zip(
+        reference.exec_errors, shim.exec_errors, strict=True
+    ):
+        assert theirs is ours is Status.UNKNOWN, (their_text, our_text)
+        reason = their_text.split("unable to start container process: exec: ")[1]
+        assert reason.split(": unknown")[0] in our_text, (their_text, our_text)
     assert shim.image_id == reference.image_id
     # While the image exists: its tag and repo digest (the registry port is the same).
     assert shim.image_before == reference.image_before
