@@ -859,11 +859,9 @@ async def test_corrupt_layer_fails_the_pull_with_data_loss_and_leaves_nothing(
         statuses = await ctd.content.list_statuses(content_v1.ListStatusesRequest())
         assert not [st.ref for st in statuses.statuses if layer.digest in st.ref]
 
-        async def nothing_new_committed() -> bool:
-            return await content_digests(ctd) <= content_before
-
-        # containerd's GC collects what only the deleted pull lease held.
-        assert await wait_for(nothing_new_committed, timeout=20), (
+        # The pull lease went synchronously: containerd's GC has already collected
+        # what only it held (the manifest and config) when the error comes back.
+        assert await content_digests(ctd) <= content_before, (
             await content_digests(ctd)
         ) - content_before
         assert layer.digest not in await content_digests(ctd)

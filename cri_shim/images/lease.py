@@ -87,7 +87,11 @@ class PullLease:
                 lease=self.id,
                 error=str(err),
             )
-        await self._delete(self.id)
+        # A failed pull's lease goes synchronously: containerd collects what only it
+        # held (the documents already committed) before the error is returned, as
+        # a failed pull must leave nothing behind. Without it containerd's GC waits
+        # for its next trigger (100 more changes, or someone's synchronous delete).
+        await self._delete(self.id, sync=failed)
         self.id = ""
 
     async def _hand_over(self) -> None:
@@ -107,9 +111,9 @@ class PullLease:
     async def _resume_leases(self) -> list[str]:
         return await self.leases.ids(f'labels."{RESUME_LABEL}"=={_quote(self.ref)}')
 
-    async def _delete(self, lease_id: str) -> None:
+    async def _delete(self, lease_id: str, *, sync: bool = False) -> None:
         try:
-            await self.leases.delete(lease_id)
+            await self.leases.delete(lease_id, sync=sync)
         except (ContainerdError, ContainerdUnavailable) as err:
             if isinstance(err, ContainerdError) and err.status is Status.NOT_FOUND:
                 return
