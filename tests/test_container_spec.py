@@ -19,6 +19,7 @@ from cri_shim.oci.capabilities import CAPABILITY_NAMES
 from cri_shim.oci.container_spec import (
     ContainerSpecInput,
     SandboxView,
+    apply_linux_resources,
     build_container_spec,
     devices_from_path,
     ensure_mount_source,
@@ -982,7 +983,8 @@ def test_resources() -> None:
         hugepage_limits=[cri.HugepageLimit(page_size="2MB", limit=4 << 20)],
         unified={"memory.high": "200M"},
     )
-    spec = build(container(resources=resources), hugetlb_available=True)
+    # `unified` needs a cgroup v2 host (test_unified_resources_need_a_cgroup_v2_host).
+    spec = build(container(resources=resources), hugetlb_available=True, cgroup_v2=True)
     assert spec["linux"]["resources"] == {
         "devices": [{"allow": False, "access": "rwm"}],
         "cpu": {"period": 100000, "quota": 50000, "shares": 512, "cpus": "0-1", "mems": "0"},
@@ -1125,3 +1127,13 @@ def test_online_cpusets_are_taken() -> None:
     res = cri.LinuxContainerResources(cpuset_cpus=online, cpuset_mems="0")
     spec = build(container(resources=res))
     assert spec["linux"]["resources"]["cpu"] == {"cpus": online, "mems": "0"}
+
+
+def test_unified_resources_need_a_cgroup_v2_host() -> None:
+    """runc refuses `unified` on cgroup v1 only at start, as UNKNOWN; found by the fuzz test."""
+    res = cri.LinuxContainerResources(unified={"memory.high": "64M"})
+    spec: dict[str, Any] = {"linux": {}}
+    with pytest.raises(SpecError, match="cgroup v1"):
+        apply_linux_resources(spec, res, cgroup_v2=False)
+    apply_linux_resources(spec, res, cgroup_v2=True)
+    assert spec["linux"]["resources"]["unified"] == {"memory.high": "64M"}

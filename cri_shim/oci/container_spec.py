@@ -670,6 +670,7 @@ def apply_linux_resources(
     *,
     swap_available: bool | None = None,
     hugetlb_available: bool | None = None,
+    cgroup_v2: bool | None = None,
 ) -> None:
     """Merge CRI resources into linux.resources the way containerd's WithResources
     does: only the fields set are written, so an update keeps what it leaves out.
@@ -718,6 +719,11 @@ def apply_linux_resources(
             limits[limit.page_size] = {"pageSize": limit.page_size, "limit": limit.limit}
         resources["hugepageLimits"] = list(limits.values())
     if res.unified:
+        if not (cgroup_v2 if cgroup_v2 is not None else cgroup_v2_unified()):
+            # runc refuses them at start ("cannot use unified on cgroup v1"), as UNKNOWN.
+            raise SpecError(
+                "resources.unified sets cgroup v2 files; this host's /sys/fs/cgroup is cgroup v1"
+            )
         resources.setdefault("unified", {}).update(res.unified)
 
 
@@ -752,7 +758,11 @@ def _resources(spec: dict[str, Any], inputs: ContainerSpecInput) -> None:
     if res is None:
         return
     apply_linux_resources(
-        spec, res, swap_available=inputs.swap_available, hugetlb_available=inputs.hugetlb_available
+        spec,
+        res,
+        swap_available=inputs.swap_available,
+        hugetlb_available=inputs.hugetlb_available,
+        cgroup_v2=inputs.cgroup_v2,
     )
     spec["process"]["oomScoreAdj"] = clamp_oom_score_adj(
         res.oom_score_adj, inputs.oom_score_adj_floor
