@@ -16,6 +16,7 @@ from typing import Any
 import pytest_asyncio
 from grpclib.const import Cardinality
 
+from cri_shim.containerd.runtime import WireReply as RawReply
 from cri_shim.gen.runtime import v1 as cri
 from cri_shim.server import Shim
 from cri_shim.store.encoded import BatchLimits, batches
@@ -24,17 +25,6 @@ from .conftest import CriClient
 from .pods import make_container, pod_config
 
 MANY = 300
-
-
-class RawReply:
-    """Keeps each streamed message as the bytes that came over the wire."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    @classmethod
-    def FromString(cls, data: bytes) -> RawReply:
-        return cls(data)
 
 
 async def raw_stream(client: CriClient, service: str, method: str, request: Any) -> list[bytes]:

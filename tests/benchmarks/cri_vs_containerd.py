@@ -54,6 +54,7 @@ from typing import Any
 
 from grpclib.const import Cardinality
 
+from cri_shim.containerd.runtime import WireReply as RawReply
 from cri_shim.gen.runtime import v1 as cri
 from tests.benchmarks.daemons import ContainerdBuild, Pair, default_builds, start_runtimes
 from tests.conftest import CriClient, short_tempdir
@@ -92,20 +93,6 @@ def container_config(image: str, index: int) -> cri.ContainerConfig:
         labels={"app": "bench", "index": str(index)},
         linux=cri.LinuxContainerConfig(),
     )
-
-
-class RawReply:
-    """A reply kept as wire bytes (grpclib's codec calls FromString): times the
-    runtime and transport without this Python client's decode, which at 1000
-    containers (~100 ms in betterproto2) would hide both runtimes' cost. kubelet
-    decodes in Go, so this is closer to what it sees."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    @classmethod
-    def FromString(cls, data: bytes) -> RawReply:
-        return cls(data)
 
 
 async def raw_call(client: CriClient, method: str, request: Any) -> bytes:

@@ -34,6 +34,7 @@ from typing import Any
 
 from grpclib.const import Cardinality
 
+from cri_shim.containerd.runtime import WireReply as RawReply
 from cri_shim.gen.runtime import v1 as cri
 from tests.benchmarks.critest_bench import PREPULLED, prepull
 from tests.benchmarks.daemons import Pair, Runtimes, default_builds, start_runtimes
@@ -45,17 +46,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 SETUP_CONCURRENCY = 4
 RELIST_PERIOD = 1.0
 STATS_PERIOD = 10.0
-
-
-class RawReply:
-    """A reply kept as wire bytes (grpclib's codec calls FromString)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    @classmethod
-    def FromString(cls, data: bytes) -> RawReply:
-        return cls(data)
 
 
 async def raw_call(client: CriClient, service: str, method: str, request: Any) -> int:

@@ -33,6 +33,7 @@ from grpclib.const import Cardinality
 
 from cri_shim.containerd.client import ContainerdClient
 from cri_shim.containerd.health import ContainerdHealth
+from cri_shim.containerd.runtime import WireReply as RawReply
 from cri_shim.cri.container import ContainerHandlers
 from cri_shim.cri.sandbox import SandboxHandlers
 from cri_shim.cri.status import StatusHandlers
@@ -44,7 +45,6 @@ from cri_shim.oci.defaults import base_spec
 from cri_shim.settings import load
 from cri_shim.store.containers import Container, ContainerState, ContainerStore
 from cri_shim.store.sandboxes import Sandbox, SandboxState, SandboxStore
-from tests.benchmarks.cri_vs_containerd import RawReply
 from tests.benchmarks.daemons import ContainerdBuild, start_runtimes
 from tests.conftest import CriClient, short_tempdir
 from tests.pods import POD_IMAGES
